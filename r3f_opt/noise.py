@@ -1,0 +1,157 @@
+"""Finding a model's input token embeddings and perturbing their output during the noisy pass."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "NOISE_TYPES"]
+
+NOISE_TYPES = ("uniform", "normal")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / FSDP1 (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            model = inner
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def find_embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+    """Return ``(embedding module, scope)`` for a Hugging Face model.
+
+    ``scope`` is the encoder of an encoder-decoder model (noise is added only while it runs, so a table
+    shared with the decoder leaves the decoder's inputs clean) and ``None`` otherwise. The module is
+    the one forward actually calls: for BART in transformers 5 that is ``encoder.embed_tokens``, not
+    the shared table returned by ``get_input_embeddings()``.
+    """
+    m = unwrap_model(model)
+    config = getattr(m, "config", None)
+    scope = None
+    if getattr(config, "is_encoder_decoder", False) and callable(getattr(m, "get_encoder", None)):
+        encoder = m.get_encoder()
+        if encoder is not m:
+            scope, m = encoder, encoder
+    emb = getattr(m, "embed_tokens", None)
+    if not isinstance(emb, nn.Module) and callable(getattr(m, "get_input_embeddings", None)):
+        try:
+            emb = m.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    if not isinstance(emb, nn.Module):
+        raise ValueError(
+            f"could not find the input token-embedding module of {type(model).__name__}; pass it "
+            "explicitly: RegularizedOptimizer(..., embeddings=model.<path to the nn.Embedding>)"
+        )
+    return emb, scope
+
+
+class EmbeddingNoise:
+    """Adds ``z ~ U(-eps, eps)`` or ``N(0, eps^2)`` to an embedding module's output while active.
+
+    The noise is drawn in float32 on the output's device from this object's own seeded generator and
+    added in (at least) float32 before casting back to the output's dtype. A module with an
+    ``embed_scale`` (BART's scaled embeddings) gets ``embed_scale * z``, which equals adding ``z``
+    before the scaling, as the reference does.
+    """
+
+    def __init__(self, module: nn.Module, scope: Optional[nn.Module], eps: float, noise: str,
+                 detach: bool, seed: int) -> None:
+        self.module, self.scope, self.eps, self.noise, self.detach = module, scope, eps, noise, detach
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None
+        self._pending_state: Optional[torch.Tensor] = None
+        self._checked_dtypes: set[torch.dtype] = set()
+        self._depth = 0
+        self.calls = 0
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+            if self._pending_state is not None:
+                self.generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self.generator
+
+    def sample(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        z = torch.empty(shape, dtype=torch.float32, device=device)
+        if self.noise == "uniform":
+            return z.uniform_(-self.eps, self.eps, generator=self._generator(device))
+        return z.normal_(0.0, self.eps, generator=self._generator(device))
+
+    def _perturb(self, output: torch.Tensor, noise_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = output.detach() if self.detach else output
+        z = self.sample(x.shape, x.device)
+        scale = getattr(self.module, "embed_scale", None)
+        if isinstance(scale, (int, float, torch.Tensor)):
+            z = z * scale
+        if noise_mask is not None:
+            if noise_mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"noise_mask has shape {tuple(noise_mask.shape)} but the embeddings' output has "
+                    f"shape {tuple(x.shape)}; pass the (batch, seq) attention mask of the perturbed input"
+                )
+            z = z * noise_mask.to(device=z.device, dtype=z.dtype).unsqueeze(-1)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        noisy = (x.to(wide) + z.to(wide)).to(x.dtype)
+        if x.dtype != wide and x.dtype not in self._checked_dtypes and self.eps > 0:
+            self._checked_dtypes.add(x.dtype)
+            kept = (noisy != x).float().mean().item()
+            if kept < 0.5:
+                warnings.warn(
+                    f"the embeddings' output is {x.dtype}, which cannot represent noise of scale "
+                    f"eps={self.eps:g}: only {kept:.0%} of entries changed. Keep the embeddings in "
+                    "float32 (use torch.autocast for mixed precision) or raise eps.",
+                    stacklevel=2,
+                )
+        return noisy
+
+    @contextlib.contextmanager
+    def active(self, noise_mask: Optional[torch.Tensor] = None) -> Iterator["EmbeddingNoise"]:
+        """Perturb the embeddings inside this block; hooks are removed on exit, also on an exception."""
+        self.calls, self._depth = 0, 0
+
+        def on_output(module, inputs, output):
+            if self.scope is not None and self._depth == 0:
+                return None
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                raise TypeError(
+                    f"the embedding module {type(module).__name__} returned {type(output).__name__}, "
+                    "not a floating-point tensor; pass embeddings= the module that returns token vectors"
+                )
+            self.calls += 1
+            return self._perturb(output, noise_mask)
+
+        def enter(*_):
+            self._depth += 1
+
+        def leave(*_):
+            self._depth -= 1
+
+        handles = [self.module.register_forward_hook(on_output)]
+        if self.scope is not None:
+            handles.append(self.scope.register_forward_pre_hook(enter))
+            handles.append(self.scope.register_forward_hook(leave, always_call=True))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._depth = 0
+
+    def state_dict(self) -> dict:
+        state = self.generator.get_state() if self.generator is not None else self._pending_state
+        return {"seed": self.seed, "generator_state": state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.generator, self._pending_state = None, state.get("generator_state")

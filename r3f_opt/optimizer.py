@@ -1,0 +1,313 @@
+"""RegularizedOptimizer: R3F / R4F around any torch optimizer."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .kl import REDUCTIONS, symmetric_kl
+from .noise import NOISE_TYPES, EmbeddingNoise, find_embeddings
+from .r4f import apply_r4f
+
+__all__ = ["RegularizedOptimizer", "StepResult"]
+
+METHODS = ("r3f", "r4f", "standard")
+ON_NONFINITE = ("skip", "raise")
+
+
+@dataclass
+class StepResult:
+    """What one R3F step computed. All tensors are detached."""
+
+    loss: torch.Tensor  # task_loss + lam * sym_kl
+    task_loss: torch.Tensor
+    sym_kl: torch.Tensor  # 0 for method="standard"
+    output: Any  # the clean pass's model output, for metrics
+    skipped: bool = False  # True when the loss was not finite and nothing was changed
+
+
+def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        raise TypeError(
+            "the closure returned a bare tensor; R3F needs the logits too: return the model output "
+            "(with .loss and .logits), a (loss, logits) tuple, or a dict with 'loss' and 'logits'"
+        )
+    if isinstance(out, Mapping):
+        loss, logits = out.get("loss"), out.get("logits")
+    elif isinstance(out, (tuple, list)) and len(out) >= 2:
+        loss, logits = out[0], out[1]
+    else:
+        loss, logits = getattr(out, "loss", None), getattr(out, "logits", None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(
+            f"the closure's output has no scalar loss (got {type(loss).__name__}); pass labels to the "
+            "model or return (loss, logits)"
+        )
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"the closure's output has no logits tensor (got {type(logits).__name__}); return the model "
+            "output, (loss, logits) or {'loss': ..., 'logits': ...}"
+        )
+    return loss.reshape(()), logits
+
+
+def _refuse_backward(grad: torch.Tensor) -> None:
+    raise RuntimeError(
+        "the closure called backward(); with RegularizedOptimizer it must only run the forward pass and "
+        "return the output: the optimizer runs both passes and one backward itself"
+    )
+
+
+class RegularizedOptimizer(Optimizer):
+    r"""Wraps an optimizer instance to train with R3F or R4F (Aghajanyan et al., ICLR 2021).
+
+    Each :meth:`step` runs the closure twice, clean and with noise ``z`` on the input token embeddings,
+    and minimises
+
+    .. math::
+        L = L_\text{task}(f(x)) + \lambda \, KL_S\big(f(x) \,\|\, f(x + z)\big), \quad
+        z \sim \mathcal{U}(-\epsilon, \epsilon) \text{ or } \mathcal{N}(0, \epsilon^2),
+
+    with ``KL_S = KL(P||Q) + KL(Q||P)`` over the last dimension of the logits (:func:`symmetric_kl`,
+    reduction ``"batchmean"``). ``param_groups``, ``state`` and ``defaults`` are those of the inner
+    optimizer, so LR schedulers, ``zero_grad`` and checkpoints work as usual.
+
+    Args:
+        optimizer: the inner optimizer instance (AdamW, SGD, Adafactor, ...).
+        model: the model the closure runs; its input embeddings are found automatically (HF models,
+            DDP/FSDP/PEFT wrappers unwrapped). ``method="r4f"`` normalises its head at construction.
+        method: ``"r3f"``, ``"r4f"`` (R3F + spectral norm on the head) or ``"standard"`` (one clean pass).
+        lam: weight lambda of the KL term (>= 0).
+        eps: noise scale sigma (>= 0): half-width for ``"uniform"``, std for ``"normal"``.
+        noise: ``"uniform"`` or ``"normal"``.
+        noisy_grad: if True (the paper), the KL gradient flows through both passes (cost ~2x a
+            standard step); if False, the noisy pass runs without a graph (~4/3x, less memory).
+        embeddings: the module whose output is perturbed, if it cannot be found automatically.
+        noisy_embed_grad: let the noisy pass train the embedding table (default False: the reference's
+            classification semantics, where the noisy branch detaches the lookup).
+        reduction: reduction of the KL term (see :func:`symmetric_kl`).
+        max_grad_norm: clip the total gradient norm to this value before stepping, if given.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 (scaled backward, unscale, skip on inf/NaN).
+        backward: a callable replacing ``loss.backward()``, e.g. ``accelerator.backward``.
+        on_nonfinite: ``"skip"`` (warn, count in ``nonfinite_steps``, change nothing) or ``"raise"``.
+        seed: seed of the wrapper's own noise generator (default: drawn from torch's global RNG).
+        r4f_kwargs: extra arguments for :func:`apply_r4f` (``head``, ``scope``, ...).
+
+    Example:
+        >>> opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)
+        >>> for batch in loader:
+        ...     opt.zero_grad()
+        ...     result = opt.step(lambda: model(**batch))  # forward only: no backward in the closure
+        ...     print(result.task_loss.item(), result.sym_kl.item())
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module,
+        *,
+        method: str = "r3f",
+        lam: float = 1.0,
+        eps: float = 1e-5,
+        noise: str = "uniform",
+        noisy_grad: bool = True,
+        embeddings: Optional[nn.Module] = None,
+        noisy_embed_grad: bool = False,
+        reduction: str = "batchmean",
+        max_grad_norm: Optional[float] = None,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        backward: Optional[Callable[[torch.Tensor], Any]] = None,
+        on_nonfinite: str = "skip",
+        seed: Optional[int] = None,
+        r4f_kwargs: Optional[dict] = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
+        if isinstance(optimizer, RegularizedOptimizer):
+            raise TypeError("optimizer is already a RegularizedOptimizer; wrap the inner optimizer once")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+        if reduction not in REDUCTIONS or reduction == "none":
+            raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]}, got {reduction!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        if embeddings is not None and not isinstance(embeddings, nn.Module):
+            raise TypeError(f"embeddings must be an nn.Module, got {type(embeddings).__name__}")
+        if method != "standard":
+            emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            self.noise: Optional[EmbeddingNoise] = EmbeddingNoise(emb, scope, eps, noise, not noisy_embed_grad, seed)
+        else:
+            self.noise = None
+        if method == "r4f":
+            apply_r4f(model, **(r4f_kwargs or {}))  # last: raises before anything changes if no head
+
+        self.optimizer = optimizer
+        self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
+        self.reduction, self.max_grad_norm, self.on_nonfinite = reduction, max_grad_norm, on_nonfinite
+        self.grad_scaler, self._backward = grad_scaler, backward
+        self.nonfinite_steps = 0
+        self._initialized = False
+        super().__init__(optimizer.param_groups, optimizer.defaults)  # hooks; groups stay the inner's
+        self._initialized = True
+
+    # -- delegation: the inner optimizer owns param_groups, state and defaults -------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        if self._initialized:
+            self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        if self._initialized:
+            self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        if self.__dict__.get("_initialized"):
+            self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._initialized:
+            self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state_dict plus this wrapper's entries under the key ``"r3f"``."""
+        sd = self.optimizer.state_dict()
+        sd["r3f"] = {
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        sd = dict(state_dict)
+        extra = sd.pop("r3f", None)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ValueError(f"state_dict['r3f'] must be a dict written by RegularizedOptimizer, got {type(extra).__name__}")
+        self.optimizer.load_state_dict(sd)
+        if extra is None:
+            return
+        if extra.get("noise") is not None and self.noise is not None:
+            self.noise.load_state_dict(extra["noise"])
+        self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+        if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(extra["grad_scaler"])
+
+    # -- the two passes ----------------------------------------------------------------------
+    def _run(self, closure: Callable[[], Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        handles = [p.register_hook(_refuse_backward) for p in params]
+        try:
+            out = closure()
+        finally:
+            for h in handles:
+                h.remove()
+        loss, logits = _loss_and_logits(out)
+        return out, loss, logits
+
+    def backward(self, closure: Callable[[], Any], *, mask: Optional[torch.Tensor] = None,
+                 noise_mask: Optional[torch.Tensor] = None, weight: float = 1.0) -> StepResult:
+        """Run the clean and the noisy pass and one backward of ``weight * loss``, without stepping.
+
+        For gradient accumulation: call it once per micro-batch (``weight=1/accumulation_steps``), then
+        :meth:`step` with no closure. ``mask`` selects the logits rows that count in the KL (e.g. the
+        labels' non-padding tokens); ``noise_mask`` (batch, seq) leaves padding positions unperturbed.
+        """
+        with torch.enable_grad():
+            out, task_loss, clean = self._run(closure)
+            sym_kl = task_loss.new_zeros(())
+            if self.noise is not None:
+                with self.noise.active(noise_mask), torch.set_grad_enabled(self.noisy_grad):
+                    _, _, noisy = self._run(closure)
+                if self.noise.calls == 0:
+                    raise RuntimeError(
+                        f"the noisy pass never called the embedding module {type(self.noise.module).__name__} "
+                        "(did the closure pass inputs_embeds?); pass embeddings= the module the model "
+                        "calls on its input ids"
+                    )
+                if noisy.shape != clean.shape:
+                    raise ValueError(
+                        f"the logits of the two passes differ in shape: clean {tuple(clean.shape)}, noisy "
+                        f"{tuple(noisy.shape)}; the closure must run the same batch both times"
+                    )
+                sym_kl = symmetric_kl(clean, noisy, mask=mask, reduction=self.reduction)
+            loss = task_loss + self.lam * sym_kl  # promotes to float32 at least (sym_kl is)
+            result = StepResult(loss.detach(), task_loss.detach(), sym_kl.detach(), out)
+            if not bool(torch.isfinite(loss)):
+                return self._nonfinite(result)
+            scaled = loss * weight
+            if self.grad_scaler is not None:
+                scaled = self.grad_scaler.scale(scaled)
+            if self._backward is not None:
+                self._backward(scaled)
+            else:
+                scaled.backward()
+        return result
+
+    def _nonfinite(self, result: StepResult) -> StepResult:
+        msg = (f"non-finite loss (task loss {result.task_loss.item()}, sym KL {result.sym_kl.item()}); "
+               "the step was skipped")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(msg + " (on_nonfinite='raise')")
+        self.nonfinite_steps += 1
+        warnings.warn(f"{msg}: parameters and optimizer state are unchanged "
+                      f"({self.nonfinite_steps} skipped so far)", stacklevel=3)
+        result.skipped = True
+        return result
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> Optional[StepResult]:
+        """One R3F/R4F step: both passes, backward, clip, inner step. Returns a :class:`StepResult`.
+
+        Without a closure, finishes a step whose gradients are already there (after :meth:`backward`,
+        or a framework's own backward): unscale (GradScaler), clip (``max_grad_norm``), inner step.
+        """
+        result = None
+        if closure is not None:
+            result = self.backward(closure, mask=mask, noise_mask=noise_mask)
+            if result.skipped:
+                return result
+        scaler = self.grad_scaler
+        if self.max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        return result

@@ -1,0 +1,125 @@
+"""R4F: spectral normalisation of the classification head, W_SN = W / sigma_max(W)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .noise import unwrap_model
+
+__all__ = ["apply_r4f", "remove_r4f", "find_head"]
+
+SCOPES = ("out_proj", "head")
+
+# model_type -> (output projection, other Linear layers of the head for scope="head"), relative to the
+# sequence-classification model. BERT's and DeBERTa's poolers play the role of RoBERTa's head.dense.
+_HEADS = {
+    "bert": ("classifier", ("bert.pooler.dense",)),
+    "roberta": ("classifier.out_proj", ("classifier.dense",)),
+    "xlm-roberta": ("classifier.out_proj", ("classifier.dense",)),
+    "distilbert": ("classifier", ("pre_classifier",)),
+    "electra": ("classifier.out_proj", ("classifier.dense",)),
+    "deberta-v2": ("classifier", ("pooler.dense",)),
+    "bart": ("classification_head.out_proj", ("classification_head.dense",)),
+    "gpt2": ("score", ()),
+}
+# Tried in order for other models.
+_GENERIC = ("classification_head.out_proj", "classifier.out_proj", "classifier", "score")
+
+
+def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_normalised(linear: nn.Module) -> bool:
+    return parametrize.is_parametrized(linear, "weight") and any(
+        type(p).__name__ == "_SpectralNorm" for p in linear.parametrizations["weight"]
+    )
+
+
+def find_head(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "out_proj") -> list[nn.Linear]:
+    """The Linear layers that R4F normalises: the head's output projection, or all of the head's."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if head is not None:
+        if isinstance(head, nn.Linear):
+            layers = [head]
+        elif scope == "head":
+            layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        else:
+            out = getattr(head, "out_proj", None)
+            layers = [out] if isinstance(out, nn.Linear) else []
+        if not layers:
+            raise ValueError(
+                f"head {type(head).__name__} has no nn.Linear output projection; pass the nn.Linear "
+                "itself, or scope='head' to normalise every Linear inside it"
+            )
+        return layers
+    m = unwrap_model(model)
+    model_type = getattr(getattr(m, "config", None), "model_type", None)
+    if model_type in _HEADS:
+        out_path, extra = _HEADS[model_type]
+        candidates = [out_path]
+    else:
+        extra, candidates = (), list(_GENERIC)
+    for path in candidates:
+        out = _get(m, path)
+        if isinstance(out, nn.Linear):
+            layers = [out]
+            if scope == "head":
+                layers = [lin for p in extra if isinstance(lin := _get(m, p), nn.Linear)] + layers
+            return layers
+    raise ValueError(
+        f"could not find the classification head of {type(m).__name__} (model_type={model_type!r}); "
+        "R4F needs a sequence-classification head. Pass it explicitly: apply_r4f(model, head=<nn.Linear>)"
+    )
+
+
+def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "out_proj", *,
+              n_power_iterations: int = 1, eps: float = 1e-12) -> list[nn.Linear]:
+    """Spectrally normalise the classification head of ``model`` in place (R4F).
+
+    Uses ``torch.nn.utils.parametrizations.spectral_norm``, so the state_dict holds
+    ``parametrizations.weight.original`` and ``..._u``/``..._v``, and the weight Parameter object is kept
+    (optimizers built before this call still update it). Layers already normalised are left alone.
+
+    Args:
+        model: a sequence-classification model (BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA, DeBERTa-v2,
+            BART, GPT-2 are found automatically; others through ``classifier``/``score`` attributes).
+        head: the head module or its output ``nn.Linear``, if it cannot be found automatically.
+        scope: ``"out_proj"`` (the reference: only the output projection) or ``"head"`` (every Linear of
+            the head, the paper's wording).
+        n_power_iterations, eps: as in torch's ``spectral_norm`` (defaults: the reference's).
+
+    Returns:
+        the normalised Linear layers.
+    """
+    if n_power_iterations < 1:
+        raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    layers = find_head(model, head, scope)
+    for layer in layers:
+        if not _is_normalised(layer):
+            spectral_norm(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)
+    return layers
+
+
+def remove_r4f(model: nn.Module) -> int:
+    """Bake ``W / sigma`` into every spectrally normalised weight of ``model`` and drop the parametrization.
+
+    sigma comes from the current u, v (no extra power iteration), so outputs equal those of the model in
+    eval mode before the call, and ``save_pretrained`` writes a plain checkpoint. Returns the count.
+    """
+    layers = [m for m in unwrap_model(model).modules() if _is_normalised(m)]
+    for layer in layers:
+        was_training = layer.training
+        layer.eval()  # eval: sigma = u^T W v from the stored u, v, no update
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        layer.train(was_training)
+    return len(layers)

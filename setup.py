@@ -1,0 +1,29 @@
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "r3f_opt" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="r3f-opt",
+    version=version,
+    description="R3F / R4F trust-region regularisers for fine-tuning pretrained transformers",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["r3f_opt", "r3f_opt.kernels"],
+    # kernels/ is installed as r3f_opt.kernels: a top-level `kernels` would clash with a PyPI package.
+    package_dir={"r3f_opt": "r3f_opt", "r3f_opt.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "transformers>=4.40",
+        "numpy",
+        'triton; platform_system == "Linux"',
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "bench": ["pytest-benchmark"],
+    },
+)
