@@ -49,9 +49,12 @@ class _SymmetricKLRows(torch.autograd.Function):
         dtype = _compute_dtype(a, b)
         a32, b32 = a.to(dtype), b.to(dtype)
         lse_a, lse_b, p, q, d = _row_stats(a32, b32)
+        # KL_S = sum (p - q) d: accurate when p ~ q (R3F's regime), and 0 * inf never arises from an
+        # entry that is -inf on one side only (the row is then +inf, as in the reference).
+        kl = ((p - q) * d).sum(-1, keepdim=True)
         e_p = (p * d).sum(-1, keepdim=True)  # E_p[d]
         e_q = (q * d).sum(-1, keepdim=True)  # E_q[d]
-        rows = (e_p - e_q).squeeze(-1)
+        rows = kl.squeeze(-1)
         if mask is not None:
             rows = torch.where(mask, rows, torch.zeros_like(rows))
         ctx.save_for_backward(a, b, mask, lse_a, lse_b, e_p, e_q)

