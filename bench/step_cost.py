@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (padded/truncated)")
-    ap.add_argument("--steps", type=int, default=6, help="timed round-robin rounds (one step per method each)")
+    ap.add_argument("--steps", type=int, default=12, help="timed round-robin rounds (one step per method each)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: os.cpu_count())")
@@ -188,6 +188,7 @@ def main(argv=None) -> dict:
     losses = {m: [] for m in METHODS}
     sym_kls = {m: [] for m in METHODS}
     orders = []
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t_start = time.perf_counter()
     for r in range(n_rounds):
         k = r % len(METHODS)
@@ -204,6 +205,7 @@ def main(argv=None) -> dict:
         label = "warmup" if not timed else f"round {r - args.warmup + 1}/{args.steps}"
         print(f"[{label}] {time.perf_counter() - t_start:7.1f}s elapsed", file=sys.stderr, flush=True)
     total_s = time.perf_counter() - t_start
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     base_med = statistics.median(times["standard"])
     summary = {}
@@ -255,6 +257,8 @@ def main(argv=None) -> dict:
             "torch_num_interop_threads": torch.get_num_interop_threads(),
             "platform": platform.platform(),
             "total_wall_s_incl_warmup": total_s,
+            "loadavg_before": load_before,  # 1/5/15-min; ~threads during the run is expected
+            "loadavg_after": load_after,
         },
         "summary": summary,
         "raw_times_s": times,

@@ -1,0 +1,225 @@
+"""Bad input gets a clear error and changes nothing: no parameter, optimizer state or hook is left behind."""
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model, toy_batch
+from torch import nn
+
+from r3f_opt import RegularizedOptimizer
+
+
+def snapshot(model, opt):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def assert_unchanged(model, opt, snap):
+    params, state = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    assert {id(p): s for p, s in opt.state.items()}.keys() == state.keys()
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k])
+
+
+def no_hooks_left(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = tiny_model("bart")
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, eps=1e-3)
+    batch = toy_batch("bart")
+    opt.step(lambda: model(**batch))  # the optimizer has state to protect
+    opt.zero_grad()
+    return model, opt, batch
+
+
+@pytest.mark.parametrize(
+    "closure, exc, match",
+    [
+        (lambda m, b: m(**b).loss, TypeError, "bare tensor"),
+        (lambda m, b: {"loss": m(**b).loss}, TypeError, "no logits"),
+        (lambda m, b: m(**{k: v for k, v in b.items() if k != "labels"}), TypeError, "no scalar loss"),
+        (lambda m, b: m(**b).loss.backward(), RuntimeError, "must only run the forward"),
+    ],
+)
+def test_bad_closure_output(setup, closure, exc, match):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+    with pytest.raises(exc, match=match):
+        opt.step(lambda: closure(model, batch))
+    assert_unchanged(model, opt, snap)
+    assert no_hooks_left(model)
+
+
+def test_closure_calling_backward_is_refused_before_any_gradient(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+
+    def closure():
+        out = model(**batch)
+        out.loss.backward()
+        return out
+
+    with pytest.raises(RuntimeError, match="must only run the forward"):
+        opt.step(closure)
+    assert all(p.grad is None for p in model.parameters())
+    assert_unchanged(model, opt, snap)
+    # and the optimizer still works afterwards
+    assert opt.step(lambda: model(**batch)).sym_kl > 0
+
+
+def test_logits_shape_differs_between_passes(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        b = batch if len(calls) == 1 else {k: v[:-1] for k, v in batch.items()}
+        return model(**b)
+
+    with pytest.raises(ValueError, match="differ in shape"):
+        opt.step(closure)
+    assert_unchanged(model, opt, snap)
+    assert no_hooks_left(model)
+
+
+def test_exception_in_noisy_pass_removes_the_hooks(setup):
+    model, opt, batch = setup
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            model.model.encoder(input_ids=batch["input_ids"])  # the hooks are live here...
+            raise KeyError("boom")
+        return model(**batch)
+
+    with pytest.raises(KeyError, match="boom"):
+        opt.step(closure)
+    assert no_hooks_left(model)  # ...and gone after the exception
+    out1 = model.eval()(**batch).logits
+    out2 = model(**batch).logits
+    assert torch.equal(out1, out2)  # no noise leaks into later forwards
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_nonfinite_loss(setup, on_nonfinite):
+    model, opt, batch = setup
+    opt.on_nonfinite = on_nonfinite
+    snap = snapshot(model, opt)
+
+    def closure():
+        out = model(**batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.step(closure)
+    else:
+        with pytest.warns(UserWarning, match="non-finite"):
+            res = opt.step(closure)
+        assert res.skipped and opt.nonfinite_steps == 1
+        assert opt.state_dict()["r3f"]["nonfinite_steps"] == 1
+    assert all(p.grad is None for p in model.parameters())
+    assert_unchanged(model, opt, snap)
+
+
+def test_nonfinite_kl_is_skipped(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        out = model(**batch)
+        if len(calls) == 2:  # the noisy logits forbid a token the clean pass allows: KL = inf
+            out.logits = out.logits.clone()
+            out.logits[0, 0] = float("-inf")
+        return out
+
+    with pytest.warns(UserWarning, match="non-finite"):
+        res = opt.step(closure)
+    assert res.skipped and torch.isinf(res.sym_kl)
+    assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lam=-1.0), "lam"),
+        (dict(eps=-1e-5), "eps"),
+        (dict(lam=float("nan")), "lam"),
+        (dict(method="r5f"), "method"),
+        (dict(noise="gaussian"), "noise"),
+        (dict(reduction="none"), "reduction"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match=match):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, **kwargs)
+
+
+def test_bad_types():
+    model = tiny_model("bert")
+    with pytest.raises(TypeError, match="optimizer"):
+        RegularizedOptimizer(model.parameters(), model)
+    inner = torch.optim.AdamW(model.parameters())
+    with pytest.raises(TypeError, match="model"):
+        RegularizedOptimizer(inner, "bert")
+    with pytest.raises(TypeError, match="already"):
+        RegularizedOptimizer(RegularizedOptimizer(inner, model), model)
+
+
+def test_model_without_embeddings_says_pass_embeddings():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="embeddings="):
+        RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def test_noise_that_never_reaches_the_model_is_an_error():
+    model = tiny_model("bert")
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model)
+    batch = toy_batch("bert")
+    embeds = model.bert.embeddings.word_embeddings(batch["input_ids"])
+    with pytest.raises(RuntimeError, match="never called the embedding module"):
+        opt.step(lambda: model(inputs_embeds=embeds, labels=batch["labels"]))
+
+
+def test_r4f_without_a_head_changes_nothing():
+    model = tiny_model("gpt2-lm")
+    with pytest.raises(ValueError, match="head="):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method="r4f")
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_bad_state_dict_changes_nothing(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+    sd = opt.state_dict()
+    sd["r3f"] = "garbage"
+    with pytest.raises(ValueError, match="r3f"):
+        opt.load_state_dict(sd)
+    assert_unchanged(model, opt, snap)
+
+
+def test_low_precision_embeddings_warn_once():
+    torch.manual_seed(0)
+    model = tiny_model("bert").to(torch.bfloat16)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-5)
+    batch = toy_batch("bert")
+    with pytest.warns(UserWarning, match="cannot represent noise"):
+        opt.step(lambda: model(**batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: model(**batch))

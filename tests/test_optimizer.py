@@ -1,0 +1,253 @@
+"""RegularizedOptimizer as an optimizer: delegation, schedulers, checkpoints, accumulation, AMP, errors."""
+import io
+import warnings
+
+import pytest
+import torch
+from conftest import kl_mask, tiny_model, toy_batch
+from torch import nn
+
+from r3f_opt import RegularizedOptimizer, StepResult
+
+
+def make(kind="bert", dropout=0.1, lr=1e-3, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = tiny_model(kind, dropout=dropout)
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=lr), model, seed=seed, **kw)
+    return model, opt
+
+
+def params_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_is_an_optimizer_and_delegates():
+    model, opt = make()
+    inner = opt.optimizer
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    batch = toy_batch("bert")
+    res = opt.step(lambda: model(**batch))
+    assert isinstance(res, StepResult) and res.sym_kl > 0 and not res.loss.requires_grad
+    assert len(inner.state) == len(list(model.parameters()))  # AdamW moments exist, in the inner's state
+    extra = nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert inner.param_groups[-1]["lr"] == 0.5 and opt.param_groups[-1]["params"][0] is extra
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert "AdamW" not in repr(opt) and "lr: 0.001" in repr(opt)
+
+
+@pytest.mark.parametrize("inner_cls", ["sgd", "adafactor"])
+def test_wraps_other_optimizers(inner_cls):
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    inner = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if inner_cls == "sgd"
+             else Adafactor(model.parameters(), lr=1e-2, relative_step=False, scale_parameter=False))
+    opt = RegularizedOptimizer(inner, model, eps=1e-3)
+    batch = toy_batch("bert")
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        losses.append(opt.step(lambda: model(**batch)).task_loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_schedulers_drive_the_inner_optimizer():
+    from transformers import get_linear_schedule_with_warmup
+
+    model, opt = make(lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
+    batch = toy_batch("bert")
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() called before optimizer.step()"
+        for _ in range(4):
+            seen.append(opt.optimizer.param_groups[0]["lr"])
+            opt.zero_grad()
+            opt.step(lambda: model(**batch))
+            sched.step()
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 7 / 8])
+
+    model, opt = make(lr=1.0)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.step(lambda: model(**batch))
+        step_lr.step()
+    assert opt.optimizer.param_groups[0]["lr"] == 0.25 and step_lr.get_last_lr() == [0.25]
+
+
+def test_state_dict_format_is_the_inner_one_plus_one_key():
+    model, opt = make()
+    batch = toy_batch("bert")
+    opt.step(lambda: model(**batch))
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "r3f"}
+    assert set(sd["r3f"]) == {"noise", "nonfinite_steps", "grad_scaler"}
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a tool that reads optimizer checkpoints
+    plain.load_state_dict(sd)
+    for p in model.parameters():
+        assert torch.equal(plain.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def _run(model, opt, batches):
+    out = []
+    for b in batches:
+        opt.zero_grad()
+        out.append(opt.step(lambda: model(**b)).loss.item())
+    return out
+
+
+@pytest.mark.parametrize("method", ["r3f", "r4f"])
+def test_resume_is_bit_exact(method):
+    batches = [toy_batch("bert", seed=s) for s in range(6)]
+    model, opt = make(method=method, eps=1e-2)
+    torch.manual_seed(42)
+    straight = _run(model, opt, batches)
+    final = params_of(model)
+
+    model, opt = make(method=method, eps=1e-2)
+    torch.manual_seed(42)
+    first = _run(model, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buf)
+
+    # A fresh process would build everything anew, with another seed, and load the checkpoint.
+    model, opt = make(method=method, eps=1e-2, seed=7)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    second = _run(model, opt, batches[3:])
+    assert first + second == straight
+    assert_same_params(params_of(model), final)
+
+
+def test_accumulation_equals_one_big_batch():
+    batch = toy_batch("bert", batch=8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+
+    model, opt = make(dropout=0.0, eps=0.05, lr=1e-2)
+    big = opt.step(lambda: model(**batch))
+    want = params_of(model)
+
+    model, opt = make(dropout=0.0, eps=0.05, lr=1e-2)
+    parts = [opt.backward(lambda h=h: model(**h), weight=0.5) for h in halves]
+    opt.step()
+    assert big.sym_kl > 0
+    torch.testing.assert_close(sum(0.5 * p.loss for p in parts), big.loss, rtol=1e-5, atol=1e-7)
+    for k, v in params_of(model).items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16():
+    model, opt = make(lr=1e-2, eps=1e-3)
+    batch = toy_batch("bert")
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch)
+
+    results = [opt.step(closure) for _ in range(10)]
+    assert results[0].output.logits.dtype == torch.bfloat16
+    assert results[0].sym_kl.dtype == torch.float32 and results[0].sym_kl > 0
+    assert all(torch.isfinite(r.loss) for r in results)
+    assert results[-1].task_loss < results[0].task_loss
+
+
+def _fp16_closure(model, batch):
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return model(**batch)
+    return closure
+
+
+def test_grad_scaler_matches_unscaled_step():
+    # Scaling by a power of two is exact in float32, so scale -> backward -> unscale -> clip -> step must
+    # give the very parameters of the unscaled step.
+    batch = toy_batch("bert")
+    model, opt = make(dropout=0.0, max_grad_norm=0.5)
+    opt.step(lambda: model(**batch))
+    want = params_of(model)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    model, opt = make(dropout=0.0, max_grad_norm=0.5, grad_scaler=scaler)
+    opt.step(lambda: model(**batch))
+    assert_same_params(params_of(model), want)
+    assert scaler.get_scale() == 2.0**12  # no inf: the scale stays (growth interval not reached)
+
+
+def test_grad_scaler_fp16_autocast_trains():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model, opt = make(lr=1e-2, eps=1e-3, grad_scaler=scaler, max_grad_norm=1.0)
+    batch = toy_batch("bert")
+    results = [opt.step(_fp16_closure(model, batch)) for _ in range(10)]
+    assert results[0].output.logits.dtype == torch.float16
+    assert results[-1].task_loss < results[0].task_loss
+
+
+def test_grad_scaler_skips_step_on_inf_grad():
+    batch = toy_batch("bert")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    model, opt = make(dropout=0.0, grad_scaler=scaler)
+    before = params_of(model)
+    w = model.classifier.weight
+    handle = w.register_hook(lambda g: torch.full_like(g, float("inf")))
+    res = opt.step(_fp16_closure(model, batch))
+    handle.remove()
+    assert not res.skipped  # the loss was finite: the scaler, not the wrapper, skipped the step
+    assert_same_params(params_of(model), before)
+    assert len(opt.state) == 0  # AdamW never stepped
+    assert scaler.get_scale() == 2.0**11
+
+
+def test_clipping_bounds_the_update():
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, max_grad_norm=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(lambda: model(**toy_batch("bert")))
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_step_without_closure_only_steps_the_inner_optimizer():
+    model, opt = make(dropout=0.0, lr=1e-2)
+    out = model(**toy_batch("bert"))
+    out.loss.backward()  # a framework's own backward
+    before = params_of(model)
+    assert opt.step() is None
+    after = params_of(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_custom_backward_callable():
+    calls = []
+    model, opt = make(backward=lambda loss: (calls.append(loss.item()), loss.backward()))
+    res = opt.step(lambda: model(**toy_batch("bert")))
+    assert calls == [pytest.approx(res.loss.item())]
+
+
+def test_standard_method_runs_one_pass():
+    model, opt = make(method="standard")
+    n = []
+    res = opt.step(lambda: (n.append(1), model(**toy_batch("bert")))[1])
+    assert len(n) == 1 and res.sym_kl == 0 and res.loss == res.task_loss
+
+
+@pytest.mark.parametrize("kind", ["gpt2-lm", "bart-seq2seq"])
+def test_token_level_kl_uses_the_mask(kind):
+    model, opt = make(kind, dropout=0.0, eps=1e-2)
+    batch = toy_batch(kind)
+    mask = kl_mask(kind, batch)
+    res = opt.step(lambda: model(**batch), mask=mask)
+    assert res.sym_kl > 0 and res.output.logits.shape[:-1] == mask.shape
