@@ -1,0 +1,163 @@
+"""The noise reaches the model where it should, and only there."""
+import pytest
+import torch
+from conftest import kl_mask, tiny_model, toy_batch
+from torch import nn
+
+from r3f_opt import RegularizedOptimizer, find_embeddings
+
+KINDS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2", "bart", "gpt2",
+         "gpt2-lm", "bart-seq2seq", "t5-seq2seq"]
+
+
+def kl_once(kind, eps, **kw):
+    torch.manual_seed(0)
+    model = tiny_model(kind, dropout=0.0)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=eps, **kw)
+    batch = toy_batch(kind)
+    return opt.backward(lambda: model(**batch), mask=kl_mask(kind, batch)).sym_kl.item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigma_zero_gives_exactly_zero_and_sigma_positive_gives_positive_kl(kind):
+    # With dropout off the two passes differ only by the noise. RoBERTa is here on purpose: the
+    # reference implementation drops its noisy embeddings, so its "noisy" pass equals the clean one.
+    assert kl_once(kind, 0.0) == 0.0
+    assert kl_once(kind, 1e-2) > 0.0
+    assert kl_once(kind, 1e-2, noise="normal") > 0.0
+
+
+def capture(module, store):
+    return module.register_forward_hook(lambda m, i, o: store.append(o.detach().clone()))
+
+
+@pytest.mark.parametrize("kind", ["bart-seq2seq", "t5-seq2seq"])
+@pytest.mark.parametrize("shared_module", [False, True])
+def test_encoder_decoder_perturbs_encoder_tokens_only(kind, shared_module):
+    torch.manual_seed(0)
+    model = tiny_model(kind, dropout=0.0)
+    enc, dec = model.get_encoder(), model.get_decoder()
+    if shared_module:  # one embedding module called by both (older transformers, custom models): the hard case
+        dec.embed_tokens = enc.embed_tokens
+    emb, scope = find_embeddings(model)
+    assert emb is enc.embed_tokens and scope is enc
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-2)
+    enc_in, dec_in = [], []
+    # What the encoder's and the decoder's layers receive: the inputs of their first blocks.
+    enc_layer = enc.layers[0] if hasattr(enc, "layers") else enc.block[0]
+    dec_layer = dec.layers[0] if hasattr(dec, "layers") else dec.block[0]
+    h1 = enc_layer.register_forward_pre_hook(lambda m, a, kw: enc_in.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+    h2 = dec_layer.register_forward_pre_hook(lambda m, a, kw: dec_in.append((a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True)
+    batch = toy_batch(kind)
+    res = opt.backward(lambda: model(**batch), mask=kl_mask(kind, batch))
+    h1.remove(), h2.remove()
+    assert res.sym_kl > 0
+    assert len(enc_in) == 2 and len(dec_in) == 2
+    assert not torch.equal(enc_in[0], enc_in[1])  # the encoder's inputs are perturbed
+    assert torch.equal(dec_in[0], dec_in[1])  # the decoder's inputs are untouched
+
+
+def test_noise_is_added_before_embed_scale():
+    torch.manual_seed(0)
+    model = tiny_model("bart-seq2seq", dropout=0.0)
+    emb = model.get_encoder().embed_tokens
+    emb.embed_scale = 4.0
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-2)
+    outs = []
+    h = capture(emb, outs)
+    # hooks run in registration order: ours (registered during the pass) comes after the capture, so
+    # capture the noisy output from the encoder's first layer norm instead
+    h.remove()
+    ln = model.get_encoder().layernorm_embedding
+    h = ln.register_forward_pre_hook(lambda m, a: outs.append(a[0].clone()))
+    batch = toy_batch("bart-seq2seq")
+    opt.backward(lambda: model(**batch), mask=kl_mask("bart-seq2seq", batch))
+    h.remove()
+    diff = (outs[1] - outs[0]).abs().max().item()
+    assert 1e-2 < diff <= 4.0 * 1e-2 * 1.001  # |z| <= eps before scaling, so <= 4 eps after
+
+
+def test_noise_stays_within_bounds_and_is_fresh_each_step():
+    model = nn.Embedding(10, 6).double()
+    wrapper_model = nn.Sequential(model, nn.Linear(6, 3).double())
+    opt = RegularizedOptimizer(torch.optim.SGD(wrapper_model.parameters(), lr=0.0), wrapper_model,
+                               embeddings=model, eps=0.25, seed=3)
+    x = torch.randint(0, 10, (5, 7))
+    seen = []
+    h = wrapper_model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    for _ in range(2):
+        opt.backward(lambda: (torch.tensor(0.0, dtype=torch.float64, requires_grad=True), wrapper_model(x)))
+    h.remove()
+    z1, z2 = seen[1] - seen[0], seen[3] - seen[2]
+    assert z1.abs().max() <= 0.25 and z1.abs().max() > 0.2  # U(-eps, eps), 210 draws
+    assert not torch.equal(z1, z2)
+
+
+def test_noise_mask_leaves_padding_clean():
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-2)
+    batch = toy_batch("bert")
+    outs = []
+    h = model.bert.embeddings.LayerNorm.register_forward_pre_hook(lambda m, a: outs.append(a[0].clone()))
+    opt.backward(lambda: model(**batch), noise_mask=batch["attention_mask"])
+    h.remove()
+    changed = (outs[1] != outs[0]).any(-1)
+    assert torch.equal(changed, batch["attention_mask"].bool())
+    with pytest.raises(ValueError, match="noise_mask"):
+        opt.backward(lambda: model(**batch), noise_mask=batch["attention_mask"][:, :3])
+
+
+def test_embedding_table_gets_no_gradient_from_the_noisy_pass_by_default():
+    def emb_grad(**kw):
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.0)
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-2, seed=1, **kw)
+        batch = toy_batch("bert")
+        opt.backward(lambda: model(**batch))
+        return model.bert.embeddings.word_embeddings.weight.grad.clone()
+
+    detached, trained = emb_grad(), emb_grad(noisy_embed_grad=True)
+    assert not torch.equal(detached, trained)
+    # noisy_grad=False: no graph in the noisy pass at all, so the detach makes no difference
+    assert torch.equal(emb_grad(noisy_grad=False), emb_grad(noisy_grad=False, noisy_embed_grad=True))
+
+
+def test_noisy_grad_false_builds_no_graph_for_the_noisy_pass():
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-2, noisy_grad=False)
+    flags = []
+    h = model.classifier.register_forward_hook(lambda m, i, o: flags.append(o.requires_grad))
+    opt.backward(lambda: model(**toy_batch("bert")))
+    h.remove()
+    assert flags == [True, False]
+
+
+def test_unwraps_module_wrappers_and_peft_style_models():
+    model = tiny_model("bert")
+    wrapped = nn.DataParallel(model)  # .module, like DDP / FSDP1
+    emb, scope = find_embeddings(wrapped)
+    assert emb is model.bert.embeddings.word_embeddings and scope is None
+
+    class PeftLike(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+    assert find_embeddings(PeftLike(wrapped))[0] is model.bert.embeddings.word_embeddings
+
+
+def test_generator_state_round_trips():
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, seed=5)
+    opt.noise.sample((3,), torch.device("cpu"))
+    sd = opt.state_dict()
+    a = opt.noise.sample((4,), torch.device("cpu"))
+    other = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, seed=99)
+    other.load_state_dict(sd)
+    assert torch.equal(other.noise.sample((4,), torch.device("cpu")), a)

@@ -1,0 +1,129 @@
+"""apply_r4f / remove_r4f: the right layers, torch's semantics and state_dict layout, sigma_max -> 1."""
+import pytest
+import torch
+from conftest import tiny_model, toy_batch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from r3f_opt import RegularizedOptimizer, apply_r4f, remove_r4f
+
+OUT_PROJ = {
+    "bert": "classifier", "roberta": "classifier.out_proj", "xlm-roberta": "classifier.out_proj",
+    "distilbert": "classifier", "electra": "classifier.out_proj", "deberta-v2": "classifier",
+    "bart": "classification_head.out_proj", "gpt2": "score",
+}
+HEAD = {
+    "bert": ["bert.pooler.dense", "classifier"], "roberta": ["classifier.dense", "classifier.out_proj"],
+    "xlm-roberta": ["classifier.dense", "classifier.out_proj"], "distilbert": ["pre_classifier", "classifier"],
+    "electra": ["classifier.dense", "classifier.out_proj"], "deberta-v2": ["pooler.dense", "classifier"],
+    "bart": ["classification_head.dense", "classification_head.out_proj"], "gpt2": ["score"],
+}
+
+
+def sigma_max(layer: nn.Linear) -> float:
+    return torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2).item()
+
+
+@pytest.mark.parametrize("kind", list(OUT_PROJ))
+def test_finds_the_head_of_each_architecture(kind):
+    model = tiny_model(kind)
+    layers = apply_r4f(model)
+    assert layers == [model.get_submodule(OUT_PROJ[kind])]
+    model = tiny_model(kind)
+    assert apply_r4f(model, scope="head") == [model.get_submodule(p) for p in HEAD[kind]]
+
+
+@pytest.mark.parametrize("kind", ["roberta", "bert"])
+def test_training_forwards_drive_sigma_max_to_one(kind):
+    torch.manual_seed(0)
+    model = tiny_model(kind, dropout=0.0)
+    layer = model.get_submodule(OUT_PROJ[kind])
+    with torch.no_grad():
+        layer.weight.mul_(50.0)
+    assert sigma_max(layer) > 1.5  # not already normalised
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, method="r4f")
+    batch = toy_batch(kind)
+    for _ in range(5):
+        opt.step(lambda: model(**batch))  # two training forwards, one backward each
+    assert sigma_max(layer) == pytest.approx(1.0, abs=1e-3)
+    model.eval()
+    assert sigma_max(layer) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_same_semantics_and_state_dict_as_torch():
+    torch.manual_seed(0)
+    ours = tiny_model("roberta")
+    theirs = tiny_model("roberta")
+    theirs.load_state_dict(ours.state_dict())
+    torch.manual_seed(1)
+    apply_r4f(ours)
+    torch.manual_seed(1)
+    spectral_norm(theirs.classifier.out_proj, n_power_iterations=1, eps=1e-12)
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert sd_ours.keys() == sd_theirs.keys()
+    assert "classifier.out_proj.parametrizations.weight.original" in sd_ours
+    assert "classifier.out_proj.parametrizations.weight.0._u" in sd_ours
+    for k in sd_ours:
+        assert torch.equal(sd_ours[k], sd_theirs[k]), k
+
+
+def test_keeps_the_parameter_object_so_existing_optimizers_still_update_it():
+    model = tiny_model("roberta")
+    w = model.classifier.out_proj.weight
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, method="r4f")
+    assert model.classifier.out_proj.parametrizations.weight.original is w
+    before = w.detach().clone()
+    opt.step(lambda: model(**toy_batch("roberta")))
+    assert not torch.equal(w.detach(), before)
+
+
+def test_apply_twice_is_idempotent():
+    model = tiny_model("bert")
+    apply_r4f(model)
+    apply_r4f(model)
+    assert len(model.classifier.parametrizations.weight) == 1
+
+
+def test_remove_bakes_the_normalised_weight():
+    torch.manual_seed(0)
+    model = tiny_model("roberta", dropout=0.0)
+    apply_r4f(model, scope="head")
+    batch = toy_batch("roberta")
+    model(**batch)  # a training forward updates u, v
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits
+    model.train()
+    assert remove_r4f(model) == 2
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert "classifier.out_proj.weight" in model.state_dict()
+    assert model.training  # mode restored
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want)
+    assert sigma_max(model.classifier.out_proj) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_explicit_head():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    assert apply_r4f(model, head=model[2]) == [model[2]]
+    head = nn.Module()
+    head.dense, head.out_proj = nn.Linear(4, 4), nn.Linear(4, 2)
+    assert apply_r4f(model, head=head) == [head.out_proj]
+    assert apply_r4f(model, head=head, scope="head") == [head.dense, head.out_proj]
+    with pytest.raises(ValueError, match="nn.Linear"):
+        apply_r4f(model, head=nn.ReLU())
+    with pytest.raises(ValueError, match="scope"):
+        apply_r4f(model, head=model[2], scope="all")
+
+
+def test_generic_lookup_and_clear_error():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Linear(4, 2)
+
+    m = Custom()
+    assert apply_r4f(m) == [m.classifier]
+    with pytest.raises(ValueError, match="head="):
+        apply_r4f(nn.Sequential(nn.Linear(2, 2)))
