@@ -110,6 +110,23 @@ def git_commit() -> str | None:
         return None
 
 
+def busy_cpu_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (/proc/stat), for a contention check."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def quartiles(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 2:
         return xs[0], xs[0]
@@ -188,22 +205,28 @@ def main(argv=None) -> dict:
     losses = {m: [] for m in METHODS}
     sym_kls = {m: [] for m in METHODS}
     orders = []
+    other_cpu = []  # per timed round: CPU seconds used by other processes (machine busy - this process)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t_start = time.perf_counter()
     for r in range(n_rounds):
         k = r % len(METHODS)
         order = list(METHODS[k:] + METHODS[:k])  # rotate so no method always runs first / after another
         timed = r >= args.warmup
+        busy0, own0 = busy_cpu_s(), own_cpu_s()
         for m in order:
             dt, task, kl = run_step(m, batches[r])
             if timed:
                 times[m].append(dt)
                 losses[m].append(task)
                 sym_kls[m].append(kl)
+        busy1, own1 = busy_cpu_s(), own_cpu_s()
+        other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
         if timed:
             orders.append(order)
+            other_cpu.append(other)
         label = "warmup" if not timed else f"round {r - args.warmup + 1}/{args.steps}"
-        print(f"[{label}] {time.perf_counter() - t_start:7.1f}s elapsed", file=sys.stderr, flush=True)
+        note = "" if other is None else f", other processes used {other:.1f} CPU-s"
+        print(f"[{label}] {time.perf_counter() - t_start:7.1f}s elapsed{note}", file=sys.stderr, flush=True)
     total_s = time.perf_counter() - t_start
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -263,6 +286,8 @@ def main(argv=None) -> dict:
         "summary": summary,
         "raw_times_s": times,
         "round_orders": orders,
+        # CPU seconds other processes used during each timed round (/proc/stat busy - own); ~0 = quiet
+        "other_processes_cpu_s_per_round": other_cpu,
         "task_loss": losses,
         "sym_kl": sym_kls,
     }
@@ -280,6 +305,9 @@ def main(argv=None) -> dict:
         print(f"| {m} | {s['median_s']:.3f} | {s['min_s']:.3f}-{s['max_s']:.3f} | "
               f"{s['q1_s']:.3f}-{s['q3_s']:.3f} | {s['ratio_to_standard']:.2f}x | "
               f"{s['paired_ratio_median']:.2f}x [{s['paired_ratio_min']:.2f}-{s['paired_ratio_max']:.2f}] |")
+    if other_cpu and all(x is not None for x in other_cpu):
+        print(f"\nother processes' CPU during the timed rounds: {sum(other_cpu):.1f} CPU-s in {len(other_cpu)} rounds "
+              f"(max {max(other_cpu):.1f} in one round); ~0 means no contention")
     print(f"\nwrote {out}  (total {total_s:.0f}s incl. warmup)")
     return result
 
