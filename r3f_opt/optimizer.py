@@ -21,7 +21,8 @@ ON_NONFINITE = ("skip", "raise")
 
 @dataclass
 class StepResult:
-    """What one R3F step computed. All tensors are detached."""
+    """What one R3F step computed. ``loss``, ``task_loss`` and ``sym_kl`` are detached; ``output`` is the
+    clean pass's model output as the closure returned it (detach its tensors before keeping them)."""
 
     loss: torch.Tensor  # task_loss + lam * sym_kl
     task_loss: torch.Tensor
@@ -94,7 +95,8 @@ class RegularizedOptimizer(Optimizer):
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 (scaled backward, unscale, skip on inf/NaN).
         backward: a callable replacing ``loss.backward()``, e.g. ``accelerator.backward``.
         on_nonfinite: ``"skip"`` (warn, count in ``nonfinite_steps``, change nothing) or ``"raise"``.
-        seed: seed of the wrapper's own noise generator (default: drawn from torch's global RNG).
+        seed: seed of the wrapper's own noise generator (default: derived from ``torch.initial_seed()``,
+            so ``torch.manual_seed`` fixes it; the global RNG stream is not consumed).
         r4f_kwargs: extra arguments for :func:`apply_r4f` (``head``, ``scope``, ...).
 
     Example:
@@ -149,8 +151,8 @@ class RegularizedOptimizer(Optimizer):
             raise TypeError(f"embeddings must be an nn.Module, got {type(embeddings).__name__}")
         if method != "standard":
             emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            if seed is None:  # follows torch.manual_seed without drawing from (and shifting) the global RNG
+                seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 1) % 2**63
             self.noise: Optional[EmbeddingNoise] = EmbeddingNoise(emb, scope, eps, noise, not noisy_embed_grad, seed)
         else:
             self.noise = None
@@ -212,16 +214,17 @@ class RegularizedOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict of this wrapper, or a plain one of the inner optimizer's type."""
         sd = dict(state_dict)
-        extra = sd.pop("r3f", None)
-        if extra is not None and not isinstance(extra, Mapping):
-            raise ValueError(f"state_dict['r3f'] must be a dict written by RegularizedOptimizer, got {type(extra).__name__}")
-        self.optimizer.load_state_dict(sd)
-        if extra is None:
-            return
-        if extra.get("noise") is not None and self.noise is not None:
-            self.noise.load_state_dict(extra["noise"])
-        self.nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+        extra = sd.pop("r3f", None) or {}
+        noise = extra.get("noise") if isinstance(extra, Mapping) else None
+        if not isinstance(extra, Mapping) or (noise is not None and "seed" not in noise):
+            raise ValueError("state_dict['r3f'] is not an entry written by RegularizedOptimizer.state_dict(); "
+                             "remove it to load only the inner optimizer's state")
+        self.optimizer.load_state_dict(sd)  # validates and raises before anything below changes
+        if noise is not None and self.noise is not None:
+            self.noise.load_state_dict(noise)
+        self.nonfinite_steps = int(extra.get("nonfinite_steps", self.nonfinite_steps))
         if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(extra["grad_scaler"])
 

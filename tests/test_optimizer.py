@@ -251,3 +251,17 @@ def test_token_level_kl_uses_the_mask(kind):
     mask = kl_mask(kind, batch)
     res = opt.step(lambda: model(**batch), mask=mask)
     assert res.sym_kl > 0 and res.output.logits.shape[:-1] == mask.shape
+
+
+def test_default_seed_follows_manual_seed_without_consuming_the_global_rng():
+    model = tiny_model("bert")
+    torch.manual_seed(3)
+    a = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(1), after)  # constructing the wrapper drew nothing
+    torch.manual_seed(3)
+    b = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    torch.manual_seed(4)
+    c = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert a.noise.seed == b.noise.seed != c.noise.seed
