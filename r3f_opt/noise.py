@@ -74,12 +74,24 @@ class EmbeddingNoise:
         self.calls = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
+        if self.generator is not None and self.generator.device != device:
+            raise RuntimeError(
+                f"the embeddings moved from {self.generator.device} to {device} after the noise generator "
+                "was created; move the model before building RegularizedOptimizer (or before its first step)"
+            )
+        if self.generator is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
             if self._pending_state is not None:
-                self.generator.set_state(self._pending_state)
+                try:
+                    gen.set_state(self._pending_state)
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        f"the noise generator state in the loaded checkpoint does not fit a {device.type} "
+                        f"generator ({e}); it was saved with the embeddings on another device type"
+                    ) from e
                 self._pending_state = None
+            self.generator = gen  # only once fully set up: a failure above leaves nothing half-done
         return self.generator
 
     def sample(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -153,5 +165,8 @@ class EmbeddingNoise:
         return {"seed": self.seed, "generator_state": state}
 
     def load_state_dict(self, state: dict) -> None:
+        gen_state = state.get("generator_state")
+        if gen_state is not None:  # torch.load(map_location=...) may have moved it: set_state wants CPU uint8
+            gen_state = gen_state.detach().to("cpu", torch.uint8)
         self.seed = int(state["seed"])
-        self.generator, self._pending_state = None, state.get("generator_state")
+        self.generator, self._pending_state = None, gen_state

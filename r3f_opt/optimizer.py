@@ -147,6 +147,9 @@ class RegularizedOptimizer(Optimizer):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        if backward is not None and grad_scaler is not None:
+            raise ValueError("pass either backward= (e.g. accelerator.backward, which scales the loss itself) or "
+                             "grad_scaler=, not both: the loss would be scaled twice")
         if embeddings is not None and not isinstance(embeddings, nn.Module):
             raise TypeError(f"embeddings must be an nn.Module, got {type(embeddings).__name__}")
         if method != "standard":
@@ -164,6 +167,7 @@ class RegularizedOptimizer(Optimizer):
         self.reduction, self.max_grad_norm, self.on_nonfinite = reduction, max_grad_norm, on_nonfinite
         self.grad_scaler, self._backward = grad_scaler, backward
         self.nonfinite_steps = 0
+        self._skip_pending = False  # a micro-batch since zero_grad() had a non-finite loss
         self._initialized = False
         super().__init__(optimizer.param_groups, optimizer.defaults)  # hooks; groups stay the inner's
         self._initialized = True
@@ -201,6 +205,7 @@ class RegularizedOptimizer(Optimizer):
             self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._skip_pending = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
@@ -285,6 +290,7 @@ class RegularizedOptimizer(Optimizer):
         if self.on_nonfinite == "raise":
             raise FloatingPointError(msg + " (on_nonfinite='raise')")
         self.nonfinite_steps += 1
+        self._skip_pending = True
         warnings.warn(f"{msg}: parameters and optimizer state are unchanged "
                       f"({self.nonfinite_steps} skipped so far)", stacklevel=3)
         result.skipped = True
@@ -295,13 +301,18 @@ class RegularizedOptimizer(Optimizer):
         """One R3F/R4F step: both passes, backward, clip, inner step. Returns a :class:`StepResult`.
 
         Without a closure, finishes a step whose gradients are already there (after :meth:`backward`,
-        or a framework's own backward): unscale (GradScaler), clip (``max_grad_norm``), inner step.
+        or a framework's own backward): unscale (GradScaler), clip (``max_grad_norm``), inner step. With
+        ``on_nonfinite="skip"``, a non-finite loss in any pass since the last :meth:`zero_grad` skips it.
         """
         result = None
         if closure is not None:
             result = self.backward(closure, mask=mask, noise_mask=noise_mask)
-            if result.skipped:
-                return result
+        if self._skip_pending:  # this step, or a micro-batch accumulated into it, had a non-finite loss
+            self._skip_pending = False
+            if closure is None:
+                warnings.warn("skipping the optimizer step: a micro-batch accumulated since zero_grad() had a "
+                              "non-finite loss", stacklevel=2)
+            return result
         scaler = self.grad_scaler
         if self.max_grad_norm is not None:
             if scaler is not None:

@@ -64,7 +64,7 @@ def find_head(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
     model_type = getattr(getattr(m, "config", None), "model_type", None)
     if model_type in _HEADS:
         out_path, extra = _HEADS[model_type]
-        candidates = [out_path]
+        candidates = [out_path, *_GENERIC]  # e.g. RobertaForTokenClassification: a plain `classifier`
     else:
         extra, candidates = (), list(_GENERIC)
     for path in candidates:

@@ -25,7 +25,9 @@ def assert_unchanged(model, opt, snap):
 
 
 def no_hooks_left(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    modules_clean = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    params_clean = all(not p._backward_hooks for p in model.parameters())  # the backward() guard's hooks
+    return modules_clean and params_clean
 
 
 @pytest.fixture
@@ -162,6 +164,7 @@ def test_nonfinite_kl_is_skipped(setup):
         (dict(reduction="none"), "reduction"),
         (dict(max_grad_norm=0.0), "max_grad_norm"),
         (dict(on_nonfinite="ignore"), "on_nonfinite"),
+        (dict(backward=lambda loss: loss.backward(), grad_scaler=torch.amp.GradScaler("cpu")), "not both"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -223,3 +226,45 @@ def test_low_precision_embeddings_warn_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(lambda: model(**batch))
+
+
+def test_nonfinite_micro_batch_skips_the_accumulated_step(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+
+    def bad():
+        out = model(**batch)
+        out.loss = out.loss * float("inf")
+        return out
+
+    opt.backward(lambda: model(**batch), weight=0.5)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert opt.backward(bad, weight=0.5).skipped
+    with pytest.warns(UserWarning, match="skipping the optimizer step"):
+        opt.step()
+    assert_unchanged(model, opt, snap)
+    opt.zero_grad()  # the next accumulation cycle steps again
+    opt.backward(lambda: model(**batch))
+    opt.step()
+    assert not torch.equal(model.state_dict()["classification_head.out_proj.bias"],
+                           snap[0]["classification_head.out_proj.bias"])
+
+
+def test_generator_state_of_another_device_type_is_a_clear_error_every_time(setup):
+    model, opt, batch = setup
+    sd = opt.state_dict()
+    sd["r3f"]["noise"]["generator_state"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
+    opt.load_state_dict(sd)
+    for _ in range(2):  # never a silent fallback to a freshly seeded generator
+        with pytest.raises(RuntimeError, match="another device type"):
+            opt.step(lambda: model(**batch))
+    assert no_hooks_left(model)
+
+
+def test_generator_state_moved_by_map_location_still_loads(setup):
+    model, opt, batch = setup
+    sd = opt.state_dict()
+    want = opt.noise.sample((5,), torch.device("cpu"))
+    sd["r3f"]["noise"]["generator_state"] = sd["r3f"]["noise"]["generator_state"].to(torch.float32)
+    opt.load_state_dict(sd)
+    assert torch.equal(opt.noise.sample((5,), torch.device("cpu")), want)

@@ -157,7 +157,10 @@ def test_autocast_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(**batch)
 
-    results = [opt.step(closure) for _ in range(10)]
+    results = []
+    for _ in range(10):
+        opt.zero_grad()
+        results.append(opt.step(closure))
     assert results[0].output.logits.dtype == torch.bfloat16
     assert results[0].sym_kl.dtype == torch.float32 and results[0].sym_kl > 0
     assert all(torch.isfinite(r.loss) for r in results)
@@ -190,7 +193,10 @@ def test_grad_scaler_fp16_autocast_trains():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model, opt = make(lr=1e-2, eps=1e-3, grad_scaler=scaler, max_grad_norm=1.0)
     batch = toy_batch("bert")
-    results = [opt.step(_fp16_closure(model, batch)) for _ in range(10)]
+    results = []
+    for _ in range(10):
+        opt.zero_grad()
+        results.append(opt.step(_fp16_closure(model, batch)))
     assert results[0].output.logits.dtype == torch.float16
     assert results[-1].task_loss < results[0].task_loss
 

@@ -127,3 +127,12 @@ def test_generic_lookup_and_clear_error():
     assert apply_r4f(m) == [m.classifier]
     with pytest.raises(ValueError, match="head="):
         apply_r4f(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_known_model_type_with_another_head_falls_back_to_the_generic_lookup():
+    import transformers as tf
+
+    model = tf.RobertaForTokenClassification(tf.RobertaConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, pad_token_id=1, num_labels=3))
+    assert apply_r4f(model) == [model.classifier]

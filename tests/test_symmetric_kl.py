@@ -159,6 +159,10 @@ def test_gradcheck_float64():
     b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([True, False, True])
     assert torch.autograd.gradcheck(lambda x, y: symmetric_kl(x, y, mask=mask, reduction="none"), (a, b))
+    # The closed-form backward is not itself differentiable: double backward must fail loudly.
+    (g,) = torch.autograd.grad(symmetric_kl(a, b), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
 
 
 def test_symmetric_and_nonnegative():
