@@ -117,7 +117,8 @@ class EmbeddingNoise:
         noisy = (x.to(wide) + z.to(wide)).to(x.dtype)
         if x.dtype != wide and x.dtype not in self._checked_dtypes and self.eps > 0:
             self._checked_dtypes.add(x.dtype)
-            kept = (noisy != x).float().mean().item()
+            perturbed = z != 0  # positions that noise_mask left out do not count
+            kept = (noisy != x)[perturbed].float().mean().item() if bool(perturbed.any()) else 1.0
             if kept < 0.5:
                 warnings.warn(
                     f"the embeddings' output is {x.dtype}, which cannot represent noise of scale "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -154,8 +155,10 @@ class RegularizedOptimizer(Optimizer):
             raise TypeError(f"embeddings must be an nn.Module, got {type(embeddings).__name__}")
         if method != "standard":
             emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
-            if seed is None:  # follows torch.manual_seed without drawing from (and shifting) the global RNG
-                seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 1) % 2**63
+            if seed is None:  # follows torch.manual_seed without drawing from (and shifting) the global RNG;
+                # distributed ranks (which usually share one seed) get distinct noise streams
+                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+                seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 1 + rank) % 2**63
             self.noise: Optional[EmbeddingNoise] = EmbeddingNoise(emb, scope, eps, noise, not noisy_embed_grad, seed)
         else:
             self.noise = None

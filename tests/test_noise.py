@@ -161,3 +161,17 @@ def test_generator_state_round_trips():
     other = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, seed=99)
     other.load_state_dict(sd)
     assert torch.equal(other.noise.sample((4,), torch.device("cpu")), a)
+
+
+def test_low_precision_warning_ignores_masked_out_positions():
+    import warnings
+
+    torch.manual_seed(0)
+    model = tiny_model("bert").to(torch.bfloat16)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=0.5)
+    batch = toy_batch("bert")
+    mask = torch.zeros_like(batch["attention_mask"])
+    mask[:, 0] = 1  # most positions unperturbed: bf16 holds eps=0.5 where noise is added, so no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.backward(lambda: model(**batch), noise_mask=mask)
