@@ -93,5 +93,5 @@ def kl_mask(kind: str, batch: dict):
 def glue_dir():
     root = data_dir() / "glue"
     if not root.is_dir():
-        pytest.skip(f"real GLUE data not found at {root} (set R3F_DATA_DIR to the shared data folder)")
+        pytest.skip(reason=f"real GLUE data not found at {root} (set R3F_DATA_DIR to the shared data folder)")
     return root
