@@ -76,18 +76,23 @@ def test_closure_calling_backward_is_refused_before_any_gradient(setup):
     assert opt.step(lambda: model(**batch)).sym_kl > 0
 
 
-def test_logits_shape_differs_between_passes(setup):
-    model, opt, batch = setup
-    snap = snapshot(model, opt)
+def differing_second_pass(clean, noisy):
+    """A closure that runs ``clean()`` on its first call (the clean pass) and ``noisy()`` after."""
     calls = []
 
     def closure():
         calls.append(1)
-        b = batch if len(calls) == 1 else {k: v[:-1] for k, v in batch.items()}
-        return model(**b)
+        return clean() if len(calls) == 1 else noisy()
 
+    return closure
+
+
+def test_logits_shape_differs_between_passes(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+    shorter = {k: v[:-1] for k, v in batch.items()}
     with pytest.raises(ValueError, match="differ in shape"):
-        opt.step(closure)
+        opt.step(differing_second_pass(lambda: model(**batch), lambda: model(**shorter)))
     assert_unchanged(model, opt, snap)
     assert no_hooks_left(model)
 
@@ -137,18 +142,15 @@ def test_nonfinite_loss(setup, on_nonfinite):
 def test_nonfinite_kl_is_skipped(setup):
     model, opt, batch = setup
     snap = snapshot(model, opt)
-    calls = []
 
-    def closure():
-        calls.append(1)
+    def noisy():  # the noisy logits forbid a token the clean pass allows: KL = inf
         out = model(**batch)
-        if len(calls) == 2:  # the noisy logits forbid a token the clean pass allows: KL = inf
-            out.logits = out.logits.clone()
-            out.logits[0, 0] = float("-inf")
+        out.logits = out.logits.clone()
+        out.logits[0, 0] = float("-inf")
         return out
 
     with pytest.warns(UserWarning, match="non-finite"):
-        res = opt.step(closure)
+        res = opt.step(differing_second_pass(lambda: model(**batch), noisy))
     assert res.skipped and torch.isinf(res.sym_kl)
     assert_unchanged(model, opt, snap)
 
