@@ -6,6 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+# The Triton kernels are tested on CPU in Triton's interpreter (the real kernel code, run with NumPy).
+# It must be set before triton.jit decorates the kernels, i.e. before r3f_opt.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 VOCAB = 64
 REPO = Path(__file__).resolve().parent.parent
 

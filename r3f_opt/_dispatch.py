@@ -1,0 +1,68 @@
+"""Choosing between the Triton kernels and the PyTorch path.
+
+``R3F_KERNELS`` (read on every call, so tests and users can switch it at run time):
+
+* unset / ``auto``: Triton for CUDA tensors when Triton imports, PyTorch otherwise;
+* ``torch``: always the PyTorch path;
+* ``triton``: always the Triton kernels; CPU tensors need ``TRITON_INTERPRET=1`` set before Triton
+  is imported (the interpreter runs the real kernel code with NumPy: this is how CI checks them).
+
+When Triton is wanted but cannot be imported, the PyTorch path runs after a one-time warning.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+__all__ = ["use_triton", "triton_available"]
+
+_MODES = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising something else at import
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_missing(op: str) -> None:
+    warnings.warn(
+        f"r3f_opt: Triton is not available, so {op} uses the PyTorch path. Install triton (Linux) for "
+        "the fused kernels, or set R3F_KERNELS=torch to silence this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``op`` should run its Triton kernel on ``tensors`` (see the module docstring)."""
+    mode = os.environ.get("R3F_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"R3F_KERNELS must be one of {_MODES}, got {os.environ['R3F_KERNELS']!r}")
+    if mode == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if mode == "auto" and not on_cuda:
+        return False
+    if not triton_available():
+        _warn_missing(op)
+        return False
+    if not on_cuda and not _interpreting():
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(
+            f"R3F_KERNELS=triton asks for the Triton {op} kernel on {devices} tensors; Triton runs on CPU "
+            "only in its interpreter: set TRITON_INTERPRET=1 before importing triton, or unset R3F_KERNELS."
+        )
+    return True
