@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from ._dispatch import use_triton
+
 __all__ = ["symmetric_kl", "REDUCTIONS"]
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -95,7 +97,9 @@ def symmetric_kl(
     r"""Symmetric KL divergence ``KL(P||Q) + KL(Q||P)`` between softmaxes over the last dimension.
 
     Computed in float32 whatever the input dtype (float64 if either input is float64); gradients flow
-    into both inputs and are returned in each input's dtype. Entries that are ``-inf`` in both inputs
+    into both inputs and are returned in each input's dtype. CUDA tensors use the fused Triton kernel
+    (``r3f_opt.kernels.sym_kl``), others the PyTorch path; ``R3F_KERNELS=torch|triton`` overrides this
+    (float64 always takes the PyTorch path). Entries that are ``-inf`` in both inputs
     (a masked vocabulary) contribute 0.
 
     Args:
@@ -130,8 +134,15 @@ def symmetric_kl(
                 f"got {tuple(mask.shape)}"
             )
         mask = mask.to(device=p_logits.device, dtype=torch.bool).reshape(-1)
-    vocab = p_logits.shape[-1]
-    rows = _SymmetricKLRows.apply(p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab), mask)
+    if p_logits.device != q_logits.device:
+        raise ValueError(f"p_logits and q_logits must be on one device, got {p_logits.device} and {q_logits.device}")
+    if torch.float64 not in (p_logits.dtype, q_logits.dtype) and use_triton("symmetric_kl", p_logits, q_logits):
+        from .kernels.sym_kl import symmetric_kl_rows
+
+        rows = symmetric_kl_rows(p_logits, q_logits, mask)
+    else:
+        vocab = p_logits.shape[-1]
+        rows = _SymmetricKLRows.apply(p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab), mask)
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
