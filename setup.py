@@ -23,7 +23,8 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["pytest-benchmark"],
+        # hypothesis: property-based kernel tests; matplotlib: the PNG plots of bench/ (tested in CI).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib"],
     },
 )
