@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-__all__ = ["use_triton", "triton_available"]
+__all__ = ["use_triton", "triton_available", "kernel_mode"]
 
 _MODES = ("auto", "torch", "triton")
 
@@ -46,11 +46,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(op: str, *tensors: torch.Tensor) -> bool:
-    """Whether ``op`` should run its Triton kernel on ``tensors`` (see the module docstring)."""
+def kernel_mode() -> str:
+    """``R3F_KERNELS`` normalised: ``"auto"``, ``"torch"`` or ``"triton"`` (ValueError otherwise)."""
     mode = os.environ.get("R3F_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"R3F_KERNELS must be one of {_MODES}, got {os.environ['R3F_KERNELS']!r}")
+    return mode
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``op`` should run its Triton kernel on ``tensors`` (see the module docstring)."""
+    mode = kernel_mode()
     if mode == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors)

@@ -5,9 +5,12 @@ from typing import Optional
 
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
+from ._dispatch import kernel_mode, triton_available
 from .noise import unwrap_model
+from .spectral_norm import spectral_norm as fused_spectral_norm
 
 __all__ = ["apply_r4f", "remove_r4f", "find_head"]
 
@@ -37,8 +40,9 @@ def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 def _is_normalised(linear: nn.Module) -> bool:
+    """Whether ``weight`` carries torch's spectral norm or ours (a subclass of it)."""
     return parametrize.is_parametrized(linear, "weight") and any(
-        type(p).__name__ == "_SpectralNorm" for p in linear.parametrizations["weight"]
+        isinstance(p, _SpectralNorm) for p in linear.parametrizations["weight"]
     )
 
 
@@ -84,7 +88,11 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
               n_power_iterations: int = 1, eps: float = 1e-12) -> list[nn.Linear]:
     """Spectrally normalise the classification head of ``model`` in place (R4F).
 
-    Uses ``torch.nn.utils.parametrizations.spectral_norm``, so the state_dict holds
+    Registers :class:`r3f_opt.spectral_norm.FusedSpectralNorm` (torch's parametrization whose forward runs
+    the fused Triton kernel whenever ``R3F_KERNELS`` dispatches this weight to it: CUDA under ``auto``,
+    also CPU under ``triton`` with ``TRITON_INTERPRET=1``; torch's maths otherwise, decided per forward so
+    ``model.to("cuda")`` afterwards still gets the kernel). With ``R3F_KERNELS=torch``, or without Triton,
+    it registers ``torch.nn.utils.parametrizations.spectral_norm`` itself. Either way the state_dict holds
     ``parametrizations.weight.original`` and ``..._u``/``..._v``, and the weight Parameter object is kept
     (optimizers built before this call still update it). Layers already normalised are left alone.
 
@@ -104,9 +112,10 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     layers = find_head(model, head, scope)
+    register = torch_spectral_norm if kernel_mode() == "torch" or not triton_available() else fused_spectral_norm
     for layer in layers:
         if not _is_normalised(layer):
-            spectral_norm(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)
+            register(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)
     return layers
 
 

@@ -1,0 +1,399 @@
+"""Fused power-iteration spectral normalisation (R4F head), Triton.
+
+Semantics of ``torch.nn.utils.parametrizations.spectral_norm`` (dim 0) on a weight matrix W (C x H) with
+buffers u (C) and v (H) that carry no gradient:
+
+* training forward: ``n`` power iterations, in torch's order and with torch's ``F.normalize``
+  (``x / max(||x||, eps)``), updating u and v in place:
+      u = normalize(W v);  v = normalize(W^T u)
+  then ``sigma = u^T W v`` and the output ``W / sigma``;
+* eval forward (``n = 0``): no update, sigma recomputed from the stored u, v;
+* backward, u and v held constant (they are the values of this forward, kept for it even when a later
+  forward updates the buffers: the R3F pattern of two forwards before one backward):
+      dL/dW = G / sigma - (<G, W> / sigma^2) u v^T.
+
+Arithmetic is float32 whatever the weight dtype (float32, float16, bfloat16); the output has the weight's
+dtype. After each normalisation u and v are rounded through the buffers' dtype, as torch's
+``F.normalize(..., out=buffer)`` does, so sigma is exactly ``u^T W v`` of the stored buffers.
+
+Two paths:
+
+* fused (the padded C x H tile fits ``MAX_FUSED_ELEMENTS``): one program loads W once, iterates on chip,
+  writes u, v, sigma and W / sigma: one launch forward, one launch backward;
+* tiled (larger heads): per iteration a split-K matrix-vector kernel over all (row block, K split)
+  programs plus a one-program kernel that sums the splits and normalises; the last normalisation also
+  gives ``sigma = v_raw^T v`` (``v_raw = W^T u``, so this is ``u^T W v`` without another pass over W);
+  then a grid-stride kernel writes W / sigma. Forward ``4 n + 1`` launches (eval: 3), backward 2
+  (``<G, W>`` partial sums, then the rank-1 update).
+
+``LAUNCHES`` counts kernel launches by kernel name (tests use it to prove the kernel ran).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["spectral_normalize", "LAUNCHES", "MAX_FUSED_ELEMENTS", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest padded C x H tile (float32 elements) that one program holds in registers: 64 KiB, i.e. 32
+# registers a thread at 16 warps. Heads above it (e.g. 1000 x 4096) take the tiled path.
+MAX_FUSED_ELEMENTS = 16384
+# Tiled path: matvec tile (rows of W, columns of W); the column side is W's contiguous dimension.
+TILE_ROWS, TILE_COLS = 64, 128
+ELEMENTWISE_BLOCK = 1024  # CUDA; the interpreter (CPU) takes 16x larger tiles: it pays per operation
+MAX_ELEMENTWISE_PROGRAMS = 1024
+
+LAUNCHES: Counter[str] = Counter()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _normalize(x, eps, BUF_DTYPE: tl.constexpr):
+    # torch's F.normalize: x / max(||x||_2, eps), then stored in the buffer's dtype (out=buffer)
+    norm = tl.sqrt(tl.sum(x * x, axis=0))
+    return (x / tl.maximum(norm, eps)).to(BUF_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _sn_fused_fwd_kernel(w_ptr, u_ptr, v_ptr, out_ptr, u_save_ptr, v_save_ptr, sigma_ptr,
+                         C, H, n_iters, eps,
+                         UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < C
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * H + cols[None, :]  # 64-bit: row * H overflows int32 at scale
+    # padding is 0, so it adds nothing to any sum and stays 0 through the normalisations
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if UPDATE:
+        for _ in range(n_iters):
+            u = _normalize(tl.sum(w * v[None, :], axis=1), eps, u_ptr.dtype.element_ty)  # u = normalize(W v)
+            v = _normalize(tl.sum(w * u[:, None], axis=0), eps, v_ptr.dtype.element_ty)  # v = normalize(W^T u)
+        tl.store(u_ptr + rows, u.to(u_ptr.dtype.element_ty), mask=rmask)  # in-place buffer update
+        tl.store(v_ptr + cols, v.to(v_ptr.dtype.element_ty), mask=cmask)
+    # the clones backward uses (float32 holds the buffer values exactly)
+    tl.store(u_save_ptr + rows, u, mask=rmask)
+    tl.store(v_save_ptr + cols, v, mask=cmask)
+    sigma = tl.sum(u * tl.sum(w * v[None, :], axis=1), axis=0)  # sigma = u^T W v
+    tl.store(sigma_ptr, sigma)
+    tl.store(out_ptr + offs, (w / sigma).to(out_ptr.dtype.element_ty), mask=mask)  # W / sigma
+
+
+@triton.jit
+def _sn_fused_bwd_kernel(g_ptr, w_ptr, u_ptr, v_ptr, sigma_ptr, dw_ptr, C, H,
+                         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < C
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows, mask=rmask, other=0.0)
+    v = tl.load(v_ptr + cols, mask=cmask, other=0.0)
+    sigma = tl.load(sigma_ptr)
+    gw = tl.sum(tl.sum(g * w, axis=1), axis=0)  # <G, W>
+    # dL/dW = G / sigma - (<G, W> / sigma^2) u v^T
+    dw = g / sigma - (gw / (sigma * sigma)) * (u[:, None] * v[None, :])
+    tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sn_matvec_kernel(w_ptr, x_ptr, x_copy_ptr, parts_ptr, C, H, n_out, n_in, in_per_split,
+                      TRANSPOSE: tl.constexpr, COPY_X: tl.constexpr,
+                      BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+    # parts[s, o] = sum over the s-th slice of k of  W[o, k] x[k]   (TRANSPOSE: W[k, o] x[k], i.e. W^T x)
+    pid_o = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    omask = o < n_out
+    acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
+    k_start = pid_s * in_per_split
+    for k0 in range(0, in_per_split, BLOCK_IN):
+        k = k_start + k0 + tl.arange(0, BLOCK_IN)
+        kmask = k < n_in
+        x = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        if COPY_X:  # the row-block-0 programs together copy x once (float32 clone for backward)
+            if pid_o == 0:
+                tl.store(x_copy_ptr + k, x, mask=kmask)
+        if TRANSPOSE:  # tile W[k, o]: rows k, columns o (contiguous)
+            offs = k.to(tl.int64)[:, None] * H + o[None, :]
+            w = tl.load(w_ptr + offs, mask=kmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[:, None], axis=0)
+        else:  # tile W[o, k]: rows o, columns k (contiguous)
+            offs = o.to(tl.int64)[:, None] * H + k[None, :]
+            w = tl.load(w_ptr + offs, mask=omask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+    tl.store(parts_ptr + pid_s.to(tl.int64) * n_out + o, acc, mask=omask)
+
+
+@triton.jit
+def _sum_parts(parts_ptr, n_parts, L, idx, mask):
+    # x[idx] = sum_s parts[s, idx]
+    x = tl.load(parts_ptr + idx, mask=mask, other=0.0)
+    for s in range(1, n_parts):
+        x += tl.load(parts_ptr + s * L + idx, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _sn_reduce_kernel(parts_ptr, n_parts, L, eps, out_ptr, buf_ptr, dot_ptr, sigma_ptr,
+                      NORMALIZE: tl.constexpr, SIGMA: tl.constexpr, BLOCK: tl.constexpr):
+    # One program. x = sum_s parts[s].
+    # NORMALIZE: y = normalize(x) through buf's dtype, stored to buf (in place) and out (float32 clone);
+    # otherwise y = dot (copied to out). SIGMA: sigma = x^T y.
+    if NORMALIZE:
+        sq = tl.zeros([BLOCK], dtype=tl.float32)
+        for l0 in range(0, L, BLOCK):
+            idx = l0 + tl.arange(0, BLOCK)
+            x = _sum_parts(parts_ptr, n_parts, L, idx, idx < L)
+            sq += x * x
+        denom = tl.maximum(tl.sqrt(tl.sum(sq, axis=0)), eps)  # max(||x||, eps)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK):
+        idx = l0 + tl.arange(0, BLOCK)
+        mask = idx < L
+        x = _sum_parts(parts_ptr, n_parts, L, idx, mask)
+        if NORMALIZE:
+            y = (x / denom).to(buf_ptr.dtype.element_ty)
+            tl.store(buf_ptr + idx, y, mask=mask)
+            y = y.to(tl.float32)
+        else:
+            y = tl.load(dot_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + idx, y, mask=mask)
+        acc += x * y
+    if SIGMA:
+        tl.store(sigma_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sn_dot_kernel(g_ptr, w_ptr, parts_ptr, N, tiles_per_prog, BLOCK: tl.constexpr):
+    # parts[p] = sum of G * W over program p's contiguous chunk (the pieces of <G, W>)
+    start = tl.program_id(0).to(tl.int64) * tiles_per_prog * BLOCK
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for t in range(tiles_per_prog):
+        idx = start + t * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < N
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += g * w
+    tl.store(parts_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sn_rank1_kernel(x_ptr, u_ptr, v_ptr, sigma_ptr, parts_ptr, n_parts, out_ptr, N, H, tiles_per_prog,
+                     BACKWARD: tl.constexpr, BLOCK: tl.constexpr, PARTS_BLOCK: tl.constexpr):
+    # forward (x = W):  out = W / sigma
+    # backward (x = G): out = G / sigma - (<G, W> / sigma^2) u_i v_j,  <G, W> = sum of parts
+    sigma = tl.load(sigma_ptr)
+    if BACKWARD:
+        p = tl.arange(0, PARTS_BLOCK)
+        gw = tl.sum(tl.load(parts_ptr + p, mask=p < n_parts, other=0.0), axis=0)
+        coef = gw / (sigma * sigma)
+    start = tl.program_id(0).to(tl.int64) * tiles_per_prog * BLOCK
+    for t in range(tiles_per_prog):
+        idx = start + t * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < N
+        y = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) / sigma
+        if BACKWARD:
+            u = tl.load(u_ptr + idx // H, mask=mask, other=0.0)
+            v = tl.load(v_ptr + idx % H, mask=mask, other=0.0)
+            y -= coef * u * v
+        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+def _launch(kernel, grid, *args, **meta) -> None:
+    LAUNCHES[kernel.fn.__name__] += 1
+    kernel[grid](*args, **meta)
+
+
+def _fused_blocks(C: int, H: int) -> tuple[int, int]:
+    return triton.next_power_of_2(C), triton.next_power_of_2(H)
+
+
+def fits_one_program(C: int, H: int, max_fused_elements: Optional[int] = None) -> bool:
+    """Whether a C x H head takes the fused one-program path (padded tile <= the threshold)."""
+    limit = MAX_FUSED_ELEMENTS if max_fused_elements is None else max_fused_elements
+    bc, bh = _fused_blocks(C, H)
+    return bc * bh <= limit
+
+
+def _fused_warps(C: int, H: int) -> int:
+    bc, bh = _fused_blocks(C, H)
+    return 4 if bc * bh <= 4096 else 8 if bc * bh <= 8192 else 16
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: programs run one after another; a few still exercise the split logic
+
+
+def _matvec(w: torch.Tensor, x: torch.Tensor, transpose: bool, x_copy: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+    """Split-K partial products ``[S, n_out]`` of ``W x`` (``W^T x`` when ``transpose``)."""
+    C, H = w.shape
+    n_out, n_in = (H, C) if transpose else (C, H)
+    block_out, block_in = (TILE_COLS, TILE_ROWS) if transpose else (TILE_ROWS, TILE_COLS)
+    out_blocks, in_tiles = triton.cdiv(n_out, block_out), triton.cdiv(n_in, block_in)
+    splits = max(1, min(in_tiles, _target_programs(w.device) // out_blocks))
+    in_per_split = triton.cdiv(in_tiles, splits) * block_in
+    splits = triton.cdiv(n_in, in_per_split)
+    parts = torch.empty(splits, n_out, device=w.device, dtype=torch.float32)
+    _launch(_sn_matvec_kernel, (out_blocks, splits), w, x, x if x_copy is None else x_copy, parts,
+            C, H, n_out, n_in, in_per_split, TRANSPOSE=transpose, COPY_X=x_copy is not None,
+            BLOCK_OUT=block_out, BLOCK_IN=block_in, num_warps=8)
+    return parts
+
+
+def _reduce(parts: torch.Tensor, eps: float, out: torch.Tensor, *, buf: Optional[torch.Tensor] = None,
+            dot: Optional[torch.Tensor] = None, sigma: Optional[torch.Tensor] = None) -> None:
+    """Sum the splits; normalise into ``buf`` and ``out`` (when ``buf``), else copy ``dot`` to ``out``;
+    write ``sigma = x^T y`` when asked."""
+    n_parts, L = parts.shape
+    block = min(4096, triton.next_power_of_2(L))
+    _launch(_sn_reduce_kernel, (1,), parts, n_parts, L, eps, out, out if buf is None else buf,
+            out if dot is None else dot, out if sigma is None else sigma,
+            NORMALIZE=buf is not None, SIGMA=sigma is not None, BLOCK=block, num_warps=8)
+
+
+def _elementwise_grid(N: int, device: torch.device) -> tuple[int, int, int]:
+    """(programs, tiles per program, block) of the chunked elementwise kernels."""
+    on_cuda = device.type == "cuda"
+    block = ELEMENTWISE_BLOCK if on_cuda else 16 * ELEMENTWISE_BLOCK
+    tiles = triton.cdiv(N, block)
+    cap = MAX_ELEMENTWISE_PROGRAMS if on_cuda else _target_programs(device)
+    tiles_per_prog = triton.cdiv(tiles, min(tiles, cap))
+    return triton.cdiv(tiles, tiles_per_prog), tiles_per_prog, block
+
+
+def _rank1(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor,
+           parts: Optional[torch.Tensor] = None) -> None:
+    """``out = x / sigma``, minus ``(sum(parts) / sigma^2) u v^T`` when ``parts`` is given (backward)."""
+    N, H = x.numel(), x.shape[1]
+    programs, tiles_per_prog, block = _elementwise_grid(N, x.device)
+    n_parts = 1 if parts is None else parts.numel()
+    _launch(_sn_rank1_kernel, (programs,), x, u, v, sigma, sigma if parts is None else parts, n_parts, out,
+            N, H, tiles_per_prog, BACKWARD=parts is not None, BLOCK=block,
+            PARTS_BLOCK=triton.next_power_of_2(n_parts), num_warps=4)
+
+
+def _forward(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float, fused: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W / sigma, u clone, v clone, sigma); u, v updated in place when ``n_iters > 0``."""
+    C, H = w.shape
+    f32 = dict(device=w.device, dtype=torch.float32)
+    out = torch.empty_like(w)
+    u_save, v_save, sigma = torch.empty(C, **f32), torch.empty(H, **f32), torch.empty(1, **f32)
+    if fused:
+        bc, bh = _fused_blocks(C, H)
+        _launch(_sn_fused_fwd_kernel, (1,), w, u, v, out, u_save, v_save, sigma, C, H, n_iters, eps,
+                UPDATE=n_iters > 0, BLOCK_C=bc, BLOCK_H=bh, num_warps=_fused_warps(C, H))
+        return out, u_save, v_save, sigma
+    if n_iters == 0:  # eval: sigma = u^T (W v) from the stored vectors
+        _reduce(_matvec(w, v, transpose=False, x_copy=v_save), eps, u_save, dot=u, sigma=sigma)
+    x = v
+    for i in range(n_iters):
+        _reduce(_matvec(w, x, transpose=False), eps, u_save, buf=u)  # u = normalize(W v)
+        # v = normalize(W^T u); after the last iteration sigma = (W^T u)^T v = u^T W v
+        _reduce(_matvec(w, u_save, transpose=True), eps, v_save, buf=v, sigma=sigma if i == n_iters - 1 else None)
+        x = v_save
+    _rank1(w, u_save, v_save, sigma, out)
+    return out, u_save, v_save, sigma
+
+
+def _backward(g: torch.Tensor, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
+              fused: bool) -> torch.Tensor:
+    """``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``."""
+    C, H = w.shape
+    dw = torch.empty_like(w)
+    if fused:
+        bc, bh = _fused_blocks(C, H)
+        _launch(_sn_fused_bwd_kernel, (1,), g, w, u, v, sigma, dw, C, H, BLOCK_C=bc, BLOCK_H=bh,
+                num_warps=_fused_warps(C, H))
+        return dw
+    programs, tiles_per_prog, block = _elementwise_grid(g.numel(), g.device)
+    parts = torch.empty(programs, device=g.device, dtype=torch.float32)
+    _launch(_sn_dot_kernel, (programs,), g, w, parts, g.numel(), tiles_per_prog, BLOCK=block,
+            num_warps=4)
+    _rank1(g, u, v, sigma, dw, parts)
+    return dw
+
+
+class SpectralNormFunction(torch.autograd.Function):
+    """``W / sigma`` with the power iteration (in place on u, v) in forward; u, v constant in backward."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float,
+                fused: bool) -> torch.Tensor:
+        w = weight.contiguous()
+        with torch.cuda.device(w.device) if w.is_cuda else nullcontext():
+            out, u_save, v_save, sigma = _forward(w, u, v, n_iters, eps, fused)
+        if n_iters > 0:  # the buffers changed: let autograd catch any stale saved copy of them
+            torch.autograd.graph.increment_version(u)
+            torch.autograd.graph.increment_version(v)
+        ctx.save_for_backward(w, u_save, v_save, sigma)
+        ctx.fused = fused
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        w, u_save, v_save, sigma = ctx.saved_tensors
+        with torch.cuda.device(w.device) if w.is_cuda else nullcontext():
+            dw = _backward(grad.contiguous(), w, u_save, v_save, sigma, ctx.fused)
+        return dw, None, None, None, None, None
+
+
+def spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int,
+                       eps: float = 1e-12, *, max_fused_elements: Optional[int] = None) -> torch.Tensor:
+    """``W / sigma_max(W)`` by power iteration, torch's parametrization maths in fused Triton kernels.
+
+    Args:
+        weight: the C x H matrix (float32, float16 or bfloat16; differentiable).
+        u, v: the left (C) and right (H) singular-vector estimates, updated in place when
+            ``n_power_iterations > 0``; no gradient.
+        n_power_iterations: iterations to run (0: eval, sigma from the stored u, v).
+        eps: floor of the norms in the normalisations.
+        max_fused_elements: padded C x H size up to which one program does everything (default
+            ``MAX_FUSED_ELEMENTS``); larger heads take the tiled path.
+
+    Returns:
+        ``W / sigma`` in the weight's dtype.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a non-empty 2-D tensor, got {got}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"weight dtype must be one of {SUPPORTED_DTYPES}, got {weight.dtype}")
+    C, H = weight.shape
+    for name, vec, n in (("u", u, C), ("v", v, H)):
+        if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (n,) or not vec.is_contiguous():
+            got = tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
+            raise ValueError(f"{name} must be a contiguous vector of length {n} for a {C}x{H} weight, got {got}")
+        if vec.dtype not in SUPPORTED_DTYPES or vec.device != weight.device or vec.requires_grad:
+            raise ValueError(f"{name} must be a {SUPPORTED_DTYPES} buffer on {weight.device} without grad, "
+                             f"got {vec.dtype} on {vec.device} (requires_grad={vec.requires_grad})")
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
+        raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if max_fused_elements is not None and max_fused_elements < 0:
+        raise ValueError(f"max_fused_elements must be >= 0, got {max_fused_elements}")
+    fused = fits_one_program(C, H, max_fused_elements)
+    return SpectralNormFunction.apply(weight, u, v, n_power_iterations, float(eps), fused)
