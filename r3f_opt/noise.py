@@ -6,9 +6,10 @@ import warnings
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "NOISE_TYPES"]
+__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "NOISE_TYPES"]
 
 NOISE_TYPES = ("uniform", "normal")
 
@@ -52,6 +53,25 @@ def find_embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
             "explicitly: RegularizedOptimizer(..., embeddings=model.<path to the nn.Embedding>)"
         )
     return emb, scope
+
+
+def default_seed() -> int:
+    """A noise seed that follows ``torch.manual_seed`` without drawing from (and shifting) the global RNG.
+
+    Distributed ranks, which usually share one seed, get distinct noise streams.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (torch.initial_seed() * 0x9E3779B97F4A7C15 + 1 + rank) % 2**63
+
+
+def refuse_other_noise(module: nn.Module) -> None:
+    """Raise if another embedding-noise method (NEFTune) is hooked on ``module``: the clean pass would be noisy."""
+    hooks = [getattr(h, "__name__", "") for h in module._forward_hooks.values()]
+    if getattr(module, "neftune_noise_alpha", None) is not None or "neftune_post_forward_hook" in hooks:
+        raise RuntimeError(
+            f"NEFTune noise is active on {type(module).__name__}: R3F's clean pass would be noisy too. Turn it "
+            "off (TrainingArguments(neftune_noise_alpha=None), or remove the neftune_post_forward_hook)."
+        )
 
 
 class EmbeddingNoise:
@@ -131,6 +151,7 @@ class EmbeddingNoise:
     @contextlib.contextmanager
     def active(self, noise_mask: Optional[torch.Tensor] = None) -> Iterator["EmbeddingNoise"]:
         """Perturb the embeddings inside this block; hooks are removed on exit, also on an exception."""
+        refuse_other_noise(self.module)
         self.calls, self._depth = 0, 0
 
         def on_output(module, inputs, output):
@@ -160,6 +181,10 @@ class EmbeddingNoise:
             for h in handles:
                 h.remove()
             self._depth = 0
+
+    def reseed(self, seed: int) -> None:
+        """Restart the noise stream from ``seed`` (the generator is re-created at the next draw)."""
+        self.seed, self.generator, self._pending_state = int(seed), None, None
 
     def state_dict(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._pending_state

@@ -1,17 +1,17 @@
 """RegularizedOptimizer: R3F / R4F around any torch optimizer."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from .kl import REDUCTIONS, symmetric_kl
-from .noise import NOISE_TYPES, EmbeddingNoise, find_embeddings
+from .noise import NOISE_TYPES, EmbeddingNoise, default_seed, find_embeddings, refuse_other_noise
 from .r4f import apply_r4f
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
@@ -55,6 +55,25 @@ def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
             "output, (loss, logits) or {'loss': ..., 'logits': ...}"
         )
     return loss.reshape(()), logits
+
+
+@contextlib.contextmanager
+def _grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce inside the block unless ``sync``: DDP / FSDP1 ``no_sync()``, FSDP2
+    ``set_requires_gradient_sync(False)``; a no-op for a model that is not distributed."""
+    if sync:
+        yield
+    elif callable(getattr(model, "no_sync", None)):
+        with model.no_sync():
+            yield
+    elif callable(getattr(model, "set_requires_gradient_sync", None)):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _refuse_backward(grad: torch.Tensor) -> None:
@@ -153,12 +172,16 @@ class RegularizedOptimizer(Optimizer):
                              "grad_scaler=, not both: the loss would be scaled twice")
         if embeddings is not None and not isinstance(embeddings, nn.Module):
             raise TypeError(f"embeddings must be an nn.Module, got {type(embeddings).__name__}")
+        if method != "standard" and getattr(model, "find_unused_parameters", False) and hasattr(model, "no_sync"):
+            raise ValueError(
+                "the model is DistributedDataParallel with find_unused_parameters=True, which fails when two "
+                "forwards (clean and noisy) precede one backward ('Expected to mark a variable ready only "
+                "once'); wrap it with DDP(model, find_unused_parameters=False)"
+            )
         if method != "standard":
             emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
-            if seed is None:  # follows torch.manual_seed without drawing from (and shifting) the global RNG;
-                # distributed ranks (which usually share one seed) get distinct noise streams
-                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-                seed = (torch.initial_seed() * 0x9E3779B97F4A7C15 + 1 + rank) % 2**63
+            refuse_other_noise(emb)
+            seed = default_seed() if seed is None else seed
             self.noise: Optional[EmbeddingNoise] = EmbeddingNoise(emb, scope, eps, noise, not noisy_embed_grad, seed)
         else:
             self.noise = None
@@ -249,14 +272,16 @@ class RegularizedOptimizer(Optimizer):
         return out, loss, logits
 
     def backward(self, closure: Callable[[], Any], *, mask: Optional[torch.Tensor] = None,
-                 noise_mask: Optional[torch.Tensor] = None, weight: float = 1.0) -> StepResult:
+                 noise_mask: Optional[torch.Tensor] = None, weight: float = 1.0, sync: bool = True) -> StepResult:
         """Run the clean and the noisy pass and one backward of ``weight * loss``, without stepping.
 
         For gradient accumulation: call it once per micro-batch (``weight=1/accumulation_steps``), then
         :meth:`step` with no closure. ``mask`` selects the logits rows that count in the KL (e.g. the
         labels' non-padding tokens); ``noise_mask`` (batch, seq) leaves padding positions unperturbed.
+        ``sync=False`` runs both passes and the backward inside the model's ``no_sync()`` (DDP, FSDP):
+        pass it for every micro-batch but the last of an accumulated step.
         """
-        with torch.enable_grad():
+        with torch.enable_grad(), _grad_sync(self.model, sync):
             out, task_loss, clean = self._run(closure)
             sym_kl = task_loss.new_zeros(())
             if self.noise is not None:

@@ -1,0 +1,134 @@
+"""RegularizedOptimizer under DistributedDataParallel: 2 processes on CPU (gloo).
+
+Every rank must end with identical parameters (and R4F buffers), equal to one process stepping over the
+combined batch with the same noise; accumulation must keep the micro-batches' gradients local (no_sync)
+until the last one. The workers run all scenarios in one spawn; the tests compare what they saved.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_model, toy_batch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from r3f_opt import RegularizedOptimizer, apply_r4f
+from r3f_opt.noise import EmbeddingNoise
+
+WORLD = 2
+STEPS = 3
+EPS = 1e-2
+SCENARIOS = {"r3f": dict(method="r3f"), "r4f": dict(method="r4f"), "r3f_accum": dict(method="r3f")}
+
+
+def batches(step: int) -> dict:
+    """The global batch of a step: 8 examples; rank r takes rows [4r, 4r + 4)."""
+    return toy_batch("bert", batch=4 * WORLD, seq=6, seed=10 + step)
+
+
+def shard(batch: dict, rank: int, parts: int = WORLD) -> dict:
+    n = batch["input_ids"].shape[0] // parts
+    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+
+
+def make(kw: dict, seed: int):
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, eps=EPS, seed=seed, **kw)
+    return model, opt
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.0)
+        try:
+            RegularizedOptimizer(torch.optim.SGD(model.parameters()), DDP(model, find_unused_parameters=True))
+            results["find_unused_error"] = None
+        except ValueError as e:
+            results["find_unused_error"] = str(e)
+        for name, kw in SCENARIOS.items():
+            torch.manual_seed(0)
+            model = tiny_model("bert", dropout=0.0)  # dropout would draw differently per process
+            if kw["method"] == "r4f":
+                apply_r4f(model)  # before DDP, so that DDP knows (and broadcasts) the u, v buffers
+            ddp = DDP(model, find_unused_parameters=False)
+            opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, eps=EPS, seed=100 + rank, **kw)
+            unsynced_differ = []
+            for step in range(STEPS):
+                opt.zero_grad()
+                local = shard(batches(step), rank)
+                if name == "r3f_accum":  # two micro-batches per rank: the first must stay local
+                    first, second = shard(local, 0, 2), shard(local, 1, 2)
+                    opt.backward(lambda: ddp(**first), weight=0.5, sync=False)
+                    mine = torch.cat([p.grad.flatten() for p in ddp.parameters()])
+                    other = [torch.zeros_like(mine) for _ in range(WORLD)]
+                    dist.all_gather(other, mine)
+                    unsynced_differ.append(not torch.allclose(other[0], other[1]))
+                    opt.backward(lambda: ddp(**second), weight=0.5)
+                    opt.step()
+                else:
+                    opt.step(lambda: ddp(**local))
+            results[name] = dict(
+                state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                unsynced_differ=unsynced_differ,
+            )
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process(name: str) -> dict:
+    """One process over the combined batch, with the noise each rank drew for its rows."""
+    kw = SCENARIOS[name]
+    model, opt = make(kw, seed=0)
+    per_rank = [EmbeddingNoise(opt.noise.module, None, EPS, "uniform", True, seed=100 + r) for r in range(WORLD)]
+    micro = 2 if name == "r3f_accum" else 1
+
+    def sample(shape, device):  # rows of rank r come from rank r's generator, in its order of draws
+        rows = shape[0] // WORLD
+        return torch.cat([n.sample((rows, *shape[1:]), device) for n in per_rank])
+
+    opt.noise.sample = sample
+    for step in range(STEPS):
+        opt.zero_grad()
+        full = batches(step)
+        for m in range(micro):  # micro-batch m of every rank, stacked
+            part = {k: torch.cat([shard(shard(full, r), m, micro)[k] for r in range(WORLD)]) for k in full}
+            opt.backward(lambda: model(**part), weight=1.0 / micro)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ranks_agree_and_match_one_process(ranks, name):
+    r0, r1 = ranks[0][name]["state"], ranks[1][name]["state"]
+    for k in r0:  # identical on every rank, R4F's u and v included
+        assert torch.equal(r0[k], r1[k]), k
+    want = single_process(name)
+    start = make(SCENARIOS[name], seed=0)[0].state_dict()
+    assert any(not torch.equal(start[k], want[k]) for k in want)  # the steps did change something
+    for k in want:
+        torch.testing.assert_close(r0[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    if name == "r4f":
+        assert any(k.endswith("_u") for k in r0)
+
+
+def test_accumulation_keeps_micro_batch_gradients_local(ranks):
+    # After backward(sync=False) each rank still holds only its own gradient (different data per rank).
+    assert ranks[0]["r3f_accum"]["unsynced_differ"] == [True] * STEPS
+
+
+def test_find_unused_parameters_is_refused_with_the_fix(ranks):
+    assert "find_unused_parameters=False" in ranks[0]["find_unused_error"]
