@@ -19,6 +19,7 @@ setup(
     install_requires=[
         "torch>=2.3",
         "transformers>=4.40",
+        "accelerate>=1.1",  # transformers.Trainer (R3FTrainer) requires it
         "numpy",
         'triton; platform_system == "Linux"',
     ],

@@ -6,6 +6,16 @@ from .r4f import apply_r4f, remove_r4f
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers.Trainer (slow): load it on first use only.
+    if name in ("R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'r3f_opt' has no attribute {name!r}")
+
+
 __all__ = [
     "RegularizedOptimizer",
     "StepResult",
@@ -13,5 +23,8 @@ __all__ = [
     "apply_r4f",
     "remove_r4f",
     "find_embeddings",
+    "R3FTrainer",
+    "R3FTrainerMixin",
+    "R3FTrainingArguments",
     "__version__",
 ]

@@ -168,3 +168,24 @@ def test_low_precision_warning_ignores_masked_out_positions():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.backward(lambda: model(**batch), noise_mask=mask)
+
+
+def test_an_active_neftune_hook_is_refused():
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    model = tiny_model("bert")
+    emb = model.get_input_embeddings()
+    handle = emb.register_forward_hook(neftune_post_forward_hook)
+    emb.neftune_noise_alpha = 5.0
+    with pytest.raises(RuntimeError, match="NEFTune"):
+        RegularizedOptimizer(torch.optim.SGD(model.parameters()), model)
+    handle.remove()
+    del emb.neftune_noise_alpha
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    emb.register_forward_hook(neftune_post_forward_hook)  # switched on after the optimizer was built
+    emb.neftune_noise_alpha = 5.0
+    batch = toy_batch("bert")
+    with pytest.raises(RuntimeError, match="NEFTune"):
+        opt.step(lambda: model(**batch))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

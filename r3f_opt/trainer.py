@@ -1,0 +1,166 @@
+"""R3F / R4F inside the Hugging Face ``Trainer``, which never passes a closure to ``optimizer.step()``.
+
+The two passes run in ``compute_loss``, so the Trainer's own gradient accumulation, mixed precision,
+DDP ``no_sync`` and ``accelerator.backward`` apply to them unchanged; evaluation is untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .kl import REDUCTIONS, symmetric_kl
+from .noise import NOISE_TYPES, EmbeddingNoise, find_embeddings, refuse_other_noise, unwrap_model
+from .r4f import apply_r4f
+
+__all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"]
+
+METHODS = ("r3f", "r4f", "standard")
+
+
+@dataclass
+class R3FTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the R3F options (also as ``--r3f_*`` flags through ``HfArgumentParser``).
+
+    ``ddp_find_unused_parameters`` defaults to False here: DDP with True fails when two forwards precede
+    one backward.
+    """
+
+    r3f_method: str = field(default="r3f", metadata={"help": f"one of {METHODS}"})
+    r3f_lambda: float = field(default=1.0, metadata={"help": "weight of the symmetric KL term"})
+    r3f_eps: float = field(default=1e-5, metadata={"help": "noise scale sigma"})
+    r3f_noise: str = field(default="uniform", metadata={"help": f"one of {NOISE_TYPES}"})
+    r3f_noisy_grad: bool = field(default=True, metadata={"help": "KL gradient through the noisy pass too"})
+    r3f_reduction: str = field(default="batchmean", metadata={"help": f"KL reduction, one of {REDUCTIONS}"})
+    r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed (default: from --seed)"})
+
+    def __post_init__(self) -> None:
+        if self.r3f_method not in METHODS:
+            raise ValueError(f"r3f_method must be one of {METHODS}, got {self.r3f_method!r}")
+        if self.r3f_noise not in NOISE_TYPES:
+            raise ValueError(f"r3f_noise must be one of {NOISE_TYPES}, got {self.r3f_noise!r}")
+        if self.r3f_reduction not in REDUCTIONS:
+            raise ValueError(f"r3f_reduction must be one of {REDUCTIONS}, got {self.r3f_reduction!r}")
+        if self.r3f_lambda < 0 or self.r3f_eps < 0:
+            raise ValueError(f"r3f_lambda and r3f_eps must be >= 0, got {self.r3f_lambda} and {self.r3f_eps}")
+        if self.ddp_find_unused_parameters is None and self.r3f_method != "standard":
+            self.ddp_find_unused_parameters = False
+        super().__post_init__()
+
+
+def _kl_mask(inputs: dict, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """Token-level logits: count the labelled tokens (labels != -100), else the attended ones."""
+    if logits.dim() < 3:
+        return None
+    labels, attention = inputs.get("labels"), inputs.get("attention_mask")
+    if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
+        return labels != -100
+    if isinstance(attention, torch.Tensor) and attention.shape == logits.shape[:-1]:
+        return attention.bool()
+    return None
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    logits = outputs.get("logits") if isinstance(outputs, dict) else outputs[1]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"R3F needs the model's logits; its output has none ({type(outputs).__name__})")
+    return logits
+
+
+class R3FTrainerMixin:
+    """Adds the R3F/R4F term to a ``Trainer`` subclass's training loss (mix into ``Seq2SeqTrainer`` etc.).
+
+    Options come from :class:`R3FTrainingArguments`; with plain ``TrainingArguments`` the defaults apply
+    (``r3f``, lambda 1, eps 1e-5, uniform noise). The KL term is logged as ``sym_kl`` with the loss.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        a = self.args
+        self.r3f_method = getattr(a, "r3f_method", "r3f")
+        self.r3f_lambda, self.r3f_eps = getattr(a, "r3f_lambda", 1.0), getattr(a, "r3f_eps", 1e-5)
+        self.r3f_noisy_grad = getattr(a, "r3f_noisy_grad", True)
+        self.r3f_reduction = getattr(a, "r3f_reduction", "batchmean")
+        self.r3f_noise: Optional[EmbeddingNoise] = None
+        self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
+        if self.r3f_method == "standard":
+            return
+        if a.ddp_find_unused_parameters:
+            raise ValueError("R3F runs two forwards before one backward, which DDP cannot do with "
+                             "find_unused_parameters=True: set ddp_find_unused_parameters=False")
+        if a.ddp_find_unused_parameters is None:
+            a.ddp_find_unused_parameters = False
+        if getattr(a, "neftune_noise_alpha", None) is not None:
+            raise ValueError("neftune_noise_alpha is set: NEFTune would make R3F's clean pass noisy too; use one "
+                             "of the two (neftune_noise_alpha=None for R3F)")
+        model = unwrap_model(self.model)
+        if self.r3f_method == "r4f":
+            apply_r4f(model)
+        emb, scope = find_embeddings(model)
+        refuse_other_noise(emb)
+        seed = getattr(a, "r3f_seed", None)
+        seed = seed if seed is not None else (a.seed * 0x9E3779B97F4A7C15 + 1 + a.process_index) % 2**63
+        self.r3f_noise = EmbeddingNoise(emb, scope, self.r3f_eps, getattr(a, "r3f_noise", "uniform"), True, seed)
+        self._r3f_seed = seed
+
+    def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._active = True
+        try:
+            return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            self._active = False
+
+    def _step_seed(self) -> int:
+        # Noise keyed by (optimizer step, micro-batch): a resumed run draws what the uninterrupted one did.
+        step = self.state.global_step
+        micro = self._micro[1] + 1 if self._micro[0] == step else 0
+        self._micro = (step, micro)
+        return (self._r3f_seed + 1_000_003 * step + 7919 * micro) % 2**63
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: Optional[Any] = None):
+        if not self._active or self.r3f_noise is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # The parent may pop "labels" (label smoothing); the noisy pass needs them (seq2seq decoder inputs).
+        loss, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        clean = _logits(outputs)
+        self.r3f_noise.reseed(self._step_seed())
+        with self.r3f_noise.active(), torch.set_grad_enabled(self.r3f_noisy_grad):
+            noisy = _logits(model(**inputs))
+        if self.r3f_noise.calls == 0:
+            raise RuntimeError("the noisy pass never reached the embedding module; does the model get inputs_embeds?")
+        kl = symmetric_kl(clean, noisy, mask=_kl_mask(inputs, clean), reduction=self.r3f_reduction)
+        # When the task loss is already divided over the accumulated micro-batches (num_items_in_batch),
+        # the Trainer will not divide again: divide the KL term here so both keep the same weight.
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+                getattr(self, "compute_loss_func", None) is not None)
+        term = self.r3f_lambda * kl
+        if scaled:
+            term = term / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        kl = kl.detach()
+        self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
+        self._kl_count += 1
+        loss = loss + term
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._kl_count:  # training logs: mean KL since the last one, over processes
+            mean = self._kl_sum / self._kl_count
+            logs["sym_kl"] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 8)
+            self._kl_sum, self._kl_count = None, 0
+        super().log(logs, *args, **kwargs)
+
+
+class R3FTrainer(R3FTrainerMixin, Trainer):
+    """``transformers.Trainer`` training with R3F / R4F (see :class:`R3FTrainerMixin`).
+
+    Example:
+        >>> args = R3FTrainingArguments("out", r3f_method="r3f", r3f_lambda=1.0, r3f_eps=1e-5)
+        >>> R3FTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev).train()
+    """

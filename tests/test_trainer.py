@@ -1,0 +1,116 @@
+"""R3FTrainer: R3F inside the Hugging Face Trainer (accumulation, bf16 on CPU, checkpoints, evaluation)."""
+import pytest
+import torch
+from conftest import tiny_model, toy_batch
+from transformers import Trainer, TrainingArguments
+
+from r3f_opt import R3FTrainer, R3FTrainingArguments
+from r3f_opt.noise import EmbeddingNoise
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int = 0, kind: str = "bert"):
+        self.batch = toy_batch(kind, batch=n, seq=8, seed=seed)
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+@pytest.fixture
+def content_noise(monkeypatch):
+    """Noise that depends only on the embedding values, so it does not depend on how rows are batched."""
+
+    def perturb(self, output, noise_mask):
+        x = output.detach() if self.detach else output
+        return x + self.eps * torch.sin(1e3 * output.detach())
+
+    monkeypatch.setattr(EmbeddingNoise, "_perturb", perturb)
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=0.5, optim="sgd",
+                lr_scheduler_type="constant", max_steps=2, use_cpu=True, report_to="none", disable_tqdm=True,
+                logging_steps=1, save_strategy="no", seed=0, r3f_eps=1e-2, r3f_lambda=5.0)
+    base.update(kw)
+    return R3FTrainingArguments(**base)
+
+
+def train(training_args, kind="bert", loss_kwargs=None):
+    torch.manual_seed(0)
+    model = tiny_model(kind, dropout=0.0)
+    trainer = R3FTrainer(model=model, args=training_args, train_dataset=Rows(32, kind=kind))
+    if loss_kwargs is not None:
+        trainer.model_accepts_loss_kwargs = loss_kwargs
+    trainer.train()
+    return trainer, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_close_states(a, b, **tol):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k, **tol)
+
+
+@pytest.mark.parametrize("method", ["standard", "r3f"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2-lm"])
+def test_accumulation_equals_the_big_batch(tmp_path, content_noise, method, kind):
+    """2 micro-batches of 4 == one batch of 8, on both of the Trainer's loss-scaling branches.
+
+    gpt2-lm: the model normalises its loss by num_items_in_batch (the Trainer does not divide by the
+    accumulation steps; R3FTrainer divides the KL term itself). bert: the Trainer divides the loss. (Left
+    alone, transformers 5.x also takes the first branch for BERT classification, whose loss ignores
+    num_items_in_batch, so its task gradient is summed over micro-batches; that is the Trainer's
+    behaviour with or without R3F, so it is switched off here to compare against the big batch.)
+    """
+    loss_kwargs = None if kind == "gpt2-lm" else False
+    _, accum = train(args(tmp_path / "a", r3f_method=method, gradient_accumulation_steps=2), kind, loss_kwargs)
+    _, big = train(args(tmp_path / "b", r3f_method=method, per_device_train_batch_size=8), kind, loss_kwargs)
+    assert_close_states(accum, big, rtol=1e-4, atol=1e-6)
+
+
+def test_r3f_changes_training_and_logs_the_kl(tmp_path, content_noise):
+    trainer, r3f = train(args(tmp_path / "a"))
+    _, standard = train(args(tmp_path / "b", r3f_method="standard"))
+    assert any(not torch.allclose(r3f[k], standard[k]) for k in r3f)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(h["sym_kl"] > 0 for h in logged)
+
+
+def test_bf16_accumulation_save_and_resume(tmp_path):
+    common = dict(bf16=True, gradient_accumulation_steps=2, max_steps=4, save_strategy="steps", save_steps=2,
+                  learning_rate=0.05, r3f_eps=1e-3)
+    trainer, full = train(args(tmp_path, **common))
+    assert all(torch.isfinite(v).all() for v in full.values() if v.is_floating_point())
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    resumed = R3FTrainer(model=model, args=args(tmp_path, **common), train_dataset=Rows(32))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    # The noise is keyed by step, so the resumed run draws what the uninterrupted one did.
+    assert_close_states({k: v.detach() for k, v in model.state_dict().items()}, full, rtol=1e-5, atol=1e-6)
+
+
+def test_r4f_normalises_the_head(tmp_path):
+    trainer, _ = train(args(tmp_path, r3f_method="r4f"))
+    assert "classifier.parametrizations.weight.original" in trainer.model.state_dict()
+
+
+def test_evaluation_is_untouched(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    r3f = R3FTrainer(model=model, args=args(tmp_path), eval_dataset=Rows(12, seed=3))
+    plain = Trainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+                    eval_dataset=Rows(12, seed=3))
+    assert r3f.evaluate()["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_find_unused_parameters_and_neftune_are_refused(tmp_path):
+    assert args(tmp_path).ddp_find_unused_parameters is False  # R3F's default
+    with pytest.raises(ValueError, match="find_unused_parameters"):
+        R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, ddp_find_unused_parameters=True))
+    with pytest.raises(ValueError, match="NEFTune"):
+        R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, neftune_noise_alpha=5.0))
+    with pytest.raises(ValueError, match="r3f_method"):
+        args(tmp_path, r3f_method="r5f")
