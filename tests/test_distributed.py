@@ -1,4 +1,4 @@
-"""RegularizedOptimizer under DistributedDataParallel: 2 processes on CPU (gloo).
+"""RegularizedOptimizer under DistributedDataParallel and FSDP2 (fully_shard): 2 processes on CPU (gloo).
 
 Every rank must end with identical parameters (and R4F buffers), equal to one process stepping over the
 combined batch with the same noise; accumulation must keep the micro-batches' gradients local (no_sync)
@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model, toy_batch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from r3f_opt import RegularizedOptimizer, apply_r4f
@@ -19,7 +21,8 @@ from r3f_opt.noise import EmbeddingNoise
 WORLD = 2
 STEPS = 3
 EPS = 1e-2
-SCENARIOS = {"r3f": dict(method="r3f"), "r4f": dict(method="r4f"), "r3f_accum": dict(method="r3f")}
+SCENARIOS = {"r3f": dict(method="r3f"), "r4f": dict(method="r4f"), "r3f_accum": dict(method="r3f"),
+             "fsdp2_r3f": dict(method="r3f"), "fsdp2_r4f": dict(method="r4f"), "fsdp2_accum": dict(method="r3f")}
 
 
 def batches(step: int) -> dict:
@@ -56,25 +59,32 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model = tiny_model("bert", dropout=0.0)  # dropout would draw differently per process
             if kw["method"] == "r4f":
                 apply_r4f(model)  # before DDP, so that DDP knows (and broadcasts) the u, v buffers
-            ddp = DDP(model, find_unused_parameters=False)
+            if name.startswith("fsdp2"):  # FSDP2 (fully_shard) on CPU with gloo
+                for layer in model.bert.encoder.layer:
+                    fully_shard(layer)
+                ddp = fully_shard(model)
+            else:
+                ddp = DDP(model, find_unused_parameters=False)
             opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, eps=EPS, seed=100 + rank, **kw)
             unsynced_differ = []
             for step in range(STEPS):
                 opt.zero_grad()
                 local = shard(batches(step), rank)
-                if name == "r3f_accum":  # two micro-batches per rank: the first must stay local
-                    first, second = shard(local, 0, 2), shard(local, 1, 2)
-                    opt.backward(lambda: ddp(**first), weight=0.5, sync=False)
+                if not name.endswith("accum"):
+                    opt.step(lambda: ddp(**local))
+                    continue
+                first, second = shard(local, 0, 2), shard(local, 1, 2)  # two micro-batches per rank
+                opt.backward(lambda: ddp(**first), weight=0.5, sync=False)
+                if name == "r3f_accum":  # DDP: each rank must still hold only its own gradient
                     mine = torch.cat([p.grad.flatten() for p in ddp.parameters()])
                     other = [torch.zeros_like(mine) for _ in range(WORLD)]
                     dist.all_gather(other, mine)
                     unsynced_differ.append(not torch.allclose(other[0], other[1]))
-                    opt.backward(lambda: ddp(**second), weight=0.5)
-                    opt.step()
-                else:
-                    opt.step(lambda: ddp(**local))
+                opt.backward(lambda: ddp(**second), weight=0.5)
+                opt.step()
             results[name] = dict(
-                state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                state={k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                       for k, v in model.state_dict().items()},
                 unsynced_differ=unsynced_differ,
             )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -87,7 +97,7 @@ def single_process(name: str) -> dict:
     kw = SCENARIOS[name]
     model, opt = make(kw, seed=0)
     per_rank = [EmbeddingNoise(opt.noise.module, None, EPS, "uniform", True, seed=100 + r) for r in range(WORLD)]
-    micro = 2 if name == "r3f_accum" else 1
+    micro = 2 if name.endswith("accum") else 1
 
     def sample(shape, device):  # rows of rank r come from rank r's generator, in its order of draws
         rows = shape[0] // WORLD
