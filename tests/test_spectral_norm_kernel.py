@@ -135,7 +135,8 @@ def test_the_kernel_runs_not_torchs_power_iteration(monkeypatch):
 
 
 def test_fused_threshold_splits_the_bench_heads():
-    assert K.fits_one_program(2, 768) and K.fits_one_program(3, 1024) and K.fits_one_program(1, 16384)
+    assert K.fits_one_program(2, 768) and K.fits_one_program(3, 1024) and K.fits_one_program(7, 1024)
+    assert K.fits_one_program(8192, 1) and not K.fits_one_program(9, 1024)
     assert not K.fits_one_program(1000, 4096) and not K.fits_one_program(32000, 4096)
     assert not K.fits_one_program(3, 1024, max_fused_elements=4095)
 
@@ -307,6 +308,24 @@ def test_apply_r4f_registers_by_mode_idempotent_and_removable(monkeypatch, mode,
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, want)
+
+
+def test_apply_r4f_without_triton_registers_torchs_module(monkeypatch):
+    import r3f_opt.r4f
+
+    monkeypatch.setattr(r3f_opt.r4f, "triton_available", lambda: False)
+    model = tiny_model("bert")
+    apply_r4f(model)
+    assert type(model.classifier.parametrizations.weight[0]) is _SpectralNorm
+
+
+def test_conv_weight_is_flattened_like_torch():
+    torch.manual_seed(0)
+    theirs = torch_spectral_norm(nn.Conv2d(3, 4, 3, device=DEVICE))
+    ours = fused_spectral_norm(nn.Conv2d(3, 4, 3, device=DEVICE))
+    ours.load_state_dict(theirs.state_dict())
+    G = torch.randn(4, 3, 3, 3, device=DEVICE)
+    assert launched(lambda: assert_same_steps(theirs, ours, G, steps=2))["_sn_fused_fwd_kernel"] == 3
 
 
 def test_r3f_step_with_the_kernel_gives_the_parameters_of_the_torch_path(monkeypatch):
