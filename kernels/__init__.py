@@ -1,5 +1,8 @@
 """Triton kernels of r3f-opt, installed as ``r3f_opt.kernels``.
 
-Empty until the fused symmetric-KL and spectral-norm kernels land; ``r3f_opt`` uses its exact
-PyTorch path meanwhile.
+* ``sym_kl``: fused symmetric KL over rows of two logits tensors (forward + backward);
+* ``spectral_norm``: fused power-iteration spectral norm for the R4F head (forward + backward).
+
+``r3f_opt.symmetric_kl`` and ``r3f_opt.apply_r4f`` dispatch to them (``R3F_KERNELS``, see
+``r3f_opt._dispatch``); importing this package does not import Triton.
 """

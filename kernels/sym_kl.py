@@ -50,6 +50,20 @@ def _load_row_tile(a_row, b_row, cols, sav, sbv, col_ok):
 
 
 @triton.jit
+def _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1, HAS_MASK: tl.constexpr):
+    # Program (row, part) handles columns [part * chunk, min((part + 1) * chunk, V)) of one row.
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride overflows int32 at large N * V
+    part = tl.program_id(1).to(tl.int64)
+    # Row r of x starts at (r // n1) * s0 + (r % n1) * s1: leading dims as up to two strided groups.
+    a_row = a_ptr + (row // n1a) * sa0 + (row % n1a) * sa1
+    b_row = b_ptr + (row // n1b) * sb0 + (row % n1b) * sb1
+    valid = True
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + row) != 0
+    return row, a_row, b_row, valid, part * chunk
+
+
+@triton.jit
 def _rescale(s, alpha):
     # s * exp(m_old - m_new); keeps +-inf (a one-sided -inf entry) instead of inf * 0 = NaN.
     return tl.where(tl.abs(s) == float("inf"), s, s * alpha)
@@ -76,16 +90,8 @@ def _sym_kl_fwd_kernel(
     n_rows, V, chunk, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Program (row, part) streams columns [part * chunk, min((part + 1) * chunk, V)) of one row.
-    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride overflows int32 at large N * V
-    part = tl.program_id(1).to(tl.int64)
-    # Row r of x starts at (r // n1) * s0 + (r % n1) * s1: leading dims as up to two strided groups.
-    a_row = a_ptr + (row // n1a) * sa0 + (row % n1a) * sa1
-    b_row = b_ptr + (row // n1b) * sb0 + (row % n1b) * sb1
-    valid = True
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + row) != 0
-    lo = part * chunk
+    row, a_row, b_row, valid, lo = _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1,
+                                                HAS_MASK)
     hi = tl.where(valid, tl.minimum(lo + chunk, V), lo)  # a masked row is never read
     m_a = _NEG_BIG
     m_b = _NEG_BIG
@@ -117,7 +123,7 @@ def _sym_kl_fwd_kernel(
         # Partial statistics, layout (6, n_rows, n_parts); merged by _sym_kl_merge_kernel.
         n_parts = tl.num_programs(1).to(tl.int64)
         plane = n_rows * n_parts
-        base = part_ptr + row * n_parts + part
+        base = part_ptr + row * n_parts + tl.program_id(1)
         tl.store(base, m_a)
         tl.store(base + plane, z_a)
         tl.store(base + 2 * plane, s_a)
@@ -163,21 +169,14 @@ def _sym_kl_bwd_kernel(
     n_rows, V, chunk, sg, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
     HAS_MASK: tl.constexpr, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1).to(tl.int64)
-    # Row r of x starts at (r // n1) * s0 + (r % n1) * s1: leading dims as up to two strided groups.
-    a_row = a_ptr + (row // n1a) * sa0 + (row % n1a) * sa1
-    b_row = b_ptr + (row // n1b) * sb0 + (row % n1b) * sb1
-    valid = True
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + row) != 0
+    row, a_row, b_row, valid, lo = _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1,
+                                                HAS_MASK)
     g = tl.load(g_ptr + row * sg).to(tl.float32)  # upstream gradient of this row (stride 0: a scalar)
     g = tl.where(valid, g, 0.0)
     lse_a = tl.load(stats_ptr + row)
     lse_b = tl.load(stats_ptr + n_rows + row)
     e_p = tl.load(stats_ptr + 2 * n_rows + row)
     e_q = tl.load(stats_ptr + 3 * n_rows + row)
-    lo = part * chunk
     hi = tl.minimum(lo + chunk, V)
     hi_read = tl.where(valid, hi, lo)  # a masked row is never read, only written with zeros
     offs = tl.arange(0, BLOCK)
