@@ -8,11 +8,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .kl import REDUCTIONS, symmetric_kl
 from .noise import NOISE_TYPES, EmbeddingNoise, default_seed, find_embeddings, refuse_other_noise
-from .r4f import apply_r4f
+from .r4f import _is_normalised, apply_r4f, find_head
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
 
@@ -55,6 +56,11 @@ def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
             "output, (loss, logits) or {'loss': ..., 'logits': ...}"
         )
     return loss.reshape(()), logits
+
+
+def _is_sharded_or_ddp(model: nn.Module) -> bool:
+    return isinstance(model, DistributedDataParallel) or callable(getattr(model, "set_requires_gradient_sync", None)) \
+        or type(model).__name__ == "FullyShardedDataParallel"
 
 
 @contextlib.contextmanager
@@ -186,7 +192,15 @@ class RegularizedOptimizer(Optimizer):
         else:
             self.noise = None
         if method == "r4f":
-            apply_r4f(model, **(r4f_kwargs or {}))  # last: raises before anything changes if no head
+            kw = r4f_kwargs or {}
+            if _is_sharded_or_ddp(model) and not all(
+                    _is_normalised(m) for m in find_head(model, kw.get("head"), kw.get("scope", "out_proj"))):
+                raise ValueError(
+                    f"the model is already wrapped ({type(model).__name__}): call apply_r4f(model) before "
+                    "wrapping it in DDP/FSDP. A parametrization registered afterwards re-registers the head's "
+                    "weight, which the wrapper then never synchronises."
+                )
+            apply_r4f(model, **kw)  # last: raises before anything changes if no head
 
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
@@ -113,9 +114,16 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
         raise ValueError(f"eps must be > 0, got {eps}")
     layers = find_head(model, head, scope)
     register = torch_spectral_norm if kernel_mode() == "torch" or not triton_available() else fused_spectral_norm
-    for layer in layers:
-        if not _is_normalised(layer):
-            register(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)
+    new = [layer for layer in layers if not _is_normalised(layer)]
+    for layer in new:
+        register(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)
+    if new and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Registration drew u, v from each rank's own RNG. Start every rank from rank 0's: when R4F is
+        # applied after DDP wrapping, DDP does not know (or broadcast) these buffers, and identical W, u, v
+        # then keep them identical.
+        for layer in new:
+            for buf in layer.parametrizations["weight"][0].buffers():
+                dist.broadcast(buf, src=0)
     return layers
 
 

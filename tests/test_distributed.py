@@ -54,11 +54,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["find_unused_error"] = None
         except ValueError as e:
             results["find_unused_error"] = str(e)
+        try:
+            RegularizedOptimizer(torch.optim.SGD(model.parameters()), DDP(model), method="r4f")
+            results["r4f_after_ddp_error"] = None
+        except ValueError as e:
+            results["r4f_after_ddp_error"] = str(e)
         for name, kw in SCENARIOS.items():
             torch.manual_seed(0)
             model = tiny_model("bert", dropout=0.0)  # dropout would draw differently per process
+            if rank == 1:
+                torch.rand(7)  # rank 1's RNG now differs: R4F's random u, v must come from rank 0
             if kw["method"] == "r4f":
-                apply_r4f(model)  # before DDP, so that DDP knows (and broadcasts) the u, v buffers
+                apply_r4f(model)  # before DDP / FSDP: it re-registers the head's weight
             if name.startswith("fsdp2"):  # FSDP2 (fully_shard) on CPU with gloo
                 for layer in model.bert.encoder.layer:
                     fully_shard(layer)
@@ -142,3 +149,7 @@ def test_accumulation_keeps_micro_batch_gradients_local(ranks):
 
 def test_find_unused_parameters_is_refused_with_the_fix(ranks):
     assert "find_unused_parameters=False" in ranks[0]["find_unused_error"]
+
+
+def test_r4f_after_wrapping_is_refused_with_the_fix(ranks):
+    assert "apply_r4f(model) before wrapping" in ranks[0]["r4f_after_ddp_error"]
