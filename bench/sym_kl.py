@@ -171,6 +171,12 @@ def measure(device: torch.device, fn: Callable, rows: int, vocab: int, dtype: to
     return _timed(device, pair, lambda p: torch.autograd.grad(fn(*p), p), budget_s)
 
 
+def _value_and_grads(fn: Callable, a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple[torch.Tensor, ...]]:
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    out = fn(a, b)
+    return out.item(), tuple(g.float() for g in torch.autograd.grad(out, (a, b)))
+
+
 def moved_bytes(rows: int, vocab: int, elem: int, mode: str) -> int:
     n = rows * vocab * elem
     return {"fwd": 2 * n, "bwd": 4 * n, "fwd+bwd": 6 * n}[mode]
@@ -192,14 +198,21 @@ def sweep(device: torch.device, dtypes: list[str], vocabs: list[int], rows_list:
                     continue
                 a = torch.randn(rows, vocab, device=device).to(dtype)
                 b = (a.float() + 0.1 * torch.randn_like(a, dtype=torch.float32)).to(dtype)
-                want = r3f_torch(a, b).item()
+                want, want_grads = _value_and_grads(r3f_torch, a, b)
                 for name in impls:
                     fn = available[name][0]
                     if fn is None:
                         continue
-                    got = fn(a, b).item()  # a wrong kernel must not get a time
-                    if not abs(got - want) <= 1e-3 * abs(want) + 1e-4 * rows:
-                        raise AssertionError(f"{name} gives {got}, the PyTorch path {want} at {rows}x{vocab} {dtype_name}")
+                    # A wrong implementation must not get a time: value and (but for Liger, whose target
+                    # side has no gradient) both gradients against the PyTorch path.
+                    got, grads = _value_and_grads(fn, a, b)
+                    bad = abs(got - want) > 1e-4 * abs(want) + 1e-7 * rows
+                    if name != "liger":
+                        bad = bad or any(float((g - w).abs().max()) > 2e-2 * float(w.abs().max()) + 1e-6
+                                         for g, w in zip(grads, want_grads))
+                    if bad:
+                        raise AssertionError(f"{name} gives {got}, the PyTorch path {want} (or their gradients "
+                                             f"differ) at {rows}x{vocab} {dtype_name}")
                     timings = {mode: measure(device, fn, rows, vocab, dtype, mode, budget_s) for mode in modes}
                     # After the timings' warm-up, so compilation does not count as the op's memory.
                     peak = peak_extra_bytes(device, fn, a.clone().requires_grad_(), b.clone().requires_grad_())

@@ -225,6 +225,16 @@ def _config(n_rows: int, vocab: int, elem_size: int, device: torch.device) -> Co
     return Config(block=block, chunk=chunk, num_warps=num_warps)
 
 
+def _backward_tile(cfg: Config, elem_size: int) -> tuple[int, int]:
+    """Backward keeps more live values per column (p, q, d, two gradients): halve the widest tiles.
+
+    Compiled for sm_90 (no GPU run yet), the forward's 8192-column bf16 / 4096-column fp32 tiles spilled
+    or used 170+ registers in backward; a power of two <= block still divides the chunk.
+    """
+    block = min(cfg.block, 4096 if elem_size <= 2 else 2048)
+    return block, (4 if block <= 1024 else 8)
+
+
 def _rows_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     """``(x, n_rows, n1, s0, s1, sv)`` so that row r starts at ``(r // n1) * s0 + (r % n1) * s1``.
 
@@ -292,12 +302,12 @@ class SymmetricKLRows(torch.autograd.Function):
         gb = torch.empty(shape, dtype=b.dtype, device=b.device) if need_b else None
         if n_rows > 0 and vocab > 0 and (need_a or need_b):
             n_parts = triton.cdiv(vocab, cfg.chunk)
+            block, warps = _backward_tile(cfg, max(a.element_size(), b.element_size()))
             _sym_kl_bwd_kernel[(n_rows, n_parts)](
                 a, b, mask if mask is not None else stats, stats, grad_rows,
                 ga if need_a else stats, gb if need_b else stats,
                 n_rows, vocab, cfg.chunk, grad_rows.stride(0), *lay_a, *lay_b,
-                HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, BLOCK=cfg.block,
-                num_warps=cfg.num_warps,
+                HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, BLOCK=block, num_warps=warps,
             )
             launches["backward"] += 1
         return ga, gb, None
@@ -308,6 +318,12 @@ def symmetric_kl_rows(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Ten
 
     ``mask``: optional flat bool tensor with one entry per row (False: value 0, zero gradient).
     """
+    if a.shape != b.shape or a.dim() == 0:
+        raise ValueError(f"a and b must have one shape (*, V), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
     if mask is not None:
-        mask = mask.reshape(-1).contiguous()
+        if mask.numel() != a[..., 0].numel():
+            raise ValueError(f"mask needs one entry per row ({a[..., 0].numel()}), got {mask.numel()}")
+        mask = mask.to(device=a.device, dtype=torch.bool).reshape(-1).contiguous()
     return SymmetricKLRows.apply(a, b, mask)

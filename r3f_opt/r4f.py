@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
@@ -121,9 +122,15 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
         # Registration drew u, v from each rank's own RNG. Start every rank from rank 0's: when R4F is
         # applied after DDP wrapping, DDP does not know (or broadcast) these buffers, and identical W, u, v
         # then keep them identical.
+        nccl = dist.get_backend() == "nccl"  # NCCL moves CUDA tensors only (the model may still be on CPU)
         for layer in new:
             for buf in layer.parametrizations["weight"][0].buffers():
-                dist.broadcast(buf, src=0)
+                if nccl and buf.device.type != "cuda":
+                    on_gpu = buf.to(torch.device("cuda", torch.cuda.current_device()))
+                    dist.broadcast(on_gpu, src=0)
+                    buf.copy_(on_gpu)
+                else:
+                    dist.broadcast(buf, src=0)
     return layers
 
 

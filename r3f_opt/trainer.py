@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .kl import REDUCTIONS, symmetric_kl
 from .noise import NOISE_TYPES, EmbeddingNoise, find_embeddings, refuse_other_noise, unwrap_model
@@ -34,7 +35,7 @@ class R3FTrainingArguments(TrainingArguments):
     r3f_noise: str = field(default="uniform", metadata={"help": f"one of {NOISE_TYPES}"})
     r3f_noisy_grad: bool = field(default=True, metadata={"help": "KL gradient through the noisy pass too"})
     r3f_reduction: str = field(default="batchmean", metadata={"help": f"KL reduction, one of {REDUCTIONS}"})
-    r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed (default: from --seed)"})
+    r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed, offset per process (default: from --seed)"})
 
     def __post_init__(self) -> None:
         if self.r3f_method not in METHODS:
@@ -50,12 +51,17 @@ class R3FTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def _kl_mask(inputs: dict, logits: torch.Tensor) -> Optional[torch.Tensor]:
-    """Token-level logits: count the labelled tokens (labels != -100), else the attended ones."""
+def _kl_mask(inputs: dict, logits: torch.Tensor, causal_lm: bool) -> Optional[torch.Tensor]:
+    """Token-level logits: count the positions that predict a label (labels != -100), else the attended ones.
+
+    A causal LM's logits at t predict the label at t + 1 (the model shifts the labels itself).
+    """
     if logits.dim() < 3:
         return None
     labels, attention = inputs.get("labels"), inputs.get("attention_mask")
     if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
+        if causal_lm:
+            return torch.cat([labels[:, 1:] != -100, labels.new_zeros(labels.shape[0], 1, dtype=torch.bool)], 1)
         return labels != -100
     if isinstance(attention, torch.Tensor) and attention.shape == logits.shape[:-1]:
         return attention.bool()
@@ -63,7 +69,10 @@ def _kl_mask(inputs: dict, logits: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _logits(outputs: Any) -> torch.Tensor:
-    logits = outputs.get("logits") if isinstance(outputs, dict) else outputs[1]
+    if isinstance(outputs, dict):
+        logits = outputs.get("logits")
+    else:  # a tuple: (loss, logits, ...) when the model computed a loss, else (logits, ...)
+        logits = outputs[1] if outputs[0].dim() == 0 and len(outputs) > 1 else outputs[0]
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"R3F needs the model's logits; its output has none ({type(outputs).__name__})")
     return logits
@@ -79,6 +88,11 @@ class R3FTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         a = self.args
+        handler = getattr(getattr(self, "accelerator", None), "ddp_handler", None)
+        if handler is not None and getattr(a, "r3f_method", "r3f") != "standard" and not a.ddp_find_unused_parameters:
+            # The Trainer built its accelerator from the arguments before we could set them (None means
+            # True for pretrained models there): DDP wraps the model later, in train(), with this handler.
+            handler.find_unused_parameters = False
         self.r3f_method = getattr(a, "r3f_method", "r3f")
         self.r3f_lambda, self.r3f_eps = getattr(a, "r3f_lambda", 1.0), getattr(a, "r3f_eps", 1e-5)
         self.r3f_noisy_grad = getattr(a, "r3f_noisy_grad", True)
@@ -101,7 +115,8 @@ class R3FTrainerMixin:
         emb, scope = find_embeddings(model)
         refuse_other_noise(emb)
         seed = getattr(a, "r3f_seed", None)
-        seed = seed if seed is not None else (a.seed * 0x9E3779B97F4A7C15 + 1 + a.process_index) % 2**63
+        seed = a.seed * 0x9E3779B97F4A7C15 + 1 if seed is None else seed
+        seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
         self.r3f_noise = EmbeddingNoise(emb, scope, self.r3f_eps, getattr(a, "r3f_noise", "uniform"), True, seed)
         self._r3f_seed = seed
 
@@ -133,7 +148,8 @@ class R3FTrainerMixin:
             noisy = _logits(model(**inputs))
         if self.r3f_noise.calls == 0:
             raise RuntimeError("the noisy pass never reached the embedding module; does the model get inputs_embeds?")
-        kl = symmetric_kl(clean, noisy, mask=_kl_mask(inputs, clean), reduction=self.r3f_reduction)
+        mask = _kl_mask(inputs, clean, unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        kl = symmetric_kl(clean, noisy, mask=mask, reduction=self.r3f_reduction)
         # When the task loss is already divided over the accumulated micro-batches (num_items_in_batch),
         # the Trainer will not divide again: divide the KL term here so both keep the same weight.
         scaled = getattr(self, "loss_is_scaled_for_ga", None)

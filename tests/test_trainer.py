@@ -106,8 +106,22 @@ def test_evaluation_is_untouched(tmp_path):
     assert r3f.evaluate()["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
 
 
+def test_kl_mask_of_a_causal_lm_is_shifted():
+    from r3f_opt.trainer import _kl_mask
+
+    labels = torch.tensor([[-100, -100, 5, 6, -100]])  # logits at t predict the label at t + 1
+    got = _kl_mask({"labels": labels}, torch.zeros(1, 5, 7), causal_lm=True)
+    assert got.tolist() == [[False, True, True, False, False]]
+    assert _kl_mask({"labels": labels}, torch.zeros(1, 5, 7), causal_lm=False).tolist() == [[False, False, True, True, False]]
+
+
 def test_find_unused_parameters_and_neftune_are_refused(tmp_path):
     assert args(tmp_path).ddp_find_unused_parameters is False  # R3F's default
+    # Plain TrainingArguments: the Trainer's accelerator was built with None (= True for pretrained
+    # models); the DDP handler it will wrap the model with must say False.
+    plain = R3FTrainer(model=tiny_model("bert"), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    handler = plain.accelerator.ddp_handler
+    assert handler is None or handler.find_unused_parameters is False
     with pytest.raises(ValueError, match="find_unused_parameters"):
         R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, ddp_find_unused_parameters=True))
     with pytest.raises(ValueError, match="NEFTune"):
