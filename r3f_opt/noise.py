@@ -45,8 +45,8 @@ def find_embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
     if not isinstance(emb, nn.Module) and callable(getattr(m, "get_input_embeddings", None)):
         try:
             emb = m.get_input_embeddings()
-        except (NotImplementedError, AttributeError):
-            emb = None
+        except (NotImplementedError, AttributeError):  # transformers' base class raises for models without
+            emb = None  # one: handled below with a clear error that says to pass embeddings=
     if not isinstance(emb, nn.Module):
         raise ValueError(
             f"could not find the input token-embedding module of {type(model).__name__}; pass it "
