@@ -23,9 +23,14 @@ setup(
         "numpy",
         'triton; platform_system == "Linux"',
     ],
+    entry_points={"console_scripts": [
+        "r3f-finetune=r3f_opt.finetune:main",
+        "r3f-report=r3f_opt.report:main",
+    ]},
     extras_require={
         # hypothesis: property-based kernel tests; matplotlib: the PNG plots of bench/ (tested in CI).
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
+        "report": ["matplotlib"],  # r3f-report's PNG plot
     },
 )

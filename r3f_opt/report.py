@@ -1,0 +1,177 @@
+"""r3f-report: aggregate r3f-finetune runs across seeds and methods into a Markdown table and a PNG plot.
+
+    r3f-report runs/ --output-dir docs/        # every results.json under runs/
+
+Per task, metric and method: the number of seeds, median, mean ± sample std and max (the paper reports the
+median and max over seeds), and the measured seconds per training step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "load_runs", "summarize", "markdown_table", "plot"]
+
+METHOD_ORDER = ("standard", "r3f", "r4f")
+# Hyper-parameters that make up a run's budget: the paper's rule is that every method gets the same.
+BUDGET_KEYS = ("model", "train_file", "eval_file", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length",
+               "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples")
+
+
+class ReportError(ValueError):
+    """A results file that cannot be aggregated."""
+
+
+def load_runs(paths: Sequence[str]) -> list[dict]:
+    """The results.json files at ``paths`` (files, or folders searched recursively), each with ``_path``."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files.extend(sorted(p.rglob("results.json")))
+        else:
+            raise ReportError(f"{p}: no such file or folder")
+    files = list(dict.fromkeys(f.resolve() for f in files))
+    if not files:
+        raise ReportError(f"no results.json under {list(paths)}; pass r3f-finetune output dirs")
+    runs, seen = [], {}
+    for f in files:
+        try:
+            run = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ReportError(f"{f}: not a readable results.json ({e})")
+        missing = [k for k in ("task", "method", "seed", "primary_metric", "final", "best") if k not in run]
+        if missing:
+            raise ReportError(f"{f}: lacks {missing}; is it a results.json written by r3f-finetune?")
+        key = (run["task"], run["method"], run["seed"])
+        if key in seen:
+            raise ReportError(f"{f} and {seen[key]} are both {key[0]} {key[1]} seed {key[2]}; pass each run once")
+        seen[key] = f
+        run["_path"] = str(f)
+        runs.append(run)
+    return runs
+
+
+def _methods(runs: list[dict]) -> list[str]:
+    present = {r["method"] for r in runs}
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
+def summarize(runs: list[dict], which: str = "final") -> list[dict]:
+    """One row per (task, metric, method): n, seeds, values, median, mean, std (sample; None for n=1), max,
+    and the mean seconds per step. ``which``: "final" (end of training) or "best" (best evaluation)."""
+    if which not in ("final", "best"):
+        raise ValueError(f"which must be 'final' or 'best', got {which!r}")
+    groups: dict = defaultdict(list)
+    for r in runs:
+        groups[r["task"], r["method"]].append(r)
+    rows = []
+    for task in sorted({r["task"] for r in runs}):
+        task_runs = [r for r in runs if r["task"] == task]
+        primary = task_runs[0]["primary_metric"]
+        metrics = [primary] + sorted({k for r in task_runs for k in r[which]["metrics"]} - {primary, "loss"})
+        for metric in metrics:
+            for method in _methods(task_runs):
+                group = sorted(groups[task, method], key=lambda r: r["seed"])
+                vals = [r[which]["metrics"][metric] for r in group if metric in r[which]["metrics"]]
+                if not vals:
+                    continue
+                sps = [r["seconds_per_step"] for r in group if "seconds_per_step" in r]
+                rows.append({"task": task, "metric": metric, "method": method, "n": len(vals),
+                             "seeds": [r["seed"] for r in group], "values": vals,
+                             "median": statistics.median(vals), "mean": statistics.fmean(vals),
+                             "std": statistics.stdev(vals) if len(vals) > 1 else None, "max": max(vals),
+                             "seconds_per_step": statistics.fmean(sps) if sps else None})
+    return rows
+
+
+def budget_mismatches(runs: list[dict]) -> list[str]:
+    """Tasks whose runs do not share one budget (different lr, steps, data, ...), as messages."""
+    out = []
+    for task in sorted({r["task"] for r in runs}):
+        for key in BUDGET_KEYS:
+            values = {json.dumps(r.get("hyperparameters", {}).get(key)) for r in runs if r["task"] == task}
+            if len(values) > 1:
+                out.append(f"{task}: runs differ in {key} ({', '.join(sorted(values))})")
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def f(x: Optional[float], digits: int = 4) -> str:
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    lines = ["| task | metric | method | seeds | median | mean ± std | max | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['metric']} | {r['method']} | {r['n']} | {f(r['median'])} | "
+                     f"{f(r['mean'])} ± {f(r['std'])} | {f(r['max'])} | {f(r['seconds_per_step'], 3)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Per task (primary metric): each seed's value as a point, the median per method as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        first = next(r for r in rows if r["task"] == task)
+        group = [r for r in rows if r["task"] == task and r["metric"] == first["metric"]]
+        for x, r in enumerate(group):
+            n = len(r["values"])
+            xs = [x + (i - (n - 1) / 2) * 0.08 for i in range(n)]
+            ax.scatter(xs, r["values"], s=18, color=f"C{x}", alpha=0.8, zorder=3)
+            ax.hlines(r["median"], x - 0.3, x + 0.3, color=f"C{x}", lw=2.5)
+        ax.set_xticks(range(len(group)), [r["method"] for r in group])
+        ax.set_xlim(-0.6, len(group) - 0.4)
+        ax.set_title(task)
+        ax.set_ylabel(first["metric"])
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title or "points: seeds; bars: median")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="r3f-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="r3f-finetune output dirs or results.json files (searched recursively)")
+    p.add_argument("--output-dir", default=".", help="where report.md and report.png are written")
+    p.add_argument("--metric", choices=("final", "best"), default="final",
+                   help="final: the metrics at the end of training; best: the best evaluation of each run "
+                   "(chosen on the eval set, so optimistic)")
+    p.add_argument("--no-plot", action="store_true", help="write the table only (no matplotlib needed)")
+    args = p.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+    except ReportError as e:
+        raise SystemExit(f"r3f-report: {e}")
+    rows = summarize(runs, args.metric)
+    warnings = budget_mismatches(runs)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"{len(runs)} runs, {args.metric} metrics; median, mean ± sample std and max over seeds.\n\n"
+            + markdown_table(rows) + "\n")
+    if warnings:
+        text += "\n**Budgets differ between runs of a task:**\n" + "".join(f"- {w}\n" for w in warnings)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    if not args.no_plot:
+        try:
+            plot(rows, out / "report.png", f"{args.metric} metrics: points = seeds, bars = median")
+        except ImportError:
+            raise SystemExit("r3f-report: the plot needs matplotlib: `pip install matplotlib`, or pass --no-plot")
+    print(text, end="")
+    print(f"-> {out / 'report.md'}, {out / 'report.json'}" + ("" if args.no_plot else f", {out / 'report.png'}"))
+
+
+if __name__ == "__main__":
+    main()
