@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-examples", type=int, help="as --max-train-examples, for the eval set")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate (and checkpoint) every N steps; "
                    "0: at the end only")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (a Ctrl-C between "
+                   "steps checkpoints too)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an output dir that holds a run")
     p.add_argument("--save-model", action="store_true", help="save the final model (R4F baked in) and "
@@ -85,11 +89,15 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         value = getattr(a, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("lam", "eps", "weight_decay", "max_grad_norm", "eval_every"):
+    for name in ("lam", "eps", "weight_decay", "max_grad_norm", "eval_every", "save_every"):
         if not getattr(a, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if not 0 <= a.warmup_ratio < 1:
         p.error(f"--warmup-ratio must be in [0, 1), got {a.warmup_ratio}")
+    try:
+        a.device = torch.device(a.device)
+    except RuntimeError as e:
+        p.error(f"--device {a.device!r}: {e}")
     if a.resume and a.overwrite:
         p.error("--resume and --overwrite exclude each other")
 
@@ -135,11 +143,12 @@ def evaluate(model, tokenizer, features: list[dict], labels: list[int], task: st
     was_training = model.training
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    preds, loss_sum = [0] * len(features), 0.0
+    preds, loss_sum, device = [0] * len(features), 0.0, next(model.parameters()).device
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        logits = model(**_batch(tokenizer, [features[i] for i in idx])).logits.float()
-        target = torch.tensor([labels[i] for i in idx])
+        batch = {k: v.to(device) for k, v in _batch(tokenizer, [features[i] for i in idx]).items()}
+        logits = model(**batch).logits.float()
+        target = torch.tensor([labels[i] for i in idx], device=device)
         loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
         for i, p in zip(idx, logits.argmax(-1).tolist()):
             preds[i] = p
@@ -154,13 +163,16 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -173,10 +185,36 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def _load_model(args: argparse.Namespace, task):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"r3f-finetune: --model {args.model} is not a Hugging Face model folder with a tokenizer "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]}); pass a folder written by save_pretrained")
+    labels = dict(num_labels=len(task.labels), id2label=dict(enumerate(task.labels)),
+                  label2id={name: i for i, name in enumerate(task.labels)})
+    # A checkpoint fine-tuned on a task with another number of labels: its head is re-initialised.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, **labels, ignore_mismatched_sizes=config.num_labels != len(task.labels))
+    return tokenizer, model.to(args.device).train()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as the HF Trainer builds them: no weight decay on biases and normalisation layers."""
+    no_decay = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
+    no_decay |= {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+
+
 def finetune(args: argparse.Namespace) -> dict:
     """Run one fine-tuning job from parsed arguments; returns the results written to results.json."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
     task = TASKS[args.task]
@@ -206,31 +244,23 @@ def finetune(args: argparse.Namespace) -> dict:
             raise SystemExit("r3f-finetune: --resume with different arguments than the checkpoint's run "
                              f"(name: (checkpoint, now)): {diff}; resume with the same arguments")
     elif not args.overwrite and (results_path.exists() or ckpt_path.exists()):
-        raise SystemExit(f"r3f-finetune: {out} already holds a run ({'results.json' if results_path.exists() else 'a checkpoint'}); "
-                         "pass --resume to continue an unfinished run, --overwrite to start afresh, or another "
-                         "--output-dir")
+        held = "results.json" if results_path.exists() else "a checkpoint"
+        raise SystemExit(f"r3f-finetune: {out} already holds a run ({held}); pass --resume to continue an "
+                         "unfinished run, --overwrite to start afresh, or another --output-dir")
 
     hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected here
     _seed_everything(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # A head of another size (a checkpoint fine-tuned on another task) is re-initialised for this task.
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(task.labels),
-                                                               ignore_mismatched_sizes=True)
-    model.train()
+    tokenizer, model = _load_model(args, task)
     train_f, eval_f = _encode(tokenizer, train_x, args.max_length), _encode(tokenizer, eval_x, args.max_length)
-
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-              {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0}]
-    opt = RegularizedOptimizer(torch.optim.AdamW(groups, lr=args.lr), model, method=args.method, lam=args.lam,
-                               eps=args.eps, noise=args.noise, noisy_grad=args.noisy_grad, seed=args.seed,
-                               max_grad_norm=args.max_grad_norm or None)
+    opt = RegularizedOptimizer(torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr), model,
+                               method=args.method, lam=args.lam, eps=args.eps, noise=args.noise,
+                               noisy_grad=args.noisy_grad, seed=args.seed, max_grad_norm=args.max_grad_norm or None)
     steps_per_epoch = math.ceil(len(train_f) / args.batch_size)
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     sched = get_linear_schedule_with_warmup(opt.optimizer, round(args.warmup_ratio * total), total)
 
-    step, history, train_seconds, sums = 0, [], 0.0, {"task_loss": 0.0, "sym_kl": 0.0, "n": 0}
+    step, history, train_seconds = 0, [], 0.0
+    sums = {"task_loss": 0.0, "sym_kl": 0.0, "n": 0, "nonfinite": 0}  # since the last evaluation
     wall_before = 0.0  # wall-clock of the runs this one resumes
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -248,7 +278,8 @@ def finetune(args: argparse.Namespace) -> dict:
         epoch, pos = divmod(s, steps_per_epoch)
         order = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         idx = order[pos * args.batch_size:(pos + 1) * args.batch_size].tolist()
-        return _batch(tokenizer, [train_f[i] for i in idx], [train_y[i] for i in idx])
+        batch = _batch(tokenizer, [train_f[i] for i in idx], [train_y[i] for i in idx])
+        return {k: v.to(args.device) for k, v in batch.items()}
 
     def save_checkpoint() -> None:
         state = {"config": config, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -257,31 +288,58 @@ def finetune(args: argparse.Namespace) -> dict:
                  "wall_seconds": wall_before + time.perf_counter() - wall0}
         _atomic_write(ckpt_path, lambda p: torch.save(state, p))
 
+    def evaluate_now() -> None:
+        nonlocal sums
+        metrics = evaluate(model, tokenizer, eval_f, eval_y, task.name, args.eval_batch_size)
+        n = max(sums["n"], 1)
+        history.append({"step": step, "epoch": step / steps_per_epoch, "metrics": metrics,
+                        "train_task_loss": sums["task_loss"] / n, "train_sym_kl": sums["sym_kl"] / n,
+                        "nonfinite_steps": sums["nonfinite"]})
+        sums = {"task_loss": 0.0, "sym_kl": 0.0, "n": 0, "nonfinite": 0}
+        bar.write(f"step {step}/{total}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def due(s: int, every: int) -> bool:
+        return bool(every) and s % every == 0 and 0 < s < total
+
     wall0 = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=f"{task.name} {args.method} seed={args.seed}",
                disable=True if args.no_progress else None, dynamic_ncols=True)
-    while step < total:
-        batch = batch_at(step)
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        res = opt.step(lambda: model(**batch), noise_mask=batch["attention_mask"])
-        sched.step()
-        train_seconds += time.perf_counter() - t0
-        step += 1
-        sums["task_loss"] += res.task_loss.item()
-        sums["sym_kl"] += res.sym_kl.item()
-        sums["n"] += 1
-        bar.update(1)
-        bar.set_postfix(task_loss=f"{res.task_loss.item():.4f}", sym_kl=f"{res.sym_kl.item():.2e}")
-        if step == total or (args.eval_every and step % args.eval_every == 0):
-            metrics = evaluate(model, tokenizer, eval_f, eval_y, task.name, args.eval_batch_size)
-            history.append({"step": step, "epoch": step / steps_per_epoch, "metrics": metrics,
-                            "train_task_loss": sums["task_loss"] / sums["n"], "train_sym_kl": sums["sym_kl"] / sums["n"]})
-            sums = {"task_loss": 0.0, "sym_kl": 0.0, "n": 0}
-            bar.write(f"step {step}/{total}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if step < total:
+    consistent = True  # False while a step is half done: an interrupt then cannot be checkpointed
+    try:
+        if due(step, args.eval_every) and (not history or history[-1]["step"] != step):
+            evaluate_now()  # the run was interrupted during this evaluation
+        while step < total:
+            batch = batch_at(step)
+            t0 = time.perf_counter()
+            consistent = False
+            opt.zero_grad()
+            res = opt.step(lambda: model(**batch), noise_mask=batch["attention_mask"])
+            sched.step()
+            train_seconds += time.perf_counter() - t0
+            step += 1
+            if res.skipped:  # a non-finite loss: nothing changed (RegularizedOptimizer warns)
+                sums["nonfinite"] += 1
+            else:
+                sums["task_loss"] += res.task_loss.item()
+                sums["sym_kl"] += res.sym_kl.item()
+                sums["n"] += 1
+            consistent = True
+            bar.update(1)
+            n = max(sums["n"], 1)
+            bar.set_postfix(task_loss=f"{sums['task_loss'] / n:.4f}", sym_kl=f"{sums['sym_kl'] / n:.2e}")
+            if due(step, args.eval_every):
+                evaluate_now()
+            if due(step, args.eval_every) or due(step, args.save_every):
                 save_checkpoint()
-    bar.close()
+    except KeyboardInterrupt:
+        if consistent and step > 0:
+            save_checkpoint()
+            bar.write(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+    if not history or history[-1]["step"] != step:
+        evaluate_now()
 
     primary = task.primary_metric
     best = max(history, key=lambda h: h["metrics"][primary])
@@ -291,17 +349,19 @@ def finetune(args: argparse.Namespace) -> dict:
         "best": {"step": best["step"], "metrics": best["metrics"]},
         "evaluations": history,
         "hyperparameters": {k: v for k, v in config.items() if k not in ("task", "method", "seed")},
+        "settings": {"eval_every": args.eval_every, "eval_batch_size": args.eval_batch_size,
+                     "device": str(args.device), "command": ["r3f-finetune", *getattr(args, "argv", [])]},
         "data": {"train_file": args.train_file, "eval_file": args.eval_file, "n_train": len(train_f),
                  "n_eval": len(eval_f), "eval_is_full_official_dev": official_eval and args.max_eval_examples is None},
-        "steps": step, "steps_per_epoch": steps_per_epoch,
-        "train_seconds": train_seconds, "seconds_per_step": train_seconds / step, "steps_per_second": step / train_seconds,
-        "wall_clock_seconds": wall_before + time.perf_counter() - wall0,
+        "steps": step, "steps_per_epoch": steps_per_epoch, "nonfinite_steps": opt.nonfinite_steps,
+        "train_seconds": train_seconds, "seconds_per_step": train_seconds / step,
+        "steps_per_second": step / train_seconds, "wall_clock_seconds": wall_before + time.perf_counter() - wall0,
         "resumed": ckpt is not None,
         "versions": {"r3f_opt": __version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
                      "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                     "gpu": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else None},
     }
     if args.save_model:
         remove_r4f(model)
@@ -321,6 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         finetune(args)
     except GlueDataError as e:

@@ -54,7 +54,7 @@ TASKS = {t.name: t for t in [
 
 
 def resolve(path: Union[str, os.PathLike], data_dir: Optional[Union[str, os.PathLike]]) -> Path:
-    """``path`` as given if absolute, else relative to ``data_dir`` (then to the working directory)."""
+    """``path`` as given if absolute or if there is no ``data_dir``, else relative to ``data_dir``."""
     p = Path(path)
     if p.is_absolute() or data_dir is None:
         return p
@@ -72,7 +72,7 @@ def read_examples(path: Union[str, os.PathLike], task: Union[str, Task]) -> tupl
     # utf-8-sig: MRPC starts with a BOM. QUOTE_NONE: GLUE rows hold bare '"'.
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [(i + 1, r) for i, r in enumerate(rows) if r and any(c.strip() for c in r)]  # 1-based lines
+    rows = [(i + 1, r) for i, r in enumerate(rows) if r != [] and r != [""]]  # 1-based lines; skip blank lines
     if not rows:
         raise GlueDataError(f"{path}: the file is empty; expected the GLUE {task.folder} TSV format")
     if task.header:
@@ -86,7 +86,8 @@ def read_examples(path: Union[str, os.PathLike], task: Union[str, Task]) -> tupl
     else:
         cols, label_col, width = list(task.text_columns), task.label_column, task.n_columns
     if not rows:
-        raise GlueDataError(f"{path}: the file holds a header but no examples")
+        raise GlueDataError(f"{path}:{line}: the file holds only the header line, no examples; give a file "
+                            f"with at least one {task.folder} example")
     label_ids = {name: i for i, name in enumerate(task.labels)}
     texts, labels = [], []
     for line, row in rows:

@@ -21,6 +21,8 @@ METHOD_ORDER = ("standard", "r3f", "r4f")
 BUDGET_KEYS = ("model", "train_file", "eval_file", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length",
                "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples")
 
+METHOD_KEYS = ("lam", "eps", "noise", "noisy_grad")
+
 
 class ReportError(ValueError):
     """A results file that cannot be aggregated."""
@@ -82,8 +84,10 @@ def summarize(runs: list[dict], which: str = "final") -> list[dict]:
                 if not vals:
                     continue
                 sps = [r["seconds_per_step"] for r in group if "seconds_per_step" in r]
+                official = all(r.get("data", {}).get("eval_is_full_official_dev", True) for r in group)
                 rows.append({"task": task, "metric": metric, "method": method, "n": len(vals),
-                             "seeds": [r["seed"] for r in group], "values": vals,
+                             "seeds": [r["seed"] for r in group if metric in r[which]["metrics"]], "values": vals,
+                             "official_dev": official,
                              "median": statistics.median(vals), "mean": statistics.fmean(vals),
                              "std": statistics.stdev(vals) if len(vals) > 1 else None, "max": max(vals),
                              "seconds_per_step": statistics.fmean(sps) if sps else None})
@@ -91,13 +95,22 @@ def summarize(runs: list[dict], which: str = "final") -> list[dict]:
 
 
 def budget_mismatches(runs: list[dict]) -> list[str]:
-    """Tasks whose runs do not share one budget (different lr, steps, data, ...), as messages."""
+    """Runs that should not be compared, as messages: a task whose runs differ in budget (lr, steps, data,
+    ...), or a task and method whose seeds differ in the method's own settings (lam, eps, ...)."""
+    def differing(group: list[dict], keys: Sequence[str], what: str) -> list[str]:
+        msgs = []
+        for key in keys:
+            values = {json.dumps(r.get("hyperparameters", {}).get(key)) for r in group}
+            if len(values) > 1:
+                msgs.append(f"{what}: runs differ in {key} ({', '.join(sorted(values))})")
+        return msgs
+
     out = []
     for task in sorted({r["task"] for r in runs}):
-        for key in BUDGET_KEYS:
-            values = {json.dumps(r.get("hyperparameters", {}).get(key)) for r in runs if r["task"] == task}
-            if len(values) > 1:
-                out.append(f"{task}: runs differ in {key} ({', '.join(sorted(values))})")
+        task_runs = [r for r in runs if r["task"] == task]
+        out += differing(task_runs, BUDGET_KEYS, task)
+        for method in _methods(task_runs):
+            out += differing([r for r in task_runs if r["method"] == method], METHOD_KEYS, f"{task} {method}")
     return out
 
 
@@ -108,8 +121,12 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| task | metric | method | seeds | median | mean ± std | max | s/step |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['method']} | {r['n']} | {f(r['median'])} | "
+        task = r["task"] + ("" if r.get("official_dev", True) else " †")
+        lines.append(f"| {task} | {r['metric']} | {r['method']} | {r['n']} | {f(r['median'])} | "
                      f"{f(r['mean'])} ± {f(r['std'])} | {f(r['max'])} | {f(r['seconds_per_step'], 3)} |")
+    if not all(r.get("official_dev", True) for r in rows):
+        lines.append("\n† not the full official GLUE dev set (a held-out slice of train, or a subset): not a "
+                     "GLUE dev score.")
     return "\n".join(lines)
 
 
@@ -161,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     text = (f"{len(runs)} runs, {args.metric} metrics; median, mean ± sample std and max over seeds.\n\n"
             + markdown_table(rows) + "\n")
     if warnings:
-        text += "\n**Budgets differ between runs of a task:**\n" + "".join(f"- {w}\n" for w in warnings)
+        text += "\n**Not comparable: settings differ**\n" + "".join(f"- {w}\n" for w in warnings)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(rows, indent=2))
     if not args.no_plot:

@@ -49,7 +49,8 @@ def test_formats(tmp_path):
 @pytest.mark.parametrize("name,text,match", [
     ("empty", "", "empty"),
     ("blank", "\n\n", "empty"),
-    ("header_only", "sentence\tlabel\n", "header but no examples"),
+    ("header_only", "sentence\tlabel\n", r"h\.tsv:1: the file holds only the header line"),
+    ("tabs_only_row", "sentence\tlabel\na\t1\n\t\n", r"h\.tsv:3: unknown label '' for task sst2"),
     ("wrong_header", "text\tlabel\na\t1\n", r"h\.tsv:1: the header lacks column\(s\) \['sentence'\]"),
     ("short_row", "sentence\tlabel\na\t1\nb\n", r"h\.tsv:3: expected 2 tab-separated columns .* found 1"),
     ("unknown_label", "sentence\tlabel\na\t1\nb\tpositive\n", r"h\.tsv:3: unknown label 'positive' for task sst2"),

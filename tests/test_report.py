@@ -7,11 +7,12 @@ import pytest
 from r3f_opt import report
 
 
-def fake_run(root, task, method, seed, value, f1=None, sps=0.5, lr=1e-4):
+def fake_run(root, task, method, seed, value, f1=None, sps=0.5, lr=1e-4, lam=1.0, official=True):
     metrics = {"accuracy": value, "loss": 0.5, **({"f1": f1} if f1 is not None else {})}
     run = {"task": task, "method": method, "seed": seed, "primary_metric": "accuracy",
            "final": {"step": 10, "metrics": metrics}, "best": {"step": 5, "metrics": {**metrics, "accuracy": value + 0.1}},
-           "seconds_per_step": sps, "hyperparameters": {"lr": lr, "max_steps": 10}}
+           "seconds_per_step": sps, "hyperparameters": {"lr": lr, "max_steps": 10, "lam": lam},
+           "data": {"eval_is_full_official_dev": official}}
     d = root / f"{task}-{method}-{seed}"
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps(run))
@@ -48,7 +49,7 @@ def test_cli_writes_table_and_plot(runs, tmp_path, capsys):
     report.main([str(root), "--output-dir", str(out)])
     text = (out / "report.md").read_text()
     assert "| mrpc | accuracy | r3f | 3 | 0.6600 | 0.6933 ± 0.0945 | 0.8000 | 1.000 |" in text
-    assert "Budgets differ" not in text
+    assert "Not comparable" not in text and "†" not in text
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert json.loads((out / "report.json").read_text())[0]["task"] == "mrpc"
@@ -63,6 +64,15 @@ def test_single_seed_and_budget_mismatch(tmp_path):
     assert "| rte | accuracy | r4f | 1 | 0.6000 | 0.6000 ± – | 0.6000 |" in text
     assert "rte: runs differ in lr" in text
     assert not (tmp_path / "rep" / "report.png").exists()
+
+
+def test_method_settings_and_unofficial_eval_are_flagged(tmp_path):
+    fake_run(tmp_path, "qqp", "r3f", 1, 0.5, lam=1.0, official=False)
+    fake_run(tmp_path, "qqp", "r3f", 2, 0.6, lam=0.1, official=False)
+    report.main([str(tmp_path), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "qqp r3f: runs differ in lam (0.1, 1.0)" in text
+    assert "| qqp † | accuracy | r3f | 2 |" in text and "not a GLUE dev score" in text
 
 
 def test_errors(tmp_path):
