@@ -26,6 +26,7 @@ setup(
     entry_points={"console_scripts": [
         "r3f-finetune=r3f_opt.finetune:main",
         "r3f-report=r3f_opt.report:main",
+        "r3f-probe=r3f_opt.probe:main",
     ]},
     extras_require={
         # hypothesis: property-based kernel tests; matplotlib: the PNG plots of bench/ (tested in CI).

