@@ -24,14 +24,14 @@ import torch
 from . import __version__
 from .glue import TASKS, GlueDataError, compute_metrics, read_examples, resolve
 from .optimizer import METHODS, RegularizedOptimizer
-from .r4f import remove_r4f
+from .r4f import find_head, remove_r4f
 
 __all__ = ["main", "build_parser", "finetune"]
 
 # Arguments that define the run: a resumed run must have the same ones.
 RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "lam", "eps", "noise", "noisy_grad", "seed",
             "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
-            "max_grad_norm", "max_train_examples", "max_eval_examples")
+            "max_grad_norm", "max_train_examples", "max_eval_examples", "reinit_head")
 SUBSET_SEED = 0  # --max-*-examples subsets are the same for every --seed and method
 
 
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an output dir that holds a run")
+    p.add_argument("--reinit-head", action="store_true", help="re-initialise the classification head even if "
+                   "--model has one of the right size (a checkpoint fine-tuned on another task)")
     p.add_argument("--save-model", action="store_true", help="save the final model (R4F baked in) and "
                    "tokenizer to <output-dir>/model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -199,6 +201,10 @@ def _load_model(args: argparse.Namespace, task):
     # A checkpoint fine-tuned on a task with another number of labels: its head is re-initialised.
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, **labels, ignore_mismatched_sizes=config.num_labels != len(task.labels))
+    if args.reinit_head:  # a fresh head for a new task, as BERT initialises one: N(0, initializer_range²), bias 0
+        for linear in find_head(model):
+            torch.nn.init.normal_(linear.weight, std=getattr(config, "initializer_range", 0.02))
+            torch.nn.init.zeros_(linear.bias) if linear.bias is not None else None
     return tokenizer, model.to(args.device).train()
 
 

@@ -4,7 +4,8 @@
     r3f-probe degradation --chain sst2 qnli qqp rte --output-dir probes/deg
     r3f-probe retention --chain sst2 qnli qqp rte --cycles 3 --output-dir probes/ret
 
-Every checkpoint is fine-tuned with ``r3f-finetune`` (kept, so a rerun resumes where it stopped), its
+Every checkpoint is fine-tuned with ``r3f-finetune`` with a fresh head (kept: a rerun with the same
+arguments reuses finished stages and resumes an interrupted one), its
 encoder is frozen, pooled features are extracted once and cached, and a deterministic linear probe (L2
 logistic regression, LBFGS, float64) is trained per probed task. Two cheap collapse measures come with
 every checkpoint: linear CKA to the pretrained features on a fixed probe set, and the distance of the
@@ -86,23 +87,46 @@ def param_distance(model_dir: str, reference_dir: str) -> dict:
     return {"l2": diff, "relative": diff / ref, "tensors": len(keys)}
 
 
-def _weights_digest(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
-    if not files:
-        raise SystemExit(f"r3f-probe: {model_dir} holds no model weights (*.safetensors, *.bin)")
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+FEATURES_VERSION = 1  # bump when the feature code changes: old cache entries are then never reused
+_DIGESTS: dict = {}
+
+
+def model_digest(model_dir: str) -> str:
+    """SHA-256 of a model folder's weights, config and tokenizer files (memoised on path, size, mtime)."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model")))
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise SystemExit(f"r3f-probe: {model_dir} holds no model weights (*.safetensors, *.bin); pass a folder "
+                         "written by save_pretrained")
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_LOADED: dict = {}
 
 
 def _feature_model(model_dir: str):
+    """Tokenizer and frozen encoder of a folder; the last one loaded is kept for the next call."""
     from transformers import AutoModel, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    key = model_digest(model_dir)
+    if key not in _LOADED:
+        try:
+            loaded = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"r3f-probe: {model_dir} is not a Hugging Face model folder with a tokenizer "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})")
+        _LOADED.clear()
+        _LOADED[key] = loaded
+    return _LOADED[key]
 
 
 @torch.no_grad()
@@ -115,7 +139,8 @@ def extract_features(model_dir: str, texts: list, *, max_length: int = 128, batc
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps([_weights_digest(Path(model_dir)), texts, max_length, pooling]).encode())
+        key = hashlib.sha256(json.dumps([FEATURES_VERSION, model_digest(model_dir), texts, max_length,
+                                         pooling]).encode())
         path = Path(cache_dir) / f"{key.hexdigest()[:32]}.pt"
         if path.is_file():
             return torch.load(path)
@@ -153,10 +178,10 @@ def _probe_data(args: argparse.Namespace, task: str) -> dict:
 class Prober:
     """Probes checkpoints on a set of tasks, with features cached under ``<output-dir>/features``."""
 
-    def __init__(self, args: argparse.Namespace, tasks: Sequence[str]):
+    def __init__(self, args: argparse.Namespace, tasks: Sequence[str], source: str):
         self.args, self.pretrained = args, args.model
         self.data = {t: _probe_data(args, t) for t in dict.fromkeys(tasks)}  # bad data fails here
-        cka_task = args.cka_task or tasks[0]
+        cka_task = args.cka_task or source
         self.cka_texts = _probe_data(args, cka_task)["eval"][0][:args.cka_examples]
         self.cache = str(Path(args.output_dir) / "features")
 
@@ -173,25 +198,31 @@ class Prober:
             preds = probe_predict(probe, self.features(model_dir, ex)).tolist()
             probes[task] = compute_metrics(task, preds, ey)
         cka = linear_cka(self.features(self.pretrained, self.cka_texts), self.features(model_dir, self.cka_texts))
-        dist = param_distance(model_dir, self.pretrained) if model_dir != self.pretrained else \
-            {"l2": 0.0, "relative": 0.0}
-        return {"probes": probes, "cka_to_pretrained": cka, "param_distance": dist}
+        return {"checkpoint": model_dir, "probes": probes, "cka_to_pretrained": cka,
+                "param_distance": param_distance(model_dir, self.pretrained)}
 
 
 def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int, model_dir: str, out: Path) -> str:
-    """Fine-tune one stage with r3f-finetune (reused if it already finished); returns the saved model."""
-    if not (out / "results.json").is_file() or not (out / "model").is_dir():
-        argv = ["--task", task, "--method", method, "--seed", str(seed), "--model", model_dir, "--output-dir",
-                str(out), "--save-model", "--overwrite", "--max-steps", str(args.steps), "--batch-size",
-                str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--lam",
-                str(args.lam), "--eps", str(args.eps), "--max-eval-examples", str(args.stage_eval_examples)]
-        if args.data_dir:
-            argv += ["--data-dir", str(args.data_dir)]
-        if args.max_train_examples:
-            argv += ["--max-train-examples", str(args.max_train_examples)]
-        if args.no_progress:
-            argv += ["--no-progress"]
-        ft.main(argv)
+    """Fine-tune one stage with r3f-finetune (a fresh head, the stage's budget); returns the saved model.
+    A finished stage is reused, and an interrupted one resumed, only if it was run with the same
+    arguments from the same input weights (``stage.json``); otherwise it is run afresh."""
+    argv = ["--task", task, "--method", method, "--seed", str(seed), "--model", model_dir, "--output-dir",
+            str(out), "--save-model", "--reinit-head", "--max-steps", str(args.steps), "--batch-size",
+            str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--lam",
+            str(args.lam), "--eps", str(args.eps), "--max-eval-examples", str(args.stage_eval_examples)]
+    if args.data_dir:
+        argv += ["--data-dir", str(args.data_dir)]
+    if args.max_train_examples is not None:
+        argv += ["--max-train-examples", str(args.max_train_examples)]
+    spec = {"argv": argv, "input_digest": model_digest(model_dir)}
+    spec_path = out / "stage.json"
+    same = spec_path.is_file() and json.loads(spec_path.read_text()) == spec
+    if same and (out / "results.json").is_file() and (out / "model").is_dir():
+        return str(out / "model")
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    resume = same and (out / "checkpoint.pt").is_file()
+    ft.main(argv + ["--resume" if resume else "--overwrite"] + (["--no-progress"] if args.no_progress else []))
     return str(out / "model")
 
 
@@ -207,8 +238,9 @@ def run_experiment(args: argparse.Namespace) -> dict:
         probed = [args.chain[0]] if cmd == "degradation" else list(dict.fromkeys(args.chain))
     for task in dict.fromkeys(stages):  # bad stage data fails now, not hours into the experiment
         t = TASKS[task]
-        ft._load(resolve(f"{t.folder}/{t.train_file}", args.data_dir), task, 1)
-    prober = Prober(args, probed)
+        for name in (t.train_file, t.eval_file):
+            ft._load(resolve(f"{t.folder}/{name}", args.data_dir), task, 1)
+    prober = Prober(args, probed, stages[0])
     out = Path(args.output_dir)
     rows = [{"method": "pretrained", "seed": None, "stage": 0, "cycle": 0, "after": None,
              **prober(args.model, probed)}]
@@ -223,7 +255,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
                 model_dir = _finetune_stage(args, task, method, seed, model_dir, run_dir)
                 row = {"method": method, "seed": seed, "stage": i + 1,
                        "cycle": 1 if cmd == "generalization" else i // len(args.chain) + 1, "after": task,
-                       "checkpoint": model_dir, **prober(model_dir, probed)}
+                       **prober(model_dir, probed)}
                 rows.append(row)
                 bar.update(1)
                 bar.write(f"{method} seed={seed} after stage {i + 1} ({task}): " + ", ".join(
@@ -252,52 +284,65 @@ def markdown(result: dict) -> str:
     """Medians over seeds (mean ± sample std) of each probe's primary metric, CKA and weight distance."""
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    keys = sorted({(r["stage"], r["after"]) for r in rows if r["method"] != "pretrained"})
+    stages = sorted({(r["stage"], r["cycle"], r["after"]) for r in rows if r["method"] != "pretrained"})
     tasks = list(dict.fromkeys(t for r in rows for t in r["probes"]))
-    head = "| method | after stage | " + " | ".join(f"{t} ({TASKS[t].primary_metric})" for t in tasks) + \
-        " | CKA to pretrained | ‖θ−θ₀‖/‖θ₀‖ |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    lines = ["| method | stage | cycle | after | " + " | ".join(f"{t} ({TASKS[t].primary_metric})" for t in tasks)
+             + " | CKA to pretrained | ‖θ−θ₀‖/‖θ₀‖ |", "|" + "---|" * (len(tasks) + 6)]
     for method in methods:
-        for stage, after in ([(0, None)] if method == "pretrained" else keys):
+        for stage, cycle, after in ([(0, 0, None)] if method == "pretrained" else stages):
             group = [r for r in rows if r["method"] == method and r["stage"] == stage]
             if not group:
                 continue
             cells = [_fmt([_primary(r, t) for r in group if t in r["probes"]]) for t in tasks]
-            lines.append(f"| {method} | {stage} {after or '(none)'} | " + " | ".join(cells) + " | "
+            lines.append(f"| {method} | {stage} | {cycle} | {after or '–'} | " + " | ".join(cells) + " | "
                          + _fmt([r["cka_to_pretrained"] for r in group]) + " | "
                          + _fmt([r["param_distance"]["relative"] for r in group]) + " |")
     return "\n".join(lines) + "\n\nValues: median over seeds (mean ± sample std).\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    """Generalization: probe score per target task and method (Fig. 3 style). Degradation / retention:
-    probe score per task against the stage of the chain, one line per method (Figs. 4–5 style)."""
+    """Generalization: grouped bars of probe scores per target (the paper's Fig. 3). Degradation and
+    retention: probe score per task along the chain, one line per method (Figs. 4–5). Last panel: CKA."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows, chain = result["rows"], result["command"] != "generalization"
+    base = rows[0]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "pretrained"))
     tasks = list(dict.fromkeys(t for r in rows for t in r["probes"]))
-    base = rows[0]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.3), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    stages = sorted({(r["stage"], r["after"]) for r in rows if r["method"] != "pretrained"})
+    panels = [(t, lambda r, t=t: _primary(r, t), f"probe: {t} ({TASKS[t].primary_metric})") for t in tasks]
+    panels.append(("cka", lambda r: r["cka_to_pretrained"], "CKA to pretrained features"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, value, title) in zip(axes[0], panels):
         for j, method in enumerate(methods):
-            group = [r for r in rows if r["method"] == method and task in r["probes"]]
-            stages = sorted({r["stage"] for r in group})
-            med = [statistics.median(_primary(r, task) for r in group if r["stage"] == s) for s in stages]
-            ax.scatter([s + (j - 1) * 0.06 for s in [r["stage"] for r in group]], [_primary(r, task) for r in group],
-                       s=10, color=f"C{j}", alpha=0.5)
-            ax.plot(stages, med, "-o" if len(stages) > 1 else "o", color=f"C{j}", label=method)
-        if task in base["probes"]:
-            ax.axhline(_primary(base, task), color="gray", ls="--", lw=1, label="pretrained")
-        ax.set_title(f"probe: {task}")
-        ax.set_xlabel("stage" if result["command"] != "generalization" else "fine-tuned on source")
-        ax.set_ylabel(TASKS[task].primary_metric)
-        ax.grid(alpha=0.3)
+            group = [r for r in rows if r["method"] == method and (key == "cka" or key in r["probes"])]
+            if chain:
+                xs = [s for s, _ in stages]
+                med = [statistics.median([value(r) for r in group if r["stage"] == s]) for s in xs]
+                ax.plot(xs, med, "-o", ms=3, color=f"C{j}", label=method)
+                ax.scatter([r["stage"] + (j - (len(methods) - 1) / 2) * 0.08 for r in group],
+                           [value(r) for r in group], s=8, color=f"C{j}", alpha=0.5)
+            else:
+                ax.bar(j, statistics.median(value(r) for r in group), width=0.7, color=f"C{j}", alpha=0.7,
+                       label=method)
+                ax.scatter([j] * len(group), [value(r) for r in group], s=10, color="k", zorder=3)
+        if key == "cka" or key in base["probes"]:
+            ax.axhline(value(base), color="gray", ls="--", lw=1, label="pretrained")
+        if chain:
+            ax.set_xticks([s for s, _ in stages], [f"{s}\n{t}" for s, t in stages], fontsize=7)
+            n = len(result["arguments"].get("chain") or [])
+            for c in range(n, len(stages), n or len(stages)):
+                ax.axvline(c + 0.5, color="k", lw=0.5, ls=":")
+        else:
+            ax.set_xticks(range(len(methods)), methods)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"r3f-probe {result['command']}: points = seeds, lines = median")
+    fig.suptitle(f"r3f-probe {result['command']}: " + ("median per method, points = seeds" if chain else
+                                                        "bars = median, points = seeds"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -337,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--probe-eval-examples", type=int, help="default: the whole dev set")
         g.add_argument("--probe-l2", type=float, default=1e-2)
         g.add_argument("--pooling", choices=("mean", "cls"), default="mean")
-        g.add_argument("--cka-task", choices=sorted(TASKS), help="dev set of the CKA probe set (default: source)")
+        g.add_argument("--cka-task", choices=sorted(TASKS), help="dev set of the CKA probe set (default: the source, "
+                   "or the first task of the chain)")
         g.add_argument("--cka-examples", type=int, default=500)
         s.add_argument("--no-progress", action="store_true")
     return p
@@ -347,12 +393,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """The ``r3f-probe`` command line."""
     p = build_parser()
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "max_length", "probe_train_examples", "cka_examples", "cycles"):
+    for name in ("steps", "batch_size", "max_length", "probe_train_examples", "probe_eval_examples", "cka_examples",
+                 "cycles", "max_train_examples", "stage_eval_examples", "lr", "probe_l2"):
         value = getattr(args, name, 1)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    if not args.lr > 0 or not args.probe_l2 > 0:
-        p.error("--lr and --probe-l2 must be > 0")
+    for name in ("lam", "eps"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     args.model = args.model or ft.default_model()
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
