@@ -77,10 +77,17 @@ def _encoder_state(model_dir: str) -> dict:
     return AutoModel.from_pretrained(model_dir).state_dict()
 
 
+_REFERENCE: dict = {}
+
+
 def param_distance(model_dir: str, reference_dir: str) -> dict:
     """``||θ − θ₀||₂`` over the encoder's weights (the pooler excluded: all-MiniLM-L6-v2 ships none, so
     it is randomly initialised on load), and the same relative to ``||θ₀||₂``."""
-    a, b = _encoder_state(model_dir), _encoder_state(reference_dir)
+    key = model_digest(reference_dir)  # the reference (the pretrained model) is loaded once, not per checkpoint
+    if key not in _REFERENCE:
+        _REFERENCE.clear()
+        _REFERENCE[key] = _encoder_state(reference_dir)
+    a, b = _encoder_state(model_dir), _REFERENCE[key]
     keys = [k for k in b if k in a and a[k].shape == b[k].shape and "pooler" not in k and b[k].is_floating_point()]
     diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys) ** 0.5
     ref = sum(float(b[k].double().square().sum()) for k in keys) ** 0.5
