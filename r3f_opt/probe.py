@@ -1,8 +1,10 @@
 """r3f-probe: measure representational collapse with the paper's three probing experiments (Sec. 5).
 
-    r3f-probe generalization --source sst2 --targets rte mrpc cola --output-dir probes/gen
-    r3f-probe degradation --chain sst2 qnli qqp rte --output-dir probes/deg
-    r3f-probe retention --chain sst2 qnli qqp rte --cycles 3 --output-dir probes/ret
+    r3f-probe retention --chain sst2 qnli qqp rte --cycles 3 --output-dir probes
+    r3f-probe degradation --chain sst2 qnli qqp rte --output-dir probes     # reuses retention's cycle 1
+    r3f-probe generalization --source sst2 --targets rte mrpc cola --output-dir probes  # and its stage 1
+
+Each writes ``<output-dir>/<subcommand>.json`` (saved after every checkpoint), ``.md`` and ``.png``.
 
 Every checkpoint is fine-tuned with ``r3f-finetune`` with a fresh head (kept: a rerun with the same
 arguments reuses finished stages and resumes an interrupted one), its
@@ -19,7 +21,7 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -233,8 +235,10 @@ def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int,
     return str(out / "model")
 
 
-def run_experiment(args: argparse.Namespace) -> dict:
-    """Run one subcommand over methods × seeds; returns what is written to ``probe_results.json``."""
+def run_experiment(args: argparse.Namespace, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run one subcommand over methods × seeds; returns what is written to ``<command>.json``.
+    ``on_row(partial_result)`` is called after every probed checkpoint (``main`` saves it then, so a
+    crash keeps the rows so far)."""
     from tqdm.auto import tqdm
 
     cmd = args.command
@@ -254,6 +258,10 @@ def run_experiment(args: argparse.Namespace) -> dict:
     bar = tqdm(total=len(args.methods) * len(args.seeds) * len(stages), desc=f"r3f-probe {cmd}",
                disable=True if args.no_progress else None)
     bar.write(f"pretrained: {rows[0]['probes']}")
+    probe_data = {t: {"n_train": len(d["train"][1]), "eval_file": d["eval_file"], "n_eval": len(d["eval"][1]),
+                      "eval_is_full_official_dev": d["official_dev"]} for t, d in prober.data.items()}
+    result = {"command": cmd, "arguments": dict(vars(args)), "probe_data": probe_data, "rows": rows,
+              "complete": False}
     for method in args.methods:
         for seed in args.seeds:
             model_dir = args.model
@@ -264,14 +272,14 @@ def run_experiment(args: argparse.Namespace) -> dict:
                        "cycle": 1 if cmd == "generalization" else i // len(args.chain) + 1, "after": task,
                        **prober(model_dir, probed)}
                 rows.append(row)
+                if on_row is not None:
+                    on_row(result)
                 bar.update(1)
                 bar.write(f"{method} seed={seed} after stage {i + 1} ({task}): " + ", ".join(
                     f"{t}={_primary(row, t):.4f}" for t in probed) + f", CKA={row['cka_to_pretrained']:.3f}")
     bar.close()
-    probe_data = {t: {"n_train": len(d["train"][1]), "eval_file": d["eval_file"], "n_eval": len(d["eval"][1]),
-                      "eval_is_full_official_dev": d["official_dev"]} for t, d in prober.data.items()}
-    return {"command": cmd, "arguments": {k: v for k, v in vars(args).items()}, "probe_data": probe_data,
-            "rows": rows}
+    result["complete"] = True
+    return result
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -411,20 +419,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.model = args.model or ft.default_model()
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
-    out = Path(args.output_dir)
+    if args.no_progress:  # transformers' own "Loading weights" bars too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    # One file set per subcommand, so the three can share an --output-dir (and its stages and features).
+    path = Path(args.output_dir) / args.command
+
+    def save(result: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ft._atomic_write(path.with_suffix(".json"), lambda f: f.write_text(json.dumps(result, indent=2, default=str)))
+
     try:
-        result = run_experiment(args)
+        result = run_experiment(args, on_row=save)
     except GlueDataError as e:
         raise SystemExit(f"r3f-probe: bad data: {e}")
-    out.mkdir(parents=True, exist_ok=True)
-    ft._atomic_write(out / "probe_results.json", lambda f: f.write_text(json.dumps(result, indent=2, default=str)))
+    save(result)
     text = markdown(result)
-    (out / "probe_results.md").write_text(f"# r3f-probe {args.command}\n\n" + text)
+    path.with_suffix(".md").write_text(f"# r3f-probe {args.command}\n\n" + text)
     try:
-        plot(result, out / "probe_results.png")
+        plot(result, path.with_suffix(".png"))
     except ImportError:
         print("r3f-probe: matplotlib is not installed: no plot (`pip install matplotlib`)")
-    print(text + f"-> {out / 'probe_results.json'}, {out / 'probe_results.md'}, {out / 'probe_results.png'}")
+    print(text + f"-> {path}.json, {path}.md, {path}.png")
 
 
 if __name__ == "__main__":

@@ -124,8 +124,9 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
     argv = [command, *extra, "--data-dir", str(glue_dir), "--model", tiny_model_dir, "--output-dir",
             str(tmp_path / "out"), *TINY]
     probe.main(argv)
-    res = json.loads((tmp_path / "out" / "probe_results.json").read_text())
+    res = json.loads((tmp_path / "out" / f"{command}.json").read_text())
     rows = res["rows"]
+    assert res["complete"] is True
     assert rows[0]["method"] == "pretrained" and rows[0]["cka_to_pretrained"] == pytest.approx(1.0)
     assert len(rows) == 1 + 2 * n_stages
     for r in rows:
@@ -140,25 +141,46 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
         assert json.loads((Path(s2["checkpoint"]).parent / "results.json").read_text())["hyperparameters"][
             "model"] == s1["checkpoint"]
         assert probe.param_distance(s2["checkpoint"], s1["checkpoint"])["l2"] < s2["param_distance"]["l2"]
-    md = (tmp_path / "out" / "probe_results.md").read_text()
+    md = (tmp_path / "out" / f"{command}.md").read_text()
     assert "| pretrained | 0 | 0 | – |" in md and "| r3f | 1 | 1 | rte |" in md
-    assert (tmp_path / "out" / "probe_results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / f"{command}.png").read_bytes()[:4] == b"\x89PNG"
 
     # A rerun reuses the fine-tuned stages and the cached features: nothing is trained or extracted again.
     real_main = ft.main
     monkeypatch.setattr(ft, "main", lambda *a: pytest.fail("a finished stage was fine-tuned again"))
     monkeypatch.setattr(probe, "_feature_model", lambda *a: pytest.fail("cached features were extracted again"))
     probe.main(argv)
-    assert json.loads((tmp_path / "out" / "probe_results.json").read_text())["rows"] == rows
+    assert json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"] == rows
     # With another budget the stages are fine-tuned afresh, not silently reused.
     monkeypatch.undo()  # new checkpoints need their features extracted
     calls = []
     monkeypatch.setattr(ft, "main", lambda a: (calls.append(a), real_main(a)))
     probe.main(argv + ["--lam", "0.5"])
     assert len(calls) == 2 * n_stages and all("--overwrite" in a for a in calls)
-    new = json.loads((tmp_path / "out" / "probe_results.json").read_text())["rows"]
+    new = json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"]
     # standard ignores lam: retrained, it gives the same rows (training is deterministic); r3f's change
     assert new[:1 + n_stages] == rows[:1 + n_stages] and new[1 + n_stages:] != rows[1 + n_stages:]
+
+
+def test_rows_are_saved_as_they_come(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """A crash in stage 2 keeps stage 1's probe row on disk, marked incomplete."""
+    real = probe._finetune_stage
+    calls = []
+
+    def crash_on_second(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*a)
+
+    monkeypatch.setattr(probe, "_finetune_stage", crash_on_second)
+    with pytest.raises(RuntimeError, match="boom"):
+        probe.main(["degradation", "--chain", "rte", "mrpc", "--data-dir", str(glue_dir), "--model", tiny_model_dir,
+                    "--output-dir", str(tmp_path / "out"), *TINY])
+    res = json.loads((tmp_path / "out" / "degradation.json").read_text())
+    assert res["complete"] is False and [(r["method"], r["stage"]) for r in res["rows"]] == [
+        ("pretrained", 0), ("standard", 1)]
+    assert not (tmp_path / "out" / "degradation.md").exists()
 
 
 def test_bad_input(glue_dir, tiny_model_dir, tmp_path, capsys):

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The issue-6 probing experiment as it was run for docs/probing.md (2-core CPU, torch 2.13.0+cpu).
+# Retention runs in two parallel lanes of one thread each (about 20% more throughput than one
+# two-thread process on this machine); every lane shares one --output-dir, so the final commands
+# reuse every fine-tuned stage and every cached feature and only recompute the probe rows.
+set -euo pipefail
+OUT=${OUT:-/work/probe-exp}
+DATA=${DATA:-../shared/data/glue}
+COMMON=(--data-dir "$DATA" --output-dir "$OUT" --steps 32 --batch-size 16 --lr 1e-4 --max-length 64
+        --probe-train-examples 500 --probe-eval-examples 500 --cka-examples 300 --no-progress)
+RET=(retention --chain sst2 qnli qqp rte --cycles 3)
+
+lane() { OMP_NUM_THREADS=1 r3f-probe "${RET[@]}" "${COMMON[@]}" "$@"; }
+( lane --methods r3f --seeds 1 2 3 && lane --methods standard --seeds 1 ) > "$OUT/lane1.log" 2>&1 &
+( lane --methods r4f --seeds 1 2 3 && lane --methods standard --seeds 2 3 ) > "$OUT/lane2.log" 2>&1 &
+wait
+
+# Every command writes <out>/probe_results.*; keep each command's copy.
+keep() { mkdir -p "$OUT/$1" && cp "$OUT"/probe_results.{json,md,png} "$OUT/$1/"; }
+r3f-probe "${RET[@]}" "${COMMON[@]}" --methods standard r3f r4f --seeds 1 2 3 > "$OUT/retention.log" 2>&1
+keep retention
+r3f-probe degradation --chain sst2 qnli qqp rte "${COMMON[@]}" --methods standard r3f r4f --seeds 1 2 3 \
+    > "$OUT/degradation.log" 2>&1
+keep degradation
+r3f-probe generalization --source sst2 --targets rte mrpc cola qnli mnli qqp "${COMMON[@]}" \
+    --methods standard r3f r4f --seeds 1 2 3 > "$OUT/generalization.log" 2>&1
+keep generalization
