@@ -211,6 +211,16 @@ class Prober:
                 "param_distance": param_distance(model_dir, self.pretrained)}
 
 
+def _same_stage(old: dict, new: dict) -> bool:
+    """Same arguments and same input weights. The input is compared by its digest, not its path, so a
+    moved or reinstalled copy of the pretrained model still reuses its stages."""
+    def key(spec: dict) -> tuple:
+        argv = list(spec["argv"])
+        i = argv.index("--model")
+        return spec["input_digest"], argv[:i] + argv[i + 2:]
+    return key(old) == key(new)
+
+
 def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int, model_dir: str, out: Path) -> str:
     """Fine-tune one stage with r3f-finetune (a fresh head, the stage's budget); returns the saved model.
     A finished stage is reused, and an interrupted one resumed, only if it was run with the same
@@ -225,7 +235,7 @@ def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int,
         argv += ["--max-train-examples", str(args.max_train_examples)]
     spec = {"argv": argv, "input_digest": model_digest(model_dir)}
     spec_path = out / "stage.json"
-    same = spec_path.is_file() and json.loads(spec_path.read_text()) == spec
+    same = spec_path.is_file() and _same_stage(json.loads(spec_path.read_text()), spec)
     if same and (out / "results.json").is_file() and (out / "model").is_dir():
         return str(out / "model")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """r3f-probe: the probe trainer, CKA, weight distance, feature caching and the three subcommands."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +146,17 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
     assert "| pretrained | 0 | 0 | – |" in md and "| r3f | 1 | 1 | rte |" in md
     assert (tmp_path / "out" / f"{command}.png").read_bytes()[:4] == b"\x89PNG"
 
-    # A rerun reuses the fine-tuned stages and the cached features: nothing is trained or extracted again.
+    # A rerun reuses the fine-tuned stages and the cached features: nothing is trained or extracted again,
+    # also when the pretrained model is a copy at another path (stages are keyed by weights, not paths).
     real_main = ft.main
     monkeypatch.setattr(ft, "main", lambda *a: pytest.fail("a finished stage was fine-tuned again"))
     monkeypatch.setattr(probe, "_feature_model", lambda *a: pytest.fail("cached features were extracted again"))
     probe.main(argv)
     assert json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"] == rows
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    probe.main([str(tmp_path / "copy") if a == tiny_model_dir else a for a in argv])
+    moved = json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"]
+    assert [r["probes"] for r in moved] == [r["probes"] for r in rows]
     # With another budget the stages are fine-tuned afresh, not silently reused.
     monkeypatch.undo()  # new checkpoints need their features extracted
     calls = []
