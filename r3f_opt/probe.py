@@ -73,10 +73,22 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
-def _encoder_state(model_dir: str) -> dict:
+def _load_encoder(model_dir: str):
+    """The bare encoder of a folder. A fine-tuned stage's classifier weights are dropped on purpose, so
+    transformers' load report about them (two per checkpoint) is kept quiet."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    return AutoModel.from_pretrained(model_dir).state_dict()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(model_dir)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _encoder_state(model_dir: str) -> dict:
+    return _load_encoder(model_dir).state_dict()
 
 
 _REFERENCE: dict = {}
@@ -124,12 +136,12 @@ _LOADED: dict = {}
 
 def _feature_model(model_dir: str):
     """Tokenizer and frozen encoder of a folder; the last one loaded is kept for the next call."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     key = model_digest(model_dir)
     if key not in _LOADED:
         try:
-            loaded = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+            loaded = AutoTokenizer.from_pretrained(model_dir), _load_encoder(model_dir).eval()
         except (OSError, ValueError) as e:
             raise SystemExit(f"r3f-probe: {model_dir} is not a Hugging Face model folder with a tokenizer "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})")
