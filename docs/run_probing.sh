@@ -15,13 +15,10 @@ lane() { OMP_NUM_THREADS=1 r3f-probe "${RET[@]}" "${COMMON[@]}" "$@"; }
 ( lane --methods r4f --seeds 1 2 3 && lane --methods standard --seeds 2 3 ) > "$OUT/lane2.log" 2>&1 &
 wait
 
-# Every command writes <out>/probe_results.*; keep each command's copy.
-keep() { mkdir -p "$OUT/$1" && cp "$OUT"/probe_results.{json,md,png} "$OUT/$1/"; }
+# All methods and seeds together: every stage and feature is reused, only the rows are recomputed.
+# degradation reuses retention's first cycle, generalization its first stage (same budget, same folder).
 r3f-probe "${RET[@]}" "${COMMON[@]}" --methods standard r3f r4f --seeds 1 2 3 > "$OUT/retention.log" 2>&1
-keep retention
 r3f-probe degradation --chain sst2 qnli qqp rte "${COMMON[@]}" --methods standard r3f r4f --seeds 1 2 3 \
     > "$OUT/degradation.log" 2>&1
-keep degradation
 r3f-probe generalization --source sst2 --targets rte mrpc cola qnli mnli qqp "${COMMON[@]}" \
     --methods standard r3f r4f --seeds 1 2 3 > "$OUT/generalization.log" 2>&1
-keep generalization
