@@ -191,9 +191,10 @@ def _probe_data(args: argparse.Namespace, task: str) -> dict:
     (QQP: the held-out slice of train, as no official dev set is available)."""
     t = TASKS[task]
     train = ft._load(resolve(f"{t.folder}/{t.train_file}", args.data_dir), task, args.probe_train_examples)
-    dev = ft._load(resolve(f"{t.folder}/{t.eval_file}", args.data_dir), task, args.probe_eval_examples)
-    return {"train": train, "eval": dev, "eval_file": f"{t.folder}/{t.eval_file}", "official_dev":
-            t.eval_official and args.probe_eval_examples is None}
+    texts, labels = ft._load(resolve(f"{t.folder}/{t.eval_file}", args.data_dir), task, None)
+    idx = ft._subset(len(labels), args.probe_eval_examples)  # the same subset as ft._load draws
+    return {"train": train, "eval": ([texts[i] for i in idx], [labels[i] for i in idx]),
+            "eval_file": f"{t.folder}/{t.eval_file}", "official_dev": t.eval_official and len(idx) == len(labels)}
 
 
 class Prober:

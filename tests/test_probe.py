@@ -168,6 +168,19 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
     assert new[:1 + n_stages] == rows[:1 + n_stages] and new[1 + n_stages:] != rows[1 + n_stages:]
 
 
+def test_probe_data_says_when_the_eval_set_is_the_full_official_dev(glue_dir):
+    import argparse
+
+    args = lambda k: argparse.Namespace(data_dir=glue_dir, probe_train_examples=8, probe_eval_examples=k)  # noqa: E731
+    full = probe._probe_data(args(10_000), "rte")  # a cap above RTE's 277 dev rows keeps them all
+    assert full["official_dev"] and len(full["eval"][1]) == 277 and len(full["train"][1]) == 8
+    assert probe._probe_data(args(None), "rte")["eval"] == full["eval"]
+    part = probe._probe_data(args(50), "rte")
+    assert not part["official_dev"] and len(part["eval"][1]) == 50
+    assert part["eval"] == ft._load(glue_dir / "RTE" / "dev.tsv", "rte", 50)  # the subset r3f-finetune draws
+    assert not probe._probe_data(args(None), "qqp")["official_dev"]  # QQP: a held-out slice of train
+
+
 def test_rows_are_saved_as_they_come(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
     """A crash in stage 2 keeps stage 1's probe row on disk, marked incomplete."""
     real = probe._finetune_stage
