@@ -72,6 +72,23 @@ def retention(res: dict) -> str:
     return "\n".join(out)
 
 
+def stages(folder: Path) -> str:
+    """From each fine-tuned stage's results.json: its own final dev accuracy (mean over seeds), and the
+    median s/step, task loss and λ·KL_S term (averaged over a stage's steps) per method."""
+    runs = [json.loads(f.read_text()) | {"stage": int(f.parent.name[:2])} for f in folder.glob("runs/*/*/results.json")]
+    n = max(r["stage"] for r in runs)
+    tasks = {r["stage"]: r["task"] for r in runs}
+    acc = [[m] + [f"{statistics.fmean(r['final']['metrics'][r['primary_metric']] for r in runs if r['method'] == m and r['stage'] == s):.3f}"
+                  for s in range(1, n + 1)] for m in METHODS]
+    med = lambda m, f: statistics.median(f(r) for r in runs if r["method"] == m)  # noqa: E731
+    cost = [[m, f"{med(m, lambda r: r['seconds_per_step']):.2f}",
+             f"{med(m, lambda r: r['seconds_per_step']) / med('standard', lambda r: r['seconds_per_step']):.2f}×",
+             f"{med(m, lambda r: r['evaluations'][-1]['train_task_loss']):.3f}",
+             f"{med(m, lambda r: r['evaluations'][-1]['train_sym_kl']):.4f}"] for m in METHODS]
+    return (table(["stage"] + [f"{s} {tasks[s]}" for s in range(1, n + 1)], acc) + "\n"
+            + table(["method", "s/step", "× standard", "task loss", "sym KL"], cost))
+
+
 def main(folder: str) -> None:
     d = Path(folder)
     print("## generalization\n\n" + generalization(json.loads((d / "generalization.json").read_text())))
@@ -79,6 +96,7 @@ def main(folder: str) -> None:
     print("## degradation\n\n" + along_chain(deg, deg["arguments"]["chain"][0], sorted(
         {r["stage"] for r in deg["rows"] if r["stage"]})))
     print("## retention\n\n" + retention(json.loads((d / "retention.json").read_text())))
+    print("## stages\n\n" + stages(d))
 
 
 if __name__ == "__main__":
