@@ -10,10 +10,15 @@ COMMON=(--data-dir "$DATA" --output-dir "$OUT" --steps 32 --batch-size 16 --lr 1
         --probe-train-examples 500 --probe-eval-examples 500 --cka-examples 300 --no-progress)
 RET=(retention --chain sst2 qnli qqp rte --cycles 3)
 
+# Both lanes rewrite <out>/retention.json with their own rows; the combined run below writes the real one.
+mkdir -p "$OUT"
 lane() { OMP_NUM_THREADS=1 r3f-probe "${RET[@]}" "${COMMON[@]}" "$@"; }
 ( lane --methods r3f --seeds 1 2 3 && lane --methods standard --seeds 1 ) > "$OUT/lane1.log" 2>&1 &
+p1=$!
 ( lane --methods r4f --seeds 1 2 3 && lane --methods standard --seeds 2 3 ) > "$OUT/lane2.log" 2>&1 &
-wait
+p2=$!
+wait "$p1"
+wait "$p2"
 
 # All methods and seeds together: every stage and feature is reused, only the rows are recomputed.
 # degradation reuses retention's first cycle, generalization its first stage (same budget, same folder).

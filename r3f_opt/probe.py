@@ -75,16 +75,22 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _load_encoder(model_dir: str):
     """The bare encoder of a folder. A fine-tuned stage's classifier weights are dropped on purpose, so
-    transformers' load report about them (two per checkpoint) is kept quiet."""
+    transformers' load report about them (two per checkpoint) is kept quiet; encoder weights missing from
+    the folder (other than a pooler) are an error instead of a silently random encoder."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModel.from_pretrained(model_dir)
+        model, info = AutoModel.from_pretrained(model_dir, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(level)
+    bad = sorted(k for k in info["missing_keys"] if "pooler" not in k) + sorted(map(str, info["mismatched_keys"]))
+    if bad:
+        raise SystemExit(f"r3f-probe: {model_dir} lacks (or has mis-shaped) encoder weights {bad[:4]}"
+                         f"{' ...' if len(bad) > 4 else ''}; pass a checkpoint of the model being probed")
+    return model
 
 
 def _encoder_state(model_dir: str) -> dict:
@@ -229,8 +235,10 @@ def _same_stage(old: dict, new: dict) -> bool:
     moved or reinstalled copy of the pretrained model still reuses its stages."""
     def key(spec: dict) -> tuple:
         argv = list(spec["argv"])
-        i = argv.index("--model")
-        return spec["input_digest"], argv[:i] + argv[i + 2:]
+        for flag in ("--model", "--output-dir"):  # the input is its digest; the output is where stage.json is
+            i = argv.index(flag)
+            argv[i + 1] = None
+        return spec["input_digest"], argv
     return key(old) == key(new)
 
 
@@ -242,8 +250,8 @@ def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int,
             str(out), "--save-model", "--reinit-head", "--max-steps", str(args.steps), "--batch-size",
             str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--lam",
             str(args.lam), "--eps", str(args.eps), "--max-eval-examples", str(args.stage_eval_examples)]
-    if args.data_dir:
-        argv += ["--data-dir", str(args.data_dir)]
+    if args.data_dir:  # absolute, so the same data given by another relative path still matches
+        argv += ["--data-dir", str(Path(args.data_dir).resolve())]
     if args.max_train_examples is not None:
         argv += ["--max-train-examples", str(args.max_train_examples)]
     spec = {"argv": argv, "input_digest": model_digest(model_dir)}
@@ -442,9 +450,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.model = args.model or ft.default_model()
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
-    if args.no_progress:  # transformers' own "Loading weights" bars too
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.no_progress:  # transformers' own "Loading weights" bars too, until r3f-probe returns
         hf_logging.disable_progress_bar()
+    try:
+        _run(args)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> None:
     # One file set per subcommand, so the three can share an --output-dir (and its stages and features).
     path = Path(args.output_dir) / args.command
 

@@ -153,8 +153,10 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
     monkeypatch.setattr(probe, "_feature_model", lambda *a: pytest.fail("cached features were extracted again"))
     probe.main(argv)
     assert json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"] == rows
+    # ... and when the data folder is given by a relative path.
     shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    probe.main([str(tmp_path / "copy") if a == tiny_model_dir else a for a in argv])
+    monkeypatch.chdir(glue_dir.parent)
+    probe.main([{tiny_model_dir: str(tmp_path / "copy"), str(glue_dir): glue_dir.name}.get(a, a) for a in argv])
     moved = json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"]
     assert [r["probes"] for r in moved] == [r["probes"] for r in rows]
     # With another budget the stages are fine-tuned afresh, not silently reused.
@@ -179,6 +181,18 @@ def test_probe_data_says_when_the_eval_set_is_the_full_official_dev(glue_dir):
     assert not part["official_dev"] and len(part["eval"][1]) == 50
     assert part["eval"] == ft._load(glue_dir / "RTE" / "dev.tsv", "rte", 50)  # the subset r3f-finetune draws
     assert not probe._probe_data(args(None), "qqp")["official_dev"]  # QQP: a held-out slice of train
+
+
+def test_a_checkpoint_missing_encoder_weights_is_an_error(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if "layer.1." not in k}, weights, metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"lacks .*encoder.layer.1"):
+        probe._load_encoder(str(tmp_path / "m"))
+    assert probe._load_encoder(tiny_model_dir).config.num_hidden_layers == 2  # a complete one loads
 
 
 def test_rows_are_saved_as_they_come(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
