@@ -210,7 +210,8 @@ class Prober:
         self.args, self.pretrained = args, args.model
         self.data = {t: _probe_data(args, t) for t in dict.fromkeys(tasks)}  # bad data fails here
         cka_task = args.cka_task or source
-        self.cka_texts = _probe_data(args, cka_task)["eval"][0][:args.cka_examples]
+        cka_data = self.data[cka_task] if cka_task in self.data else _probe_data(args, cka_task)  # read once
+        self.cka_texts = cka_data["eval"][0][:args.cka_examples]
         self.cache = str(Path(args.output_dir) / "features")
 
     def features(self, model_dir: str, texts: list) -> torch.Tensor:
