@@ -13,7 +13,7 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["r3f_opt", "r3f_opt.kernels"],
+    packages=["r3f_opt", "r3f_opt.integrations", "r3f_opt.experiments", "r3f_opt.kernels"],
     # kernels/ is installed as r3f_opt.kernels: a top-level `kernels` would clash with a PyPI package.
     package_dir={"r3f_opt": "r3f_opt", "r3f_opt.kernels": "kernels"},
     install_requires=[
@@ -24,9 +24,9 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     entry_points={"console_scripts": [
-        "r3f-finetune=r3f_opt.finetune:main",
-        "r3f-report=r3f_opt.report:main",
-        "r3f-probe=r3f_opt.probe:main",
+        "r3f-finetune=r3f_opt.experiments.finetune:main",
+        "r3f-report=r3f_opt.experiments.report:main",
+        "r3f-probe=r3f_opt.experiments.probe:main",
     ]},
     extras_require={
         # hypothesis: property-based kernel tests; matplotlib: the PNG plots of bench/ (tested in CI).

@@ -1,16 +1,21 @@
-"""r3f-opt: R3F / R4F fine-tuning regularisers (Aghajanyan et al., ICLR 2021) for PyTorch."""
+"""r3f-opt: R3F / R4F fine-tuning regularisers (Aghajanyan et al., ICLR 2021) for PyTorch.
+
+The core (this package's top level) imports torch only; ``transformers`` is imported where a function
+needs it. ``r3f_opt.integrations`` holds the framework integrations (the Hugging Face Trainer), loaded on
+first use of their names; ``r3f_opt.experiments`` the GLUE tools and command lines.
+"""
 from .kl import symmetric_kl
 from .noise import find_embeddings
 from .optimizer import RegularizedOptimizer, StepResult
 from .r4f import apply_r4f, remove_r4f
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
     # The Trainer integration imports transformers.Trainer (slow): load it on first use only.
     if name in ("R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"):
-        from . import trainer
+        from .integrations import trainer
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'r3f_opt' has no attribute {name!r}")

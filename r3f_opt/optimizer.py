@@ -8,16 +8,14 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .kl import REDUCTIONS, symmetric_kl
-from .noise import NOISE_TYPES, EmbeddingNoise, default_seed, find_embeddings, refuse_other_noise
-from .r4f import _is_normalised, apply_r4f, find_head
+from .kl import REDUCTIONS
+from .methods import METHODS, build_method
+from .noise import NOISE_TYPES, EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
 
-METHODS = ("r3f", "r4f", "standard")
 ON_NONFINITE = ("skip", "raise")
 
 
@@ -56,11 +54,6 @@ def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
             "output, (loss, logits) or {'loss': ..., 'logits': ...}"
         )
     return loss.reshape(()), logits
-
-
-def _is_sharded_or_ddp(model: nn.Module) -> bool:
-    return isinstance(model, DistributedDataParallel) or callable(getattr(model, "set_requires_gradient_sync", None)) \
-        or type(model).__name__ == "FullyShardedDataParallel"
 
 
 @contextlib.contextmanager
@@ -184,24 +177,11 @@ class RegularizedOptimizer(Optimizer):
                 "forwards (clean and noisy) precede one backward ('Expected to mark a variable ready only "
                 "once'); wrap it with DDP(model, find_unused_parameters=False)"
             )
-        if method != "standard":
-            emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
-            refuse_other_noise(emb)
-            seed = default_seed() if seed is None else seed
-            self.noise: Optional[EmbeddingNoise] = EmbeddingNoise(emb, scope, eps, noise, not noisy_embed_grad, seed)
-        else:
-            self.noise = None
-        if method == "r4f":
-            kw = r4f_kwargs or {}
-            if _is_sharded_or_ddp(model) and not all(
-                    _is_normalised(m) for m in find_head(model, kw.get("head"), kw.get("scope", "out_proj"))):
-                raise ValueError(
-                    f"the model is already wrapped ({type(model).__name__}): call apply_r4f(model) before "
-                    "wrapping it in DDP/FSDP. A parametrization registered afterwards re-registers the head's "
-                    "weight, which the wrapper then never synchronises."
-                )
-            apply_r4f(model, **kw)  # last: raises before anything changes if no head
-
+        seed = default_seed() if seed is None else seed
+        # Last of the checks: R4F normalises the head, and raises before changing anything if it cannot.
+        self.regularizer = build_method(method, model, eps=eps, noise=noise, noisy_grad=noisy_grad,
+                                        reduction=reduction, seed=seed, embeddings=embeddings,
+                                        noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self.reduction, self.max_grad_norm, self.on_nonfinite = reduction, max_grad_norm, on_nonfinite
@@ -240,6 +220,11 @@ class RegularizedOptimizer(Optimizer):
         if self.__dict__.get("_initialized"):
             self.optimizer.defaults = value
 
+    @property
+    def noise(self) -> Optional[EmbeddingNoise]:
+        """The embedding-noise source of ``r3f``/``r4f`` (its generator is saved in ``state_dict``)."""
+        return self.regularizer.noise
+
     def add_param_group(self, param_group: dict) -> None:
         if self._initialized:
             self.optimizer.add_param_group(param_group)
@@ -252,7 +237,7 @@ class RegularizedOptimizer(Optimizer):
         """The inner optimizer's state_dict plus this wrapper's entries under the key ``"r3f"``."""
         sd = self.optimizer.state_dict()
         sd["r3f"] = {
-            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "noise": self.regularizer.state_dict(),
             "nonfinite_steps": self.nonfinite_steps,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
         }
@@ -268,7 +253,7 @@ class RegularizedOptimizer(Optimizer):
                              "remove it to load only the inner optimizer's state")
         self.optimizer.load_state_dict(sd)  # validates and raises before anything below changes
         if noise is not None and self.noise is not None:
-            self.noise.load_state_dict(noise)
+            self.regularizer.load_state_dict(noise)
         self.nonfinite_steps = int(extra.get("nonfinite_steps", self.nonfinite_steps))
         if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(extra["grad_scaler"])
@@ -297,22 +282,8 @@ class RegularizedOptimizer(Optimizer):
         """
         with torch.enable_grad(), _grad_sync(self.model, sync):
             out, task_loss, clean = self._run(closure)
-            sym_kl = task_loss.new_zeros(())
-            if self.noise is not None:
-                with self.noise.active(noise_mask), torch.set_grad_enabled(self.noisy_grad):
-                    _, _, noisy = self._run(closure)
-                if self.noise.calls == 0:
-                    raise RuntimeError(
-                        f"the noisy pass never called the embedding module {type(self.noise.module).__name__} "
-                        "(did the closure pass inputs_embeds?); pass embeddings= the module the model "
-                        "calls on its input ids"
-                    )
-                if noisy.shape != clean.shape:
-                    raise ValueError(
-                        f"the logits of the two passes differ in shape: clean {tuple(clean.shape)}, noisy "
-                        f"{tuple(noisy.shape)}; the closure must run the same batch both times"
-                    )
-                sym_kl = symmetric_kl(clean, noisy, mask=mask, reduction=self.reduction)
+            term = self.regularizer.term(lambda: self._run(closure)[2], clean, mask=mask, noise_mask=noise_mask)
+            sym_kl = task_loss.new_zeros(()) if term is None else term
             loss = task_loss + self.lam * sym_kl  # promotes to float32 at least (sym_kl is)
             result = StepResult(loss.detach(), task_loss.detach(), sym_kl.detach(), out)
             if not bool(torch.isfinite(loss)):

@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from helpers import TOLERANCES
 from r3f_opt import symmetric_kl
 
 
@@ -28,14 +29,12 @@ def reference(a, b, mask=None, reduction="batchmean"):
     return rows.sum() / max(int(n), 1)
 
 
-GRAD_TOL = {torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=1e-6)}
-
-
-def check(a, b, mask=None, reduction="batchmean", upstream=None, rtol=1e-5, atol=1e-6):
+def check(a, b, mask=None, reduction="batchmean", upstream=None, rtol=TOLERANCES[torch.float32]["rtol"],
+          atol=TOLERANCES[torch.float32]["atol"]):
     """Loss and both gradients of symmetric_kl vs the float64 reference through autograd.
 
     The loss is float32 whatever the inputs; gradients come back in each input's dtype, so they are
-    compared at that dtype's rounding (GRAD_TOL).
+    compared at that dtype's rounding (``helpers.TOLERANCES``).
     """
     a1, b1 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     a2, b2 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
@@ -49,6 +48,6 @@ def check(a, b, mask=None, reduction="batchmean", upstream=None, rtol=1e-5, atol
     (want * g).sum().backward()
     assert a1.grad.dtype == a.dtype and b1.grad.dtype == b.dtype
     for got_grad, want_grad in ((a1.grad, a2.grad), (b1.grad, b2.grad)):
-        tol = GRAD_TOL.get(got_grad.dtype, dict(rtol=rtol, atol=atol))
-        torch.testing.assert_close(got_grad.double(), want_grad, **tol)
+        t = TOLERANCES[got_grad.dtype] if got_grad.dtype in (torch.float16, torch.bfloat16) else dict(rtol=rtol, atol=atol)
+        torch.testing.assert_close(got_grad.double(), want_grad, **t)
     return got

@@ -12,13 +12,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .kl import REDUCTIONS, symmetric_kl
-from .noise import NOISE_TYPES, EmbeddingNoise, find_embeddings, refuse_other_noise, unwrap_model
-from .r4f import apply_r4f
+from ..kl import REDUCTIONS
+from ..methods import METHODS, R3F, build_method
+from ..noise import NOISE_TYPES, EmbeddingNoise, unwrap_model
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"]
-
-METHODS = ("r3f", "r4f", "standard")
 
 
 @dataclass
@@ -109,16 +107,14 @@ class R3FTrainerMixin:
         if getattr(a, "neftune_noise_alpha", None) is not None:
             raise ValueError("neftune_noise_alpha is set: NEFTune would make R3F's clean pass noisy too; use one "
                              "of the two (neftune_noise_alpha=None for R3F)")
-        model = unwrap_model(self.model)
-        if self.r3f_method == "r4f":
-            apply_r4f(model)
-        emb, scope = find_embeddings(model)
-        refuse_other_noise(emb)
         seed = getattr(a, "r3f_seed", None)
         seed = a.seed * 0x9E3779B97F4A7C15 + 1 if seed is None else seed
         seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
-        self.r3f_noise = EmbeddingNoise(emb, scope, self.r3f_eps, getattr(a, "r3f_noise", "uniform"), True, seed)
         self._r3f_seed = seed
+        self.r3f_regularizer: R3F = build_method(
+            self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
+            noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed)
+        self.r3f_noise = self.r3f_regularizer.noise
 
     def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._active = True
@@ -144,12 +140,8 @@ class R3FTrainerMixin:
                                              num_items_in_batch=num_items_in_batch)
         clean = _logits(outputs)
         self.r3f_noise.reseed(self._step_seed())
-        with self.r3f_noise.active(), torch.set_grad_enabled(self.r3f_noisy_grad):
-            noisy = _logits(model(**inputs))
-        if self.r3f_noise.calls == 0:
-            raise RuntimeError("the noisy pass never reached the embedding module; does the model get inputs_embeds?")
         mask = _kl_mask(inputs, clean, unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-        kl = symmetric_kl(clean, noisy, mask=mask, reduction=self.r3f_reduction)
+        kl = self.r3f_regularizer.term(lambda: _logits(model(**inputs)), clean, mask=mask)
         # When the task loss is already divided over the accumulated micro-batches (num_items_in_batch),
         # the Trainer will not divide again: divide the KL term here so both keep the same weight.
         scaled = getattr(self, "loss_is_scaled_for_ga", None)

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import kl_mask, tiny_model, toy_batch
+from helpers import kl_mask, tiny_model, toy_batch
 from torch import nn
 
 from r3f_opt import RegularizedOptimizer, StepResult

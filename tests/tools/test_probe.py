@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from r3f_opt import finetune as ft
-from r3f_opt import probe
+from r3f_opt.experiments import finetune as ft
+from r3f_opt.experiments import probe
+from r3f_opt.experiments.data import load_examples
 
 
 def test_probe_matches_hand_solved_case():
@@ -179,7 +180,7 @@ def test_probe_data_says_when_the_eval_set_is_the_full_official_dev(glue_dir):
     assert probe._probe_data(args(None), "rte")["eval"] == full["eval"]
     part = probe._probe_data(args(50), "rte")
     assert not part["official_dev"] and len(part["eval"][1]) == 50
-    assert part["eval"] == ft._load(glue_dir / "RTE" / "dev.tsv", "rte", 50)  # the subset r3f-finetune draws
+    assert part["eval"] == load_examples(glue_dir / "RTE" / "dev.tsv", "rte", 50)  # the subset r3f-finetune draws
     assert not probe._probe_data(args(None), "qqp")["official_dev"]  # QQP: a held-out slice of train
 
 

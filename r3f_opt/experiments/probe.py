@@ -25,7 +25,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..methods import METHODS
 from . import finetune as ft
+from .data import atomic_write, collate, default_model, encode, load_examples, subset
 from .glue import TASKS, GlueDataError, compute_metrics, resolve
 
 __all__ = ["main", "extract_features", "train_probe", "probe_predict", "linear_cka", "param_distance"]
@@ -172,12 +174,12 @@ def extract_features(model_dir: str, texts: list, *, max_length: int = 128, batc
         if path.is_file():
             return torch.load(path)
     tok, model = _feature_model(model_dir)
-    feats = ft._encode(tok, texts, max_length)
+    feats = encode(tok, texts, max_length)
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
     out = torch.empty(len(feats), model.config.hidden_size)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = ft._batch(tok, [feats[i] for i in idx])
+        batch = collate(tok, [feats[i] for i in idx])
         h = model(**batch).last_hidden_state.float()
         if pooling == "cls":
             pooled = h[:, 0]
@@ -187,7 +189,7 @@ def extract_features(model_dir: str, texts: list, *, max_length: int = 128, batc
         out[idx] = pooled
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        ft._atomic_write(path, lambda p: torch.save(out, p))
+        atomic_write(path, lambda p: torch.save(out, p))
     return out
 
 
@@ -196,9 +198,9 @@ def _probe_data(args: argparse.Namespace, task: str) -> dict:
     """Probe train / eval examples of a task: a fixed subset of its train file, and its official dev set
     (QQP: the held-out slice of train, as no official dev set is available)."""
     t = TASKS[task]
-    train = ft._load(resolve(f"{t.folder}/{t.train_file}", args.data_dir), task, args.probe_train_examples)
-    texts, labels = ft._load(resolve(f"{t.folder}/{t.eval_file}", args.data_dir), task, None)
-    idx = ft._subset(len(labels), args.probe_eval_examples)  # the same subset as ft._load draws
+    train = load_examples(resolve(f"{t.folder}/{t.train_file}", args.data_dir), task, args.probe_train_examples)
+    texts, labels = load_examples(resolve(f"{t.folder}/{t.eval_file}", args.data_dir), task, None)
+    idx = subset(len(labels), args.probe_eval_examples)  # the same subset as load_examples draws
     return {"train": train, "eval": ([texts[i] for i in idx], [labels[i] for i in idx]),
             "eval_file": f"{t.folder}/{t.eval_file}", "official_dev": t.eval_official and len(idx) == len(labels)}
 
@@ -282,7 +284,7 @@ def run_experiment(args: argparse.Namespace, on_row: Optional[Callable[[dict], N
     for task in dict.fromkeys(stages):  # bad stage data fails now, not hours into the experiment
         t = TASKS[task]
         for name in (t.train_file, t.eval_file):
-            ft._load(resolve(f"{t.folder}/{name}", args.data_dir), task, 1)
+            load_examples(resolve(f"{t.folder}/{name}", args.data_dir), task, 1)
     prober = Prober(args, probed, stages[0])
     out = Path(args.output_dir)
     rows = [{"method": "pretrained", "seed": None, "stage": 0, "cycle": 0, "after": None,
@@ -409,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="source, then the tasks fine-tuned on in turn")
         if cmd == "retention":
             s.add_argument("--cycles", type=int, default=3)
-        s.add_argument("--methods", nargs="+", default=["standard", "r3f", "r4f"], choices=ft.METHODS)
+        s.add_argument("--methods", nargs="+", default=["standard", "r3f", "r4f"], choices=METHODS)
         s.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
         s.add_argument("--output-dir", required=True)
         s.add_argument("--data-dir", default=os.environ.get("R3F_GLUE_DIR"), help="GLUE task folders")
@@ -448,7 +450,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in ("lam", "eps"):
         if not getattr(args, name) >= 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    args.model = args.model or ft.default_model()
+    args.model = args.model or default_model("r3f-probe")
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
     from transformers.utils import logging as hf_logging
@@ -469,7 +471,7 @@ def _run(args: argparse.Namespace) -> None:
 
     def save(result: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        ft._atomic_write(path.with_suffix(".json"), lambda f: f.write_text(json.dumps(result, indent=2, default=str)))
+        atomic_write(path.with_suffix(".json"), lambda f: f.write_text(json.dumps(result, indent=2, default=str)))
 
     try:
         result = run_experiment(args, on_row=save)

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model, toy_batch
+from helpers import tiny_model, toy_batch
 from torch import nn
 
 from r3f_opt import RegularizedOptimizer

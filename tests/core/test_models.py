@@ -1,7 +1,7 @@
 """Tiny randomly initialised HF models learn a toy task with R3F and R4F."""
 import pytest
 import torch
-from conftest import kl_mask, tiny_model, toy_batch
+from helpers import kl_mask, tiny_model, toy_batch
 
 from r3f_opt import RegularizedOptimizer
 

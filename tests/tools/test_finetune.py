@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from r3f_opt import finetune as ft
-from r3f_opt.glue import TASKS
+from r3f_opt.experiments import finetune as ft
+from r3f_opt.experiments.glue import TASKS
 
 SLICE = ["--max-train-examples", "24", "--max-eval-examples", "16", "--batch-size", "4", "--max-length", "24",
          "--no-progress"]
@@ -107,7 +107,7 @@ def test_saved_model_reproduces_the_metrics(glue_dir, tiny_model_dir, tmp_path):
     """--save-model (R4F baked in) reloads with the task's label names and gives the reported metrics."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from r3f_opt.glue import compute_metrics, read_examples
+    from r3f_opt.experiments.glue import compute_metrics, read_examples
 
     dev = tmp_path / "dev.tsv"  # the first 16 rows of the real MRPC dev set (with its BOM): all are used
     dev.write_text("".join((glue_dir / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig").splitlines(True)[:17]),
@@ -187,8 +187,8 @@ def test_bad_arguments(tmp_path, capsys, bad, match):
     assert re.search(match, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("cmd", [["r3f-finetune"], ["r3f-report"], ["r3f-probe"], ["-m", "r3f_opt.finetune"],
-                                 ["-m", "r3f_opt.report"], ["-m", "r3f_opt.probe"]])
+@pytest.mark.parametrize("cmd", [["r3f-finetune"], ["r3f-report"], ["r3f-probe"], ["-m", "r3f_opt.experiments.finetune"],
+                                 ["-m", "r3f_opt.experiments.report"], ["-m", "r3f_opt.experiments.probe"]])
 def test_console_entry_points(cmd):
     exe = [sys.executable, *cmd] if cmd[0] == "-m" else [str(Path(sys.executable).parent / cmd[0])]
     out = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True)

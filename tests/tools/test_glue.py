@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from r3f_opt.glue import TASKS, GlueDataError, accuracy, compute_metrics, f1, mcc, read_examples
+from r3f_opt.experiments.glue import TASKS, GlueDataError, accuracy, compute_metrics, f1, mcc, read_examples
 
 # preds/labels: TP = 2 (0, 3), FP = 1 (2), FN = 1 (4), TN = 2 (1, 5)
 PREDS, LABELS = [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 1, 0]

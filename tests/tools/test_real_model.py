@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from r3f_opt import RegularizedOptimizer
-from r3f_opt.glue import read_examples
+from r3f_opt.experiments.glue import read_examples
 
 MAX_LEN, BATCH, STEPS, LR = 64, 16, 40, 2e-4
 

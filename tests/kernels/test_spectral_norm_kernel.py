@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_model, toy_batch
+from helpers import tiny_model, toy_batch
 from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm

@@ -1,7 +1,7 @@
 """R3FTrainer: R3F inside the Hugging Face Trainer (accumulation, bf16 on CPU, checkpoints, evaluation)."""
 import pytest
 import torch
-from conftest import tiny_model, toy_batch
+from helpers import tiny_model, toy_batch
 from transformers import Trainer, TrainingArguments
 
 from r3f_opt import R3FTrainer, R3FTrainingArguments
@@ -107,7 +107,7 @@ def test_evaluation_is_untouched(tmp_path):
 
 
 def test_kl_mask_of_a_causal_lm_is_shifted():
-    from r3f_opt.trainer import _kl_mask
+    from r3f_opt.integrations.trainer import _kl_mask
 
     labels = torch.tensor([[-100, -100, 5, 6, -100]])  # logits at t predict the label at t + 1
     got = _kl_mask({"labels": labels}, torch.zeros(1, 5, 7), causal_lm=True)

@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from r3f_opt import report
+from r3f_opt.experiments import report
 
 
 def fake_run(root, task, method, seed, value, f1=None, sps=0.5, lr=1e-4, lam=1.0, official=True):

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import kl_mask, tiny_model, toy_batch
+from helpers import kl_mask, tiny_model, toy_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kl_reference import check, reference_rows

@@ -3,7 +3,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import tiny_model, toy_batch
+from helpers import tiny_model, toy_batch
 
 from r3f_opt import RegularizedOptimizer
 

@@ -1,7 +1,7 @@
 """The noise reaches the model where it should, and only there."""
 import pytest
 import torch
-from conftest import kl_mask, tiny_model, toy_batch
+from helpers import kl_mask, tiny_model, toy_batch
 from torch import nn
 
 from r3f_opt import RegularizedOptimizer, find_embeddings

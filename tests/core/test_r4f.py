@@ -1,7 +1,7 @@
 """apply_r4f / remove_r4f: the right layers, torch's semantics and state_dict layout, sigma_max -> 1."""
 import pytest
 import torch
-from conftest import tiny_model, toy_batch
+from helpers import tiny_model, toy_batch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 

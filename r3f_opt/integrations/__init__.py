@@ -1,0 +1,5 @@
+"""Integrations with training frameworks; each imports its framework only when it is imported itself.
+
+* :mod:`r3f_opt.integrations.trainer`: ``R3FTrainer``, ``R3FTrainerMixin``, ``R3FTrainingArguments``
+  (Hugging Face ``Trainer``).
+"""
