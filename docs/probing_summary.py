@@ -7,7 +7,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from r3f_opt.glue import TASKS
+from r3f_opt.experiments.glue import TASKS
 
 METHODS = ("standard", "r3f", "r4f")  # those present in a file are shown
 
