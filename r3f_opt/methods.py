@@ -87,7 +87,8 @@ class R3F(Standard):
             self.noise.load_state_dict(state)
 
 
-def _is_wrapped(model: nn.Module) -> bool:
+def is_distributed_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped for data parallelism (DDP, FSDP1 or FSDP2)."""
     return isinstance(model, DistributedDataParallel) or callable(getattr(model, "set_requires_gradient_sync", None)) \
         or type(model).__name__ == "FullyShardedDataParallel"
 
@@ -97,7 +98,7 @@ class R4F(R3F):
 
     def __init__(self, model: nn.Module, *, r4f_kwargs: Optional[dict] = None, **r3f_kwargs) -> None:
         kw = dict(r4f_kwargs or {})
-        if _is_wrapped(model) and not all(
+        if is_distributed_wrapper(model) and not all(
                 _is_normalised(m) for m in find_head(model, kw.get("head"), kw.get("scope", "out_proj"))):
             raise ValueError(
                 f"the model is already wrapped ({type(model).__name__}): call apply_r4f(model) before wrapping "

@@ -146,6 +146,10 @@ class EmbeddingNoise:
                     "float32 (use torch.autocast for mixed precision) or raise eps.",
                     stacklevel=2,
                 )
+        if torch.is_grad_enabled() and not noisy.requires_grad:
+            # Reentrant activation checkpointing (use_reentrant=True) records a graph only for segments
+            # whose inputs require grad: with the lookup detached, the noisy pass's gradient would vanish.
+            noisy.requires_grad_(True)
         return noisy
 
     @contextlib.contextmanager

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from .kl import REDUCTIONS
-from .methods import METHODS, build_method
+from .methods import METHODS, build_method, is_distributed_wrapper
 from .noise import NOISE_TYPES, EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
@@ -28,7 +31,7 @@ class StepResult:
     task_loss: torch.Tensor
     sym_kl: torch.Tensor  # 0 for method="standard"
     output: Any  # the clean pass's model output, for metrics
-    skipped: bool = False  # True when the loss was not finite and nothing was changed
+    skipped: bool = False  # True when the loss or the gradient was not finite and nothing was changed
 
 
 def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +76,38 @@ def _grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def _check_number(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a finite float >= 0 (> 0 if ``positive``), else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def _check_params(optimizer: Optimizer, model: nn.Module) -> None:
+    """Refuse an optimizer that holds none of the model's trainable parameters; warn if it misses some."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [p for p in trainable if id(p) not in held]
+    if trainable and len(missing) == len(trainable):
+        raise ValueError(
+            "the optimizer holds none of the model's trainable parameters, so nothing would train; build it "
+            "from the model you pass (e.g. torch.optim.AdamW(model.parameters())), after any wrapping that "
+            "replaces parameters (FSDP)"
+        )
+    if missing:
+        warnings.warn(f"{len(missing)} of the model's {len(trainable)} trainable parameters are not in the "
+                      "optimizer: they get gradients but are never updated", stacklevel=3)
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The total 2-norm of ``grads`` (a DTensor for sharded gradients, as ``clip_grad_norm_`` computes it)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
 def _refuse_backward(grad: torch.Tensor) -> None:
@@ -154,16 +189,13 @@ class RegularizedOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        lam, eps = _check_number("lam", lam), _check_number("eps", eps)
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
         if reduction not in REDUCTIONS or reduction == "none":
             raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]}, got {reduction!r}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if max_grad_norm is not None:
+            max_grad_norm = _check_number("max_grad_norm", max_grad_norm, positive=True)
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         if backward is not None and grad_scaler is not None:
@@ -177,7 +209,10 @@ class RegularizedOptimizer(Optimizer):
                 "forwards (clean and noisy) precede one backward ('Expected to mark a variable ready only "
                 "once'); wrap it with DDP(model, find_unused_parameters=False)"
             )
-        seed = default_seed() if seed is None else seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        _check_params(optimizer, model)
+        seed = default_seed() if seed is None else int(seed)
         # Last of the checks: R4F normalises the head, and raises before changing anything if it cannot.
         self.regularizer = build_method(method, model, eps=eps, noise=noise, noisy_grad=noisy_grad,
                                         reduction=reduction, seed=seed, embeddings=embeddings,
@@ -237,6 +272,7 @@ class RegularizedOptimizer(Optimizer):
         """The inner optimizer's state_dict plus this wrapper's entries under the key ``"r3f"``."""
         sd = self.optimizer.state_dict()
         sd["r3f"] = {
+            "optimizer_class": type(self.optimizer).__name__,
             "noise": self.regularizer.state_dict(),
             "nonfinite_steps": self.nonfinite_steps,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
@@ -244,19 +280,50 @@ class RegularizedOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict of this wrapper, or a plain one of the inner optimizer's type."""
+        """Load a state_dict of this wrapper, or a plain one of the inner optimizer's type.
+
+        Everything is checked before anything changes: a malformed ``"r3f"`` entry, a state_dict of another
+        optimizer class, or one the inner optimizer refuses leaves the wrapper, the inner optimizer, the
+        noise generator and the GradScaler as they were.
+        """
         sd = dict(state_dict)
-        extra = sd.pop("r3f", None) or {}
-        noise = extra.get("noise") if isinstance(extra, Mapping) else None
-        if not isinstance(extra, Mapping) or (noise is not None and "seed" not in noise):
-            raise ValueError("state_dict['r3f'] is not an entry written by RegularizedOptimizer.state_dict(); "
-                             "remove it to load only the inner optimizer's state")
-        self.optimizer.load_state_dict(sd)  # validates and raises before anything below changes
-        if noise is not None and self.noise is not None:
-            self.regularizer.load_state_dict(noise)
+        extra = sd.pop("r3f", None)
+        if extra is not None:
+            self._check_entry(extra)
+        self.optimizer.load_state_dict(sd)  # torch validates the groups before it changes anything
+        if extra is None:
+            return
+        if extra.get("noise") is not None and self.noise is not None:
+            self.regularizer.load_state_dict(extra["noise"])
         self.nonfinite_steps = int(extra.get("nonfinite_steps", self.nonfinite_steps))
         if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(extra["grad_scaler"])
+
+    def _check_entry(self, extra: Any) -> None:
+        def bad(why: str) -> ValueError:
+            return ValueError(f"state_dict['r3f'] is not an entry written by RegularizedOptimizer.state_dict() "
+                              f"({why}); remove it to load only the inner optimizer's state")
+
+        if not isinstance(extra, Mapping):
+            raise bad(f"a {type(extra).__name__}, not a dict")
+        saved = extra.get("optimizer_class")
+        if saved is not None and saved != type(self.optimizer).__name__:
+            raise ValueError(f"the state_dict was saved from a {saved} inner optimizer; this wrapper holds a "
+                             f"{type(self.optimizer).__name__}: build the wrapper around a {saved} to resume it")
+        noise = extra.get("noise")
+        if noise is not None:
+            state = noise.get("generator_state") if isinstance(noise, Mapping) else None
+            if not isinstance(noise, Mapping) or isinstance(noise.get("seed"), bool) or not isinstance(
+                    noise.get("seed"), int) or not (state is None or (isinstance(state, torch.Tensor)
+                                                                     and state.dim() == 1 and state.numel() > 0)):
+                raise bad("'noise' must hold an int 'seed' and a 1-D 'generator_state' tensor or None")
+        steps = extra.get("nonfinite_steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise bad(f"'nonfinite_steps' must be an int >= 0, got {steps!r}")
+        scaler = extra.get("grad_scaler")
+        if scaler is not None and (not isinstance(scaler, Mapping) or (self.grad_scaler is not None and
+                                                                      self.grad_scaler.is_enabled() and "scale" not in scaler)):
+            raise bad("'grad_scaler' must be a GradScaler.state_dict()")
 
     # -- the two passes ----------------------------------------------------------------------
     def _run(self, closure: Callable[[], Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -286,8 +353,9 @@ class RegularizedOptimizer(Optimizer):
             sym_kl = task_loss.new_zeros(()) if term is None else term
             loss = task_loss + self.lam * sym_kl  # promotes to float32 at least (sym_kl is)
             result = StepResult(loss.detach(), task_loss.detach(), sym_kl.detach(), out)
-            if not bool(torch.isfinite(loss)):
-                return self._nonfinite(result)
+            finite = torch.isfinite(loss.detach())
+            if not self._on_all_ranks(finite):  # every rank skips together: none waits in a collective
+                return self._nonfinite(result, "" if not bool(finite) else " on another rank")
             scaled = loss * weight
             if self.grad_scaler is not None:
                 scaled = self.grad_scaler.scale(scaled)
@@ -297,16 +365,44 @@ class RegularizedOptimizer(Optimizer):
                 scaled.backward()
         return result
 
-    def _nonfinite(self, result: StepResult) -> StepResult:
-        msg = (f"non-finite loss (task loss {result.task_loss.item()}, sym KL {result.sym_kl.item()}); "
-               "the step was skipped")
+    def _on_all_ranks(self, ok: torch.Tensor) -> bool:
+        """``ok`` on every rank of a data-parallel model (an all-reduce of the flag), else on this one."""
+        if is_distributed_wrapper(self.model) and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            flag = ok.to(torch.float32).reshape(1).clone()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag)
+        return bool(ok)
+
+    def _clip(self, max_norm: Optional[float]) -> Optional[str]:
+        """Clip the total gradient norm to ``max_norm`` (if given); return the norm as text if it is not finite."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return None
+        norm = _grad_norm([p.grad for p in params])
+        full = norm.full_tensor() if callable(getattr(norm, "full_tensor", None)) else norm
+        if not bool(torch.isfinite(full)):
+            return f"{full.item()}"
+        if max_norm is not None:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+            for p in params:
+                p.grad.mul_(coef.to(p.grad.device))
+        return None
+
+    def _nonfinite(self, result: Optional[StepResult], what: str, gradient: bool = False) -> Optional[StepResult]:
+        if gradient:
+            msg = f"non-finite gradient norm ({what}); the step was skipped"
+        else:
+            msg = (f"non-finite loss{what} (task loss {result.task_loss.item()}, sym KL {result.sym_kl.item()}); "
+                   "the step was skipped")
         if self.on_nonfinite == "raise":
             raise FloatingPointError(msg + " (on_nonfinite='raise')")
         self.nonfinite_steps += 1
-        self._skip_pending = True
+        self._skip_pending = not gradient
         warnings.warn(f"{msg}: parameters and optimizer state are unchanged "
                       f"({self.nonfinite_steps} skipped so far)", stacklevel=3)
-        result.skipped = True
+        if result is not None:
+            result.skipped = True
         return result
 
     def step(self, closure: Optional[Callable[[], Any]] = None, *, mask: Optional[torch.Tensor] = None,
@@ -315,7 +411,9 @@ class RegularizedOptimizer(Optimizer):
 
         Without a closure, finishes a step whose gradients are already there (after :meth:`backward`,
         or a framework's own backward): unscale (GradScaler), clip (``max_grad_norm``), inner step. With
-        ``on_nonfinite="skip"``, a non-finite loss in any pass since the last :meth:`zero_grad` skips it.
+        ``on_nonfinite="skip"``, a non-finite loss in any pass since the last :meth:`zero_grad`, or a
+        non-finite total gradient norm, skips it (``"raise"``: ``FloatingPointError``); a step the
+        GradScaler skips (inf/NaN in the scaled gradients) is counted in ``nonfinite_steps`` too.
         """
         result = None
         if closure is not None:
@@ -327,14 +425,20 @@ class RegularizedOptimizer(Optimizer):
                               "non-finite loss", stacklevel=2)
             return result
         scaler = self.grad_scaler
-        if self.max_grad_norm is not None:
-            if scaler is not None:
+        if scaler is not None and scaler.is_enabled():
+            if self.max_grad_norm is not None:
                 scaler.unscale_(self.optimizer)
-            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if scaler is not None:
-            scaler.step(self.optimizer)
+                self._clip(self.max_grad_norm)
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)  # skipped by the scaler when a gradient is inf/NaN
             scaler.update()
-        else:
-            self.optimizer.step()
+            if scaler.get_scale() < scale:  # the scale backs off exactly when the scaler skipped the step
+                self.nonfinite_steps += 1
+                if result is not None:
+                    result.skipped = True
+            return result
+        norm = self._clip(self.max_grad_norm)
+        if norm is not None:
+            return self._nonfinite(result, norm, gradient=True)
+        self.optimizer.step()
         return result

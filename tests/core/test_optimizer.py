@@ -91,7 +91,7 @@ def test_state_dict_format_is_the_inner_one_plus_one_key():
     opt.step(lambda: model(**batch))
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups", "r3f"}
-    assert set(sd["r3f"]) == {"noise", "nonfinite_steps", "grad_scaler"}
+    assert set(sd["r3f"]) == {"optimizer_class", "noise", "nonfinite_steps", "grad_scaler"}
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)  # a tool that reads optimizer checkpoints
     plain.load_state_dict(sd)
     for p in model.parameters():
@@ -210,7 +210,7 @@ def test_grad_scaler_skips_step_on_inf_grad():
     handle = w.register_hook(lambda g: torch.full_like(g, float("inf")))
     res = opt.step(_fp16_closure(model, batch))
     handle.remove()
-    assert not res.skipped  # the loss was finite: the scaler, not the wrapper, skipped the step
+    assert res.skipped and opt.nonfinite_steps == 1  # the loss was finite; the scaler skipped the step
     assert_same_params(params_of(model), before)
     assert len(opt.state) == 0  # AdamW never stepped
     assert scaler.get_scale() == 2.0**11
