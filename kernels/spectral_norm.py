@@ -16,6 +16,13 @@ Arithmetic is float32 whatever the weight dtype (float32, float16, bfloat16); th
 dtype. After each normalisation u and v are rounded through the buffers' dtype, as torch's
 ``F.normalize(..., out=buffer)`` does, so sigma is exactly ``u^T W v`` of the stored buffers.
 
+The kernels run on the weight's memory seen as a row-major matrix: W itself (contiguous weights, N-D
+weights flattened as ``W.flatten(1)``), ``W^T`` (a weight stored transposed, dim 0 innermost: u and v
+swap roles and the iteration updates v first), or W with its columns permuted (channels_last convolution
+weights: v is gathered into that order and scattered back, two copies of H elements). The output has the
+weight's strides, like torch's ``weight / sigma``. Only weights whose dim 0 is in the middle of the memory
+order, or that are not dense, are computed on a contiguous copy (and the result copied into their layout).
+
 Two paths:
 
 * fused (the padded C x H tile fits ``MAX_FUSED_ELEMENTS``): one program loads W once, iterates on chip,
@@ -26,13 +33,21 @@ Two paths:
   then a grid-stride kernel writes W / sigma. Forward ``4 n + 1`` launches (eval: 3), backward 2
   (``<G, W>`` partial sums, then the rank-1 update).
 
+Autograd (:class:`SpectralNormFunction`): the forward always runs the kernels, also under torch.func
+transforms (``vmap`` runs them once per batch member). The backward runs them for ordinary backward
+passes; when its result must be differentiable (double backward) or it receives batched or torch.func
+tensors (``is_grads_batched``, ``torch.func.grad``/``vjp``/``jacrev``) it evaluates the same formula in
+PyTorch operations. Forward-mode derivatives (``jvp``, ``forward_ad``, ``jacfwd``) are PyTorch operations.
+
 ``LAUNCHES`` counts kernel launches by kernel name (tests use it to prove the kernel ran).
 """
 from __future__ import annotations
 
+import math
+import operator
 from collections import Counter
 from contextlib import nullcontext
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -66,7 +81,11 @@ def _normalize(x, eps):
 @triton.jit
 def _sn_fused_fwd_kernel(w_ptr, u_ptr, v_ptr, out_ptr, u_save_ptr, v_save_ptr, sigma_ptr,
                          C, H, n_iters, eps,
-                         UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+                         UPDATE: tl.constexpr, COL_FIRST: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    # W here is the row-major C x H matrix the weight is in memory, u its row vector, v its column vector.
+    # COL_FIRST (a weight stored transposed, W = weight^T): update v before u, which is torch's order on
+    # the weight (its u is our v).
     rows = tl.arange(0, BLOCK_C)
     cols = tl.arange(0, BLOCK_H)
     rmask = rows < C
@@ -80,8 +99,12 @@ def _sn_fused_fwd_kernel(w_ptr, u_ptr, v_ptr, out_ptr, u_save_ptr, v_save_ptr, s
     if UPDATE:
         for _ in range(n_iters):
             # u = normalize(W v), v = normalize(W^T u), each rounded through its buffer's dtype (out=buffer)
-            u = _normalize(tl.sum(w * v[None, :], axis=1), eps).to(u_ptr.dtype.element_ty).to(tl.float32)
-            v = _normalize(tl.sum(w * u[:, None], axis=0), eps).to(v_ptr.dtype.element_ty).to(tl.float32)
+            if COL_FIRST:
+                v = _normalize(tl.sum(w * u[:, None], axis=0), eps).to(v_ptr.dtype.element_ty).to(tl.float32)
+                u = _normalize(tl.sum(w * v[None, :], axis=1), eps).to(u_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                u = _normalize(tl.sum(w * v[None, :], axis=1), eps).to(u_ptr.dtype.element_ty).to(tl.float32)
+                v = _normalize(tl.sum(w * u[:, None], axis=0), eps).to(v_ptr.dtype.element_ty).to(tl.float32)
         tl.store(u_ptr + rows, u.to(u_ptr.dtype.element_ty), mask=rmask)  # in-place buffer update
         tl.store(v_ptr + cols, v.to(v_ptr.dtype.element_ty), mask=cmask)
     # the clones backward uses (float32 holds the buffer values exactly)
@@ -295,71 +318,260 @@ def _rank1(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tenso
             PARTS_BLOCK=triton.next_power_of_2(n_parts), num_warps=4)
 
 
-def _forward(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float, fused: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W / sigma, u clone, v clone, sigma); u, v updated in place when ``n_iters > 0``."""
+def _forward(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float, fused: bool,
+             col_first: bool, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u clone, v clone, sigma) of the row-major matrix ``w``, ``w / sigma`` written into ``out``; u, v
+    updated in place when ``n_iters > 0`` (v before u when ``col_first``)."""
     C, H = w.shape
     f32 = dict(device=w.device, dtype=torch.float32)
-    out = torch.empty_like(w)
     u_save, v_save, sigma = torch.empty(C, **f32), torch.empty(H, **f32), torch.empty(1, **f32)
     if fused:
         bc, bh = _fused_blocks(C, H)
         _launch(_sn_fused_fwd_kernel, (1,), w, u, v, out, u_save, v_save, sigma, C, H, n_iters, eps,
-                UPDATE=n_iters > 0, BLOCK_C=bc, BLOCK_H=bh, num_warps=_fused_warps(C, H))
-        return out, u_save, v_save, sigma
+                UPDATE=n_iters > 0, COL_FIRST=col_first, BLOCK_C=bc, BLOCK_H=bh, num_warps=_fused_warps(C, H))
+        return u_save, v_save, sigma
     if n_iters == 0:  # eval: sigma = u^T (W v) from the stored vectors
         _reduce(_matvec(w, v, transpose=False, x_copy=v_save), eps, u_save, dot=u, sigma=sigma)
-    x = v
+    x = u if col_first else v
     for i in range(n_iters):
-        _reduce(_matvec(w, x, transpose=False), eps, u_save, buf=u)  # u = normalize(W v)
-        # v = normalize(W^T u); after the last iteration sigma = (W^T u)^T v = u^T W v
-        _reduce(_matvec(w, u_save, transpose=True), eps, v_save, buf=v, sigma=sigma if i == n_iters - 1 else None)
-        x = v_save
+        last = sigma if i == n_iters - 1 else None
+        # the second normalisation of the last iteration also gives sigma: (W v)^T u or (W^T u)^T v
+        if col_first:
+            _reduce(_matvec(w, x, transpose=True), eps, v_save, buf=v)  # v = normalize(W^T u)
+            _reduce(_matvec(w, v_save, transpose=False), eps, u_save, buf=u, sigma=last)  # u = normalize(W v)
+            x = u_save
+        else:
+            _reduce(_matvec(w, x, transpose=False), eps, u_save, buf=u)  # u = normalize(W v)
+            _reduce(_matvec(w, u_save, transpose=True), eps, v_save, buf=v, sigma=last)  # v = normalize(W^T u)
+            x = v_save
     _rank1(w, u_save, v_save, sigma, out)
-    return out, u_save, v_save, sigma
+    return u_save, v_save, sigma
 
 
 def _backward(g: torch.Tensor, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor,
-              fused: bool) -> torch.Tensor:
-    """``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``."""
+              fused: bool, dw: torch.Tensor) -> None:
+    """``dw = G / sigma - (<G, W> / sigma^2) u v^T`` (row-major matrices of one shape)."""
     C, H = w.shape
-    dw = torch.empty_like(w)
     if fused:
         bc, bh = _fused_blocks(C, H)
         _launch(_sn_fused_bwd_kernel, (1,), g, w, u, v, sigma, dw, C, H, BLOCK_C=bc, BLOCK_H=bh,
                 num_warps=_fused_warps(C, H))
-        return dw
+        return
     programs, tiles_per_prog, block = _elementwise_grid(g.numel(), g.device)
     parts = torch.empty(programs, device=g.device, dtype=torch.float32)
     _launch(_sn_dot_kernel, (programs,), g, w, parts, g.numel(), tiles_per_prog, BLOCK=block,
             num_warps=4)
     _rank1(g, u, v, sigma, dw, parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory layout: the kernels run on the weight's memory as a row-major matrix
+# ----------------------------------------------------------------------------------------------------
+class _Layout(NamedTuple):
+    """How an N-D weight (rows: dim 0, columns: the other dims flattened) lies in memory.
+
+    ``weight.permute(order)`` is contiguous. Not ``transposed``: dim 0 is outermost and memory holds the
+    C x H matrix; ``transposed``: dim 0 is innermost (stride 1) and memory holds the H x C matrix W^T.
+    ``v_perm``: the memory order of the trailing dims when it differs from their logical order
+    (channels_last convolutions), else None.
+    """
+
+    order: tuple
+    transposed: bool
+    v_perm: Optional[tuple]
+
+
+def _layout(w: torch.Tensor) -> Optional[_Layout]:
+    """The weight's layout, or None when dim 0 is neither outermost nor innermost or the weight is not
+    dense (then the kernels run on a contiguous copy)."""
+    n = w.ndim
+    if w.is_contiguous():
+        return _Layout(tuple(range(n)), False, None)
+    rest = sorted(range(1, n), key=lambda d: -w.stride(d))  # stable: ties (size-1 dims) keep their order
+    for transposed in (False, True):
+        order = (*rest, 0) if transposed else (0, *rest)
+        if w.permute(order).is_contiguous():  # (strides of size-1 dims do not matter)
+            big = [d for d in rest if w.shape[d] != 1]
+            v_perm = None if big == sorted(big) else tuple(d - 1 for d in rest)
+            return _Layout(order, transposed, v_perm)
+    return None
+
+
+def _matrix(t: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """The row-major matrix view of ``t``'s memory (C x H, or H x C when transposed)."""
+    p = t.permute(lay.order)
+    return p.view(-1, t.shape[0]) if lay.transposed else p.view(t.shape[0], -1)
+
+
+def _v_memory_order(v: torch.Tensor, shape: torch.Size, lay: _Layout) -> torch.Tensor:
+    """``v`` (logical order of the trailing dims ``shape``) in their memory order: a copy."""
+    return v.view(shape).permute(lay.v_perm).reshape(-1)
+
+
+def _v_logical_order(dst: torch.Tensor, src: torch.Tensor, shape: torch.Size, lay: _Layout) -> torch.Tensor:
+    """Write ``src`` (memory order) into ``dst`` (logical order); returns ``dst``."""
+    view = dst.view(shape).permute(lay.v_perm)
+    view.copy_(src.view(view.shape))
+    return dst
+
+
+def _dense(weight: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
+    lay = _layout(weight)
+    if lay is None:
+        return weight.contiguous(), _Layout(tuple(range(weight.ndim)), False, None)
+    return weight, lay
+
+
+def _kernel_forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float,
+                    fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W / sigma with the weight's strides, u clone, v clone, sigma), computed in the weight's layout."""
+    w, lay = _dense(weight)
+    trailing = w.shape[1:]
+    u_k = u if u.is_contiguous() else u.contiguous()
+    v_k = _v_memory_order(v, trailing, lay) if lay.v_perm else v if v.is_contiguous() else v.contiguous()
+    out = torch.empty_like(w)  # the layout of torch's `weight / sigma`
+    rows, cols = (v_k, u_k) if lay.transposed else (u_k, v_k)
+    rows_save, cols_save, sigma = _forward(_matrix(w, lay), rows, cols, n_iters, eps, fused, lay.transposed,
+                                           _matrix(out, lay))
+    u_save, v_save = (cols_save, rows_save) if lay.transposed else (rows_save, cols_save)
+    if n_iters > 0:  # the kernels updated copies: write them back into the buffers
+        if u_k is not u:
+            u.copy_(u_k)
+        if lay.v_perm:
+            _v_logical_order(v, v_k, trailing, lay)
+        elif v_k is not v:
+            v.copy_(v_k)
+    if lay.v_perm:
+        v_save = _v_logical_order(torch.empty_like(v_save), v_save, trailing, lay)
+    if w is not weight:  # dim 0 in the middle of the memory order, or a non-dense weight: one more copy
+        out = torch.empty_like(weight).copy_(out)
+    return out, u_save, v_save, sigma
+
+
+def _kernel_backward(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                     sigma: torch.Tensor, fused: bool) -> torch.Tensor:
+    w, lay = _dense(weight)
+    g = grad if grad.permute(lay.order).is_contiguous() else torch.empty_like(w).copy_(grad)
+    v_k = _v_memory_order(v, w.shape[1:], lay) if lay.v_perm else v
+    rows, cols = (v_k, u) if lay.transposed else (u, v_k)
+    dw = torch.empty_like(w)
+    _backward(_matrix(g, lay), _matrix(w, lay), rows, cols, sigma, fused, _matrix(dw, lay))
     return dw
 
 
+# ----------------------------------------------------------------------------------------------------
+# The same maths in differentiable PyTorch operations (u, v held constant), for the transforms
+# ----------------------------------------------------------------------------------------------------
+def _sigma_torch(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.dot(u, torch.mv(w.reshape(w.shape[0], -1), v))
+
+
+def _backward_torch(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``G / sigma - (<G, W> / sigma^2) u v^T`` with sigma = u^T W v recomputed, differentiable in G and W
+    (double backward), vmap-able (batched gradients); float32 arithmetic, the weight's dtype out."""
+    w, g = weight.float(), grad.float()
+    sigma = _sigma_torch(w, u, v)
+    dw = g / sigma - ((g * w).sum() / (sigma * sigma)) * torch.outer(u, v).view(w.shape)
+    return dw.to(weight.dtype)
+
+
+def _jvp_torch(tangent: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Forward-mode derivative ``dW / sigma - (u^T dW v / sigma^2) W``."""
+    w, dw = weight.float(), tangent.float()
+    sigma = _sigma_torch(w, u, v)
+    return (dw / sigma - (_sigma_torch(dw, u, v) / (sigma * sigma)) * w).to(weight.dtype)
+
+
+def _kernel_can_read(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can read these tensors' memory: plain tensors, not torch.func wrappers (vmap's
+    batched tensors, grad/jvp levels: ops on tensors while such a level is active are re-wrapped, so its
+    backward cannot hand the kernels plain memory), autograd's batched gradients or tensor subclasses."""
+    functorch = torch._C._functorch
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not functorch.is_functorch_wrapped_tensor(t)
+               and not functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 class SpectralNormFunction(torch.autograd.Function):
-    """``W / sigma`` with the power iteration (in place on u, v) in forward; u, v constant in backward."""
+    """``W / sigma`` with the power iteration (in place on u, v) in forward; u, v constant in derivatives.
+
+    ``apply(weight, u, v, n_iters, eps, fused)`` returns ``(W / sigma, u clone, v clone, sigma)``; only the
+    first output is differentiable (the clones are float32, the values this forward used). Where each
+    part runs:
+
+    * forward: always the kernels. Under torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``jvp``,
+      ``jacfwd``, ``functional_call``) they see the unwrapped tensors; under ``vmap`` the :meth:`vmap` rule
+      runs them once per batch member (training mode needs u, v batched like the weight, as an ensemble's
+      stacked buffers are: torch's parametrization cannot vmap a training forward at all);
+    * backward: the kernels for ordinary ``backward()`` / ``autograd.grad``. The same formula in
+      differentiable PyTorch operations (u, v constant, sigma recomputed as ``u^T W v``) when the result
+      must be differentiable (``create_graph=True`` with a gradient or weight that requires grad: double
+      backward, gradgradcheck) or when the gradient is a batched or torch.func-wrapped tensor
+      (``is_grads_batched=True``, and every torch.func transform: ``grad``, ``vjp``, ``jacrev``, ``vmap``
+      of a backward, ``hessian``): the kernels cannot read such tensors' memory;
+    * forward-mode (``jvp``, ``torch.autograd.forward_ad``, ``jacfwd``): PyTorch operations,
+      ``dW / sigma - (u^T dW v / sigma^2) W`` (two matrix-vector products and one elementwise pass).
+    """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float,
-                fused: bool) -> torch.Tensor:
-        w = weight.contiguous()
-        with torch.cuda.device(w.device) if w.is_cuda else nullcontext():
-            out, u_save, v_save, sigma = _forward(w, u, v, n_iters, eps, fused)
+    def forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float, fused: bool):
+        with _device(weight):
+            out, u_save, v_save, sigma = _kernel_forward(weight, u, v, n_iters, eps, fused)
         if n_iters > 0:  # the buffers changed: let autograd catch any stale saved copy of them
-            torch.autograd.graph.increment_version(u)
-            torch.autograd.graph.increment_version(v)
-        ctx.save_for_backward(w, u_save, v_save, sigma)
-        ctx.fused = fused
-        return out
+            for buf in (u, v):
+                if not buf.is_inference():
+                    torch.autograd.graph.increment_version(buf)
+        return out, u_save, v_save, sigma
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        w, u_save, v_save, sigma = ctx.saved_tensors
-        with torch.cuda.device(w.device) if w.is_cuda else nullcontext():
-            dw = _backward(grad.contiguous(), w, u_save, v_save, sigma, ctx.fused)
+    def setup_context(ctx, inputs, output):
+        weight, fused = inputs[0], inputs[5]
+        _, u_save, v_save, sigma = output
+        ctx.mark_non_differentiable(u_save, v_save, sigma)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(weight, u_save, v_save, sigma)
+        ctx.save_for_forward(weight, u_save, v_save)
+        ctx.fused = fused
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        if grad is None:
+            return None, None, None, None, None, None
+        weight, u_save, v_save, sigma = ctx.saved_tensors
+        if (_kernel_can_read(grad, weight, u_save, v_save, sigma)
+                and not (torch.is_grad_enabled() and (grad.requires_grad or weight.requires_grad))):
+            # (a result that must be differentiable, double backward, takes the PyTorch formula)
+            with _device(weight):
+                dw = _kernel_backward(grad, weight, u_save, v_save, sigma, ctx.fused)
+        else:
+            dw = _backward_torch(grad, weight, u_save, v_save)
         return dw, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        weight, u_save, v_save = ctx.saved_tensors
+        return None if tangent is None else _jvp_torch(tangent, weight, u_save, v_save), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, weight, u, v, n_iters, eps, fused):
+        """One kernel call per batch member. In training (``n_iters > 0``) each member updates its own
+        u, v, so a batched weight needs batched buffers (e.g. an ensemble's stacked buffers); torch's
+        parametrization raises there too. In eval any of weight, u, v may be batched."""
+        wd, ud, vd = in_dims[:3]
+        if n_iters > 0 and (ud is None or vd is None):
+            raise RuntimeError(
+                "spectral_norm under vmap in training mode: the power iteration updates u and v in place, so "
+                "they must be batched like the weight (vmap over stacked buffers), or use eval mode")
+
+        def member(t, d, b):
+            return t if d is None else t.select(d, b)
+
+        outs = [SpectralNormFunction.apply(member(weight, wd, b), member(u, ud, b), member(v, vd, b),
+                                           n_iters, eps, fused) for b in range(info.batch_size)]
+        return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0, 0)
 
 
 def spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int,
@@ -367,35 +579,48 @@ def spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n
     """``W / sigma_max(W)`` by power iteration, torch's parametrization maths in fused Triton kernels.
 
     Args:
-        weight: the C x H matrix (float32, float16 or bfloat16; differentiable).
+        weight: the C x H matrix, or an N-D weight whose dim 0 are the rows and the other dims, flattened,
+            the columns (torch's ``dim=0``); float32, float16 or bfloat16; differentiable (see
+            :class:`SpectralNormFunction` for double backward, torch.func transforms and forward mode).
         u, v: the left (C) and right (H) singular-vector estimates, updated in place when
             ``n_power_iterations > 0``; no gradient.
-        n_power_iterations: iterations to run (0: eval, sigma from the stored u, v).
-        eps: floor of the norms in the normalisations.
+        n_power_iterations: iterations to run (0: eval, sigma from the stored u, v); any integer type.
+        eps: floor of the norms in the normalisations (``max(||x||, eps)``; 0 is allowed, as in torch).
         max_fused_elements: padded C x H size up to which one program does everything (default
             ``MAX_FUSED_ELEMENTS``); larger heads take the tiled path.
 
     Returns:
-        ``W / sigma`` in the weight's dtype.
+        ``W / sigma`` in the weight's dtype and with the weight's strides (the kernels read and write the
+        weight's memory in place of a contiguous copy when dim 0 is its outermost or innermost dimension:
+        contiguous, transposed and channels_last weights; otherwise they run on a contiguous copy and the
+        result is copied into the weight's layout).
     """
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
+    if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or weight.numel() == 0:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be a non-empty 2-D tensor, got {got}")
+        raise ValueError(f"weight must be a non-empty 2-D (or N-D, rows in dim 0) tensor, got {got}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"weight dtype must be one of {SUPPORTED_DTYPES}, got {weight.dtype}")
-    C, H = weight.shape
+    C = weight.shape[0]
+    H = weight.numel() // C
     for name, vec, n in (("u", u, C), ("v", v, H)):
-        if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (n,) or not vec.is_contiguous():
+        if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (n,):
             got = tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
-            raise ValueError(f"{name} must be a contiguous vector of length {n} for a {C}x{H} weight, got {got}")
+            raise ValueError(f"{name} must be a vector of length {n} for a {C}x{H} weight, got {got}")
         if vec.dtype not in SUPPORTED_DTYPES or vec.device != weight.device or vec.requires_grad:
             raise ValueError(f"{name} must be a {SUPPORTED_DTYPES} buffer on {weight.device} without grad, "
                              f"got {vec.dtype} on {vec.device} (requires_grad={vec.requires_grad})")
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
-        raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    try:
+        if isinstance(n_power_iterations, bool):
+            raise TypeError
+        n_iters = operator.index(n_power_iterations)
+    except TypeError:
+        raise ValueError(f"n_power_iterations must be an integer >= 0, got {n_power_iterations!r}") from None
+    if n_iters < 0:
+        raise ValueError(f"n_power_iterations must be an integer >= 0, got {n_power_iterations!r}")
+    eps = float(eps)
+    if math.isnan(eps):
+        raise ValueError(f"eps must be a number, got {eps!r}")
     if max_fused_elements is not None and max_fused_elements < 0:
         raise ValueError(f"max_fused_elements must be >= 0, got {max_fused_elements}")
     fused = fits_one_program(C, H, max_fused_elements)
-    return SpectralNormFunction.apply(weight, u, v, n_power_iterations, float(eps), fused)
+    return SpectralNormFunction.apply(weight, u, v, n_iters, eps, fused)[0]
