@@ -4,28 +4,54 @@ For a row with logits a, b (p = softmax(a), q = softmax(b)) and d = a - b::
 
     KL_S = KL(P||Q) + KL(Q||P) = sum_j (p_j - q_j) d_j = E_p[d] - E_q[d]
 
+Centring. E_p[d] - E_q[d] is unchanged by d -> d - r for any per-row constant r (p and q both sum to 1),
+but computed as it stands it cancels catastrophically when b = a + c: both terms are ~ -c and their
+difference is ~ the rounding of c (a negative KL at c = 1e6). So the kernel never forms a - b. It uses
+
+    d'_j = (a_j - m_a) - (b_j - m_b) = d_j - (m_a - m_b)          (m_a, m_b: the rows' maxima)
+
+whose two differences are exact or nearly so whatever the offset (x - m for x near m is exact in
+floating point); d' is O(the spread of the two rows), not O(c), and so are E_p[d'], E_q[d'].
+
 Forward streams each row once, keeping online statistics per side (as in an online softmax)::
 
-    m   = running max                 Z = sum exp(x - m)          S = sum exp(x - m) * d
+    m = running max        Z = sum exp(x - m)        S = sum exp(x - m) * d'   (d' with the running maxima)
 
-rescaled by exp(m_old - m_new) whenever the max grows. Then E_p[d] = S_a / Z_a, E_q[d] = S_b / Z_b and
-lse = m + log Z. Only four floats per row are saved (lse_a, lse_b, E_p[d], E_q[d]), plus the inputs.
+When a tile raises the maxima from (m_a, m_b) to (m_a', m_b'), Z is rescaled by alpha = exp(m - m') as
+usual, and the d' of the entries already summed moves by -delta, delta = (m_a' - m_a) - (m_b' - m_b)::
+
+    S  ->  alpha * (S - delta * Z)
+
+Then E_p[d'] = S_a / Z_a, E_q[d'] = S_b / Z_b, KL_S = E_p[d'] - E_q[d']. Six floats per row are saved
+(m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d']), plus the inputs: the maxima and log Z are kept apart,
+because lse = m + log Z rounded to float32 at |m| ~ 1e6 is off by up to 0.03 and would scale p by 3 %.
 Backward reads a, b once more and writes both gradients (g = upstream gradient of the row)::
 
-    dKL_S/da_j = g * (p_j (d_j - E_p[d] + 1) - q_j)        p_j = exp(a_j - lse_a)
-    dKL_S/db_j = g * (q_j (E_q[d] - d_j + 1) - p_j)        q_j = exp(b_j - lse_b)
+    p_j = exp((a_j - m_a) - log Z_a)        q_j = exp((b_j - m_b) - log Z_b)
+    dKL_S/da_j = g * (p_j (d'_j - E_p[d'] + 1) - q_j)
+    dKL_S/db_j = g * (q_j (E_q[d'] - d'_j + 1) - p_j)
 
+(d_j - E_p[d] = d'_j - E_p[d']: the centring drops out of the gradient too.)
 Traffic for forward + backward: two reads of (a, b) and one write of (da, db), the minimum.
 Arithmetic is float32 whatever the input dtype; only the stored gradients are rounded.
 
 Rows with few programs and a long vocabulary are split over SPLIT programs (grid axis 1), whose partial
-(m, Z, S) are merged by a second small kernel; backward is split the same way with no merge needed.
-Edge cases follow ``r3f_opt.symmetric_kl``: entries that are -inf in both inputs contribute 0 (d := 0
-where a == b), a row that is -inf everywhere has lse := 0 (so p = 0), an entry that is -inf on one side
-only makes the row +inf, and masked rows are never read, give 0 and get zero gradient.
+(m, Z, S) are merged by a second small kernel (with the same re-centring); backward is split the same way
+with no merge needed.
+
+Edge cases follow ``r3f_opt.symmetric_kl`` (the PyTorch path computes the same expressions):
+
+* a term with probability 0 on both sides (-inf in both, or -inf against a logit whose exp underflows
+  in float32) contributes 0 to the value and to the gradient (0 * inf := 0 where the probability is 0);
+* -inf in one input where the other has a nonzero probability makes the row +inf;
+* a row that is -inf everywhere has Z = 0: log Z := 0 (so p = 0) and E := 0;
+* NaN or +inf anywhere in a counted row makes Z NaN, hence the value and every gradient entry of the
+  row NaN (a NaN normaliser is not an empty row);
+* masked rows are never read, give 0 and get zero gradient.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import torch
@@ -45,8 +71,7 @@ def _load_row_tile(a_row, b_row, cols, sav, sbv, col_ok):
     # Out-of-range (and masked-row) entries read as -inf on both sides, which contribute exactly 0.
     a = tl.load(a_row + cols * sav, mask=col_ok, other=float("-inf")).to(tl.float32)
     b = tl.load(b_row + cols * sbv, mask=col_ok, other=float("-inf")).to(tl.float32)
-    d = tl.where(a == b, 0.0, a - b)  # -inf in both: d = 0 instead of NaN
-    return a, b, d
+    return a, b
 
 
 @triton.jit
@@ -64,24 +89,31 @@ def _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1, HA
 
 
 @triton.jit
-def _rescale(s, alpha):
-    # s * exp(m_old - m_new); keeps +-inf (a one-sided -inf entry) instead of inf * 0 = NaN.
-    return tl.where(tl.abs(s) == float("inf"), s, s * alpha)
+def _recentre(s, z, delta, alpha):
+    # S = sum exp(x - m) d' after the maxima moved: d' -> d' - delta and exp(x - m) -> alpha exp(x - m),
+    # so S -> alpha (S - delta Z). Z == 0 (nothing summed on this side yet; m may still be the -3.4e38
+    # sentinel, so delta may be huge or inf): S stays 0. S = +-inf (an entry that is -inf on the other
+    # side only: the row is +inf) stays as it is rather than inf * 0 = NaN. A NaN Z or S stays NaN.
+    return tl.where((z == 0) | (tl.abs(s) == float("inf")), s, (s - delta * z) * alpha)
 
 
 @triton.jit
 def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid):
-    # lse = m + log Z; a row that is -inf everywhere has Z = 0: lse := 0 and E[d] := 0.
-    lse_a = tl.where(z_a > 0, m_a + tl.log(z_a), 0.0)
-    lse_b = tl.where(z_b > 0, m_b + tl.log(z_b), 0.0)
-    e_p = tl.where(z_a > 0, s_a / z_a, 0.0)
-    e_q = tl.where(z_b > 0, s_b / z_b, 0.0)
-    kl = tl.where(valid, e_p - e_q, 0.0)
+    # A row that is -inf everywhere on one side has Z = 0 there: log Z := 0 (so p = exp(-inf) = 0 in
+    # backward) and E[d'] := 0. Only Z == 0 means empty: a NaN Z (NaN or +inf in the row) stays NaN and
+    # makes the value and every gradient of the row NaN.
+    lz_a = tl.where(z_a == 0, 0.0, tl.log(z_a))
+    lz_b = tl.where(z_b == 0, 0.0, tl.log(z_b))
+    e_p = tl.where(z_a == 0, 0.0, s_a / z_a)  # E_p[d']
+    e_q = tl.where(z_b == 0, 0.0, s_b / z_b)  # E_q[d']
+    kl = tl.where(valid, e_p - e_q, 0.0)  # KL_S = E_p[d'] - E_q[d'] (= E_p[d] - E_q[d])
     tl.store(out_ptr + row, kl)
-    tl.store(stats_ptr + row, lse_a)
-    tl.store(stats_ptr + n_rows + row, lse_b)
-    tl.store(stats_ptr + 2 * n_rows + row, e_p)
-    tl.store(stats_ptr + 3 * n_rows + row, e_q)
+    tl.store(stats_ptr + row, m_a)
+    tl.store(stats_ptr + n_rows + row, m_b)
+    tl.store(stats_ptr + 2 * n_rows + row, lz_a)
+    tl.store(stats_ptr + 3 * n_rows + row, lz_b)
+    tl.store(stats_ptr + 4 * n_rows + row, e_p)
+    tl.store(stats_ptr + 5 * n_rows + row, e_q)
 
 
 @triton.jit
@@ -102,21 +134,29 @@ def _sym_kl_fwd_kernel(
     offs = tl.arange(0, BLOCK)
     for start in range(lo, hi, BLOCK):
         cols = start + offs
-        a, b, d = _load_row_tile(a_row, b_row, cols, sav, sbv, cols < hi)
+        a, b = _load_row_tile(a_row, b_row, cols, sav, sbv, cols < hi)
         # Online update of (m, Z, S) for each side.
         new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
         new_m_b = tl.maximum(m_b, tl.max(b, axis=0))
         alpha_a = tl.exp(m_a - new_m_a)
         alpha_b = tl.exp(m_b - new_m_b)
-        e_a = tl.exp(a - new_m_a)
-        e_b = tl.exp(b - new_m_b)
-        # exp(x - m) * d with 0 * inf := 0 (x = -inf where the other side is finite).
-        t_a = tl.where(e_a > 0, e_a * d, 0.0)
-        t_b = tl.where(e_b > 0, e_b * d, 0.0)
+        # Re-centre what is summed so far: d' = (a - m_a) - (b - m_b) moves by -delta.
+        delta = (new_m_a - m_a) - (new_m_b - m_b)
+        s_a = _recentre(s_a, z_a, delta, alpha_a)
+        s_b = _recentre(s_b, z_b, delta, alpha_b)
+        la = a - new_m_a  # x - m: exact for x near m, whatever the offset of the row
+        lb = b - new_m_b
+        e_a = tl.exp(la)
+        e_b = tl.exp(lb)
+        d = la - lb  # d' = d - (m_a - m_b); +-inf where one side only is -inf; NaN where both are
+        # exp(x - m) * d' with 0 * (+-inf or NaN) := 0: a zero probability contributes nothing. A NaN
+        # exp (NaN or +inf in the row) is not 0 and reaches Z below.
+        t_a = tl.where(e_a == 0, 0.0, e_a * d)
+        t_b = tl.where(e_b == 0, 0.0, e_b * d)
         z_a = z_a * alpha_a + tl.sum(e_a, axis=0)
         z_b = z_b * alpha_b + tl.sum(e_b, axis=0)
-        s_a = _rescale(s_a, alpha_a) + tl.sum(t_a, axis=0)
-        s_b = _rescale(s_b, alpha_b) + tl.sum(t_b, axis=0)
+        s_a = s_a + tl.sum(t_a, axis=0)
+        s_b = s_b + tl.sum(t_b, axis=0)
         m_a = new_m_a
         m_b = new_m_b
     if SPLIT:
@@ -135,21 +175,11 @@ def _sym_kl_fwd_kernel(
 
 
 @triton.jit
-def _merge_side(part_ptr, plane, idx, ok):
-    # m = max_i m_i;  Z = sum_i Z_i exp(m_i - m);  S = sum_i S_i exp(m_i - m)
-    m_i = tl.load(part_ptr + idx, mask=ok, other=_NEG_BIG)
-    z_i = tl.load(part_ptr + plane + idx, mask=ok, other=0.0)
-    s_i = tl.load(part_ptr + 2 * plane + idx, mask=ok, other=0.0)
-    m = tl.max(m_i, axis=0)
-    w = tl.exp(m_i - m)
-    z = tl.sum(z_i * w, axis=0)
-    s = tl.sum(_rescale(s_i, w), axis=0)
-    return m, z, s
-
-
-@triton.jit
 def _sym_kl_merge_kernel(part_ptr, mask_ptr, out_ptr, stats_ptr, n_rows, n_parts,
                          HAS_MASK: tl.constexpr, PARTS: tl.constexpr):
+    # Part i summed d'_i = (a - m_a,i) - (b - m_b,i) with its own maxima. With the row's maxima
+    # M = max_i m_i, d' = d'_i - delta_i, delta_i = (M_a - m_a,i) - (M_b - m_b,i), and w_i = exp(m_i - M):
+    #     Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
     row = tl.program_id(0).to(tl.int64)
     valid = True
     if HAS_MASK:
@@ -157,9 +187,22 @@ def _sym_kl_merge_kernel(part_ptr, mask_ptr, out_ptr, stats_ptr, n_rows, n_parts
     plane = n_rows * n_parts
     p = tl.arange(0, PARTS)
     idx = row * n_parts + p
-    ok = p < n_parts
-    m_a, z_a, s_a = _merge_side(part_ptr, plane, idx, ok)
-    m_b, z_b, s_b = _merge_side(part_ptr + 3 * plane, plane, idx, ok)
+    ok = p < n_parts  # padding lanes: m = sentinel, Z = S = 0, so they add nothing
+    m_ai = tl.load(part_ptr + idx, mask=ok, other=_NEG_BIG)
+    z_ai = tl.load(part_ptr + plane + idx, mask=ok, other=0.0)
+    s_ai = tl.load(part_ptr + 2 * plane + idx, mask=ok, other=0.0)
+    m_bi = tl.load(part_ptr + 3 * plane + idx, mask=ok, other=_NEG_BIG)
+    z_bi = tl.load(part_ptr + 4 * plane + idx, mask=ok, other=0.0)
+    s_bi = tl.load(part_ptr + 5 * plane + idx, mask=ok, other=0.0)
+    m_a = tl.max(m_ai, axis=0)
+    m_b = tl.max(m_bi, axis=0)
+    w_a = tl.exp(m_ai - m_a)
+    w_b = tl.exp(m_bi - m_b)
+    delta = (m_a - m_ai) - (m_b - m_bi)
+    z_a = tl.sum(z_ai * w_a, axis=0)
+    z_b = tl.sum(z_bi * w_b, axis=0)
+    s_a = tl.sum(_recentre(s_ai, z_ai, delta, w_a), axis=0)
+    s_b = tl.sum(_recentre(s_bi, z_bi, delta, w_b), axis=0)
     _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid)
 
 
@@ -173,25 +216,32 @@ def _sym_kl_bwd_kernel(
                                                 HAS_MASK)
     g = tl.load(g_ptr + row * sg).to(tl.float32)  # upstream gradient of this row (stride 0: a scalar)
     g = tl.where(valid, g, 0.0)
-    lse_a = tl.load(stats_ptr + row)
-    lse_b = tl.load(stats_ptr + n_rows + row)
-    e_p = tl.load(stats_ptr + 2 * n_rows + row)
-    e_q = tl.load(stats_ptr + 3 * n_rows + row)
+    m_a = tl.load(stats_ptr + row)
+    m_b = tl.load(stats_ptr + n_rows + row)
+    lz_a = tl.load(stats_ptr + 2 * n_rows + row)
+    lz_b = tl.load(stats_ptr + 3 * n_rows + row)
+    e_p = tl.load(stats_ptr + 4 * n_rows + row)  # E_p[d']
+    e_q = tl.load(stats_ptr + 5 * n_rows + row)  # E_q[d']
     hi = tl.minimum(lo + chunk, V)
     hi_read = tl.where(valid, hi, lo)  # a masked row is never read, only written with zeros
     offs = tl.arange(0, BLOCK)
     for start in range(lo, hi, BLOCK):
         cols = start + offs
         in_row = cols < hi
-        a, b, d = _load_row_tile(a_row, b_row, cols, sav, sbv, cols < hi_read)
-        p = tl.exp(a - lse_a)
-        q = tl.exp(b - lse_b)
+        a, b = _load_row_tile(a_row, b_row, cols, sav, sbv, cols < hi_read)
+        la = a - m_a  # as in forward, with the final maxima
+        lb = b - m_b
+        p = tl.exp(la - lz_a)  # p = exp(a - m_a) / Z_a
+        q = tl.exp(lb - lz_b)
+        d = la - lb  # d' = d - (m_a - m_b); d - E_p[d] = d' - E_p[d']
         out = row * V + cols  # gradients are contiguous (n_rows, V)
         if NEED_GA:
-            ga = g * (p * (d - e_p + 1.0) - q)
+            # g (p (d' - E_p[d'] + 1) - q), with p * (...) := 0 where p = 0 (d' may be +-inf or NaN there)
+            ga = g * (tl.where(p == 0, 0.0, p * (d - e_p + 1.0)) - q)
             tl.store(ga_ptr + out, ga, mask=in_row)  # g = 0 and p = q = 0 on a masked row
         if NEED_GB:
-            gb = g * (q * (e_q - d + 1.0) - p)
+            # g (q (E_q[d'] - d' + 1) - p), with q * (...) := 0 where q = 0
+            gb = g * (tl.where(q == 0, 0.0, q * (e_q - d + 1.0)) - p)
             tl.store(gb_ptr + out, gb, mask=in_row)
 
 
@@ -259,6 +309,15 @@ def _rows_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int
     return x, n_rows, n1, s0, s1, x.stride(-1)
 
 
+def _device_context(t: torch.Tensor):
+    """``torch.cuda.device(t.device)`` for a CUDA tensor, else a no-op context.
+
+    Triton launches on the current device (and its current stream): logits on cuda:1 while cuda:0 is
+    current must switch to cuda:1 first, as the spectral-norm launcher does.
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 class SymmetricKLRows(torch.autograd.Function):
     """Per-row KL_S of logits ``(*, V)`` with a flat bool row mask; returns float32 ``(rows,)``."""
 
@@ -269,24 +328,26 @@ class SymmetricKLRows(torch.autograd.Function):
         b, _, *lay_b = _rows_layout(b)
         vocab = a.shape[-1]
         out = torch.empty(n_rows, dtype=torch.float32, device=a.device)
-        stats = torch.empty(4, n_rows, dtype=torch.float32, device=a.device)
+        # Per row: m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d'] (see the module docstring).
+        stats = torch.empty(6, n_rows, dtype=torch.float32, device=a.device)
         cfg = _config(n_rows, vocab, max(a.element_size(), b.element_size()), a.device)
         n_parts = triton.cdiv(max(vocab, 1), cfg.chunk)
         mask_arg = mask if mask is not None else out  # never read when HAS_MASK is False
         if n_rows > 0:
             split = n_parts > 1
             part = torch.empty(6, n_rows, n_parts, dtype=torch.float32, device=a.device) if split else out
-            _sym_kl_fwd_kernel[(n_rows, n_parts)](
-                a, b, mask_arg, out, stats, part, n_rows, vocab, cfg.chunk, *lay_a, *lay_b,
-                HAS_MASK=mask is not None, SPLIT=split, BLOCK=cfg.block, num_warps=cfg.num_warps,
-            )
-            launches["forward"] += 1
-            if split:
-                _sym_kl_merge_kernel[(n_rows,)](
-                    part, mask_arg, out, stats, n_rows, n_parts,
-                    HAS_MASK=mask is not None, PARTS=triton.next_power_of_2(n_parts),
+            with _device_context(a):
+                _sym_kl_fwd_kernel[(n_rows, n_parts)](
+                    a, b, mask_arg, out, stats, part, n_rows, vocab, cfg.chunk, *lay_a, *lay_b,
+                    HAS_MASK=mask is not None, SPLIT=split, BLOCK=cfg.block, num_warps=cfg.num_warps,
                 )
-                launches["merge"] += 1
+                launches["forward"] += 1
+                if split:
+                    _sym_kl_merge_kernel[(n_rows,)](
+                        part, mask_arg, out, stats, n_rows, n_parts,
+                        HAS_MASK=mask is not None, PARTS=triton.next_power_of_2(n_parts),
+                    )
+                    launches["merge"] += 1
         ctx.save_for_backward(a, b, mask, stats)
         ctx.layout = (shape, n_rows, lay_a, lay_b, cfg)
         return out
@@ -303,27 +364,33 @@ class SymmetricKLRows(torch.autograd.Function):
         if n_rows > 0 and vocab > 0 and (need_a or need_b):
             n_parts = triton.cdiv(vocab, cfg.chunk)
             block, warps = _backward_tile(cfg, max(a.element_size(), b.element_size()))
-            _sym_kl_bwd_kernel[(n_rows, n_parts)](
-                a, b, mask if mask is not None else stats, stats, grad_rows,
-                ga if need_a else stats, gb if need_b else stats,
-                n_rows, vocab, cfg.chunk, grad_rows.stride(0), *lay_a, *lay_b,
-                HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, BLOCK=block, num_warps=warps,
-            )
-            launches["backward"] += 1
+            with _device_context(a):
+                _sym_kl_bwd_kernel[(n_rows, n_parts)](
+                    a, b, mask if mask is not None else stats, stats, grad_rows,
+                    ga if need_a else stats, gb if need_b else stats,
+                    n_rows, vocab, cfg.chunk, grad_rows.stride(0), *lay_a, *lay_b,
+                    HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, BLOCK=block, num_warps=warps,
+                )
+                launches["backward"] += 1
         return ga, gb, None
 
 
 def symmetric_kl_rows(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """KL_S per row of ``a``, ``b`` (shape ``(*, V)``, any strides) as float32 ``(prod(*),)``.
+    """KL_S per row of ``a``, ``b`` (shape ``(*, V)`` with V >= 1, any strides) as float32 ``(prod(*),)``.
 
-    ``mask``: optional flat bool tensor with one entry per row (False: value 0, zero gradient).
+    ``mask``: optional bool tensor with one entry per row (False: value 0, zero gradient).
+    ``r3f_opt.symmetric_kl`` validates and converts its arguments and then calls this.
     """
     if a.shape != b.shape or a.dim() == 0:
         raise ValueError(f"a and b must have one shape (*, V), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[-1] == 0:
+        raise ValueError("a and b have V = 0 classes; a softmax needs at least one (shape (*, V), V >= 1)")
     if a.device != b.device:
         raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
     if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True: the row counts), got {mask.dtype}")
         if mask.numel() != a[..., 0].numel():
             raise ValueError(f"mask needs one entry per row ({a[..., 0].numel()}), got {mask.numel()}")
-        mask = mask.to(device=a.device, dtype=torch.bool).reshape(-1).contiguous()
+        mask = mask.to(device=a.device).reshape(-1).contiguous()
     return SymmetricKLRows.apply(a, b, mask)

@@ -1,0 +1,328 @@
+"""symmetric_kl on hostile inputs (issue 14): NaN / +-inf rows, constant offsets between the two passes,
+V = 0, mask dtypes, and the device the Triton launcher runs on.
+
+Every test runs on both paths: R3F_KERNELS=torch, and R3F_KERNELS=triton (on CPU in Triton's interpreter)
+with the PyTorch path booby-trapped so that a silent fallback fails. test_paths_agree_on_edge_rows runs
+the two paths side by side on the same rows and asks for identical answers, NaN and inf included.
+"""
+import types
+
+import pytest
+import torch
+from kl_reference import reference_rows
+
+import r3f_opt.kl
+from r3f_opt import RegularizedOptimizer, symmetric_kl
+from r3f_opt.kernels import sym_kl
+
+NAN, INF = float("nan"), float("inf")
+
+# NumPy noise from the interpreter reducing rows that are NaN on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+
+
+def _trap(torch_path):
+    def trap(a, b, mask):
+        assert torch.float64 in (a.dtype, b.dtype), "the PyTorch path ran under R3F_KERNELS=triton"
+        return torch_path(a, b, mask)
+
+    return trap
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("R3F_KERNELS", request.param)
+    if request.param == "triton":
+        monkeypatch.setattr(r3f_opt.kl._SymmetricKLRows, "apply", _trap(r3f_opt.kl._SymmetricKLRows.apply))
+    return request.param
+
+
+@pytest.fixture(params=[None, (16, 16)], ids=["default-tiles", "split-rows"])
+def tiles(request, monkeypatch):
+    """Default tiles, or tiny tiles with every row split over programs (the merge kernel's path)."""
+    if request.param is not None:
+        block, chunk = request.param
+        monkeypatch.setattr(sym_kl, "_config", lambda *args: sym_kl.Config(block=block, chunk=chunk, num_warps=4))
+    return request.param
+
+
+def value_and_grads(a, b, upstream, mask=None):
+    a1, b1 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    rows = symmetric_kl(a1, b1, mask=mask, reduction="none")
+    (rows * upstream.to(rows.dtype)).sum().backward()
+    return rows.detach(), a1.grad, b1.grad
+
+
+def reference_value_and_grads(a, b, upstream):
+    a2, b2 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    rows = reference_rows(a2, b2)
+    (rows * upstream.double()).sum().backward()
+    return rows.detach(), a2.grad, b2.grad
+
+
+# ------------------------------------------------------------------------------------------- NaN / +inf
+POISON = {  # name -> (a entries, b entries) written into row 1 at column 5 (None: leave the entry as is)
+    "nan in p": (NAN, None),
+    "nan in q": (None, NAN),
+    "nan in both": (NAN, NAN),
+    "+inf in both": (INF, INF),
+    "+inf in p only": (INF, None),
+    "+inf in q only": (None, INF),
+}
+
+
+@pytest.mark.parametrize("case", list(POISON))
+def test_poisoned_row_is_nan_with_nan_gradients(backend, tiles, case):
+    """NaN in, NaN out: the row's value and every gradient entry of the row are NaN, as in the float64
+    reference (softmax of a row holding NaN or +inf is NaN); the other rows are untouched. Before the fix
+    the kernel gave 0 (or -inf) for the row, and the PyTorch path finite gradients for some entries."""
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 40) * 2, torch.randn(3, 40) * 2
+    va, vb = POISON[case]
+    if va is not None:
+        a[1, 5] = va
+    if vb is not None:
+        b[1, 5] = vb
+    g = torch.tensor([0.7, 1.3, -0.4])
+    got, ga, gb = value_and_grads(a, b, g)
+    want, wa, wb = reference_value_and_grads(a, b, g)
+    assert torch.isnan(want[1]) and torch.isnan(wa[1]).all() and torch.isnan(wb[1]).all()  # the reference's answer
+    assert torch.isnan(got[1]), f"{case}: KL {got[1].item()} for a poisoned row"
+    assert torch.isnan(ga[1]).all() and torch.isnan(gb[1]).all(), f"{case}: finite gradients in a poisoned row"
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(ga.double(), wa, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(gb.double(), wb, rtol=1e-5, atol=1e-6, equal_nan=True)
+    # Reductions see the NaN too (so an optimizer skips the step instead of clipping NaN gradients).
+    for reduction in ["batchmean", "sum", "mean"]:
+        assert torch.isnan(symmetric_kl(a, b, reduction=reduction))
+    # ... unless the row is masked out: masked rows are never read.
+    mask = torch.tensor([True, False, True])
+    got, ga, gb = value_and_grads(a, b, g, mask=mask)
+    assert got[1].item() == 0.0 and torch.count_nonzero(ga[1]) == 0 and torch.count_nonzero(gb[1]) == 0
+    assert torch.isfinite(got).all() and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+def test_whole_rows_of_nan_or_inf(backend, tiles):
+    """Rows that are NaN / +inf everywhere in both inputs (an overflowed pass): NaN, not the 0 of an
+    all -inf row."""
+    a, b = torch.randn(4, 20), torch.randn(4, 20)
+    a[0], b[0] = NAN, NAN
+    a[1], b[1] = INF, INF
+    a[2], b[2] = -INF, -INF  # an all -inf row: 0, zero gradient
+    got, ga, gb = value_and_grads(a, b, torch.ones(4))
+    assert torch.isnan(got[:2]).all() and torch.isnan(ga[:2]).all() and torch.isnan(gb[:2]).all()
+    assert got[2].item() == 0.0 and torch.count_nonzero(ga[2]) == 0 and torch.count_nonzero(gb[2]) == 0
+    assert torch.isfinite(got[3]) and torch.isfinite(ga[3]).all()
+
+
+# pytest.warns re-emits the interpreter's NumPy noise outside the module that pytest.ini filters it by.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_optimizer_skips_a_step_whose_kl_rows_are_nan(backend):
+    """The issue's symptom: logits NaN in one row of both passes (the task loss does not see that row).
+    The KL must be NaN so that RegularizedOptimizer skips the step; before, the kernel reported a finite
+    KL and only NaN gradients, which max_grad_norm clipping would spread over every parameter."""
+    from helpers import tiny_model, toy_batch
+
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    batch = toy_batch("bert", batch=4, seq=6)
+    labels = batch.pop("labels")
+
+    def closure():
+        logits = model(**batch).logits
+        logits = torch.where(torch.arange(4)[:, None] == 0, torch.full_like(logits, NAN), logits)
+        return torch.nn.functional.cross_entropy(logits[1:], labels[1:]), logits
+
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, eps=1e-2, seed=1,
+                               max_grad_norm=1.0)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="skipped"):
+        result = opt.step(closure)
+    assert torch.isnan(result.sym_kl) and result.skipped
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# -------------------------------------------------------------------------------- constant offsets
+@pytest.mark.parametrize("offset", [0.0, 1.0, 30.0, 1e3, 1e6])
+@pytest.mark.parametrize("perturbed", [False, True], ids=["b=a+c", "b=a+c+noise"])
+def test_constant_offset_costs_no_precision(backend, tiles, offset, perturbed):
+    """softmax(a + c) = softmax(a): the two passes may differ by a constant per row (a bias, a shifted
+    head) without any loss of precision. Before the fix the kernel gave a negative KL at c = 1e6 and
+    large relative errors from c ~ 30; the PyTorch path was worse."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 40, generator=g) * 2
+    b = a + offset
+    if perturbed:
+        b = b + 0.05 * torch.randn(4, 40, generator=g)
+    b[1] = b[1] - 7.0  # rows may have different offsets
+    up = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    got, ga, gb = value_and_grads(a, b, up)
+    want, wa, wb = reference_value_and_grads(a, b, up)  # float64 on the same float32 inputs
+    assert (got >= 0).all(), f"negative KL {got.tolist()}"
+    if perturbed:
+        assert (want > 1e-4).all()
+    # float32 tolerances (helpers.TOLERANCES), the value's tighter in absolute terms: the KL is ~2e-3 or
+    # ~1e-10 and below (not perturbed: the float32 rounding of a + c is all that differs).
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ga.double(), wa, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb.double(), wb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_constant_offset_in_16_bit(backend, dtype):
+    """The 16-bit inputs themselves are rounded; the answer must still be that of the rounded inputs."""
+    g = torch.Generator().manual_seed(2)
+    a = (torch.randn(3, 30, generator=g) * 2).to(dtype)
+    b = (a.float() + 100.0 + 0.3 * torch.randn(3, 30, generator=g)).to(dtype)
+    up = torch.ones(3)
+    got, ga, gb = value_and_grads(a, b, up)
+    want, wa, wb = reference_value_and_grads(a, b, up)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    for x, y in ((ga, wa), (gb, wb)):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x.double(), y, rtol=2e-2, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- -inf and underflow
+def test_neg_inf_against_an_underflowing_logit_is_zero(backend, tiles):
+    """a = [0, -inf], b = [0, -1e30]: both probabilities of the second entry are 0 in float32, so it
+    contributes 0 (like -inf in both), with zero gradient. Before: PyTorch NaN, Triton 0 with NaN grads."""
+    a = torch.tensor([[0.0, -INF], [0.0, -1e30], [1.0, -INF]])
+    b = torch.tensor([[0.0, -1e30], [0.0, -INF], [1.0, -200.0]])
+    got, ga, gb = value_and_grads(a, b, torch.ones(3))
+    assert got.tolist() == [0.0, 0.0, 0.0]
+    assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gb) == 0
+
+
+def test_neg_inf_against_a_nonzero_probability_is_inf(backend, tiles):
+    """-inf in one input where the other has a nonzero probability: P and Q differ in support, +inf."""
+    a = torch.tensor([[0.0, -INF, 1.0], [-INF, -INF, -INF]])
+    b = torch.tensor([[0.0, -5.0, 1.0], [0.0, 1.0, 2.0]])
+    got = symmetric_kl(a, b, reduction="none")
+    assert got.tolist() == [INF, INF]
+    assert symmetric_kl(b, a, reduction="none").tolist() == [INF, INF]
+
+
+EDGE_ROWS = [  # (a row, b row), V = 3
+    ([0.0, -INF, 1.0], [0.0, -1e30, 1.0]),  # -inf vs an underflowing logit
+    ([-INF, -INF, -INF], [-INF, -INF, -INF]),  # all -inf
+    ([-INF, -INF, -INF], [0.0, 1.0, 2.0]),  # all -inf on one side
+    ([0.0, -INF, 1.0], [0.0, 0.5, 1.0]),  # -inf on one side
+    ([0.0, -INF, 1.0], [-INF, 0.5, 1.0]),  # -inf on both sides, at different entries
+    ([0.0, NAN, 1.0], [0.0, 0.5, 1.0]),
+    ([0.0, INF, 1.0], [0.0, INF, 1.0]),
+    ([0.0, INF, 1.0], [0.0, -INF, 1.0]),
+    ([1e6, 1e6 + 1, 1e6 - 2], [-3.0, -2.5, -4.0]),
+    ([0.0, -1e30, 0.0], [0.0, 0.0, 0.0]),  # finite but far: a large, finite KL
+]
+
+
+def test_paths_agree_on_edge_rows(monkeypatch, tiles):
+    """One answer on both paths, NaN and inf included, values and gradients."""
+    a = torch.tensor([r[0] for r in EDGE_ROWS])
+    b = torch.tensor([r[1] for r in EDGE_ROWS])
+    up = torch.linspace(0.5, 1.5, len(EDGE_ROWS))
+    results = {}
+    for mode in ["torch", "triton"]:
+        monkeypatch.setenv("R3F_KERNELS", mode)
+        before = sym_kl.launches["forward"]
+        results[mode] = value_and_grads(a, b, up)
+        assert (sym_kl.launches["forward"] > before) == (mode == "triton")
+    for t, k in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(k, t, rtol=1e-5, atol=1e-6, equal_nan=True)
+    rows = results["torch"][0]
+    assert rows[0] == 0 and rows[1] == 0 and rows[2] == INF and rows[3] == INF and rows[4] == INF
+    assert rows[5].isnan() and rows[6].isnan() and rows[7].isnan()
+    assert torch.isfinite(rows[8]) and 1e29 < rows[9] < INF
+
+
+# ------------------------------------------------------------------------------------------------ V = 0
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (0, 0), (2, 0, 0)])
+def test_empty_vocabulary_is_a_value_error(backend, shape):
+    """V = 0: a softmax over no classes is meaningless, on both paths (before: PyTorch raised a reshape
+    error, Triton returned 0)."""
+    a, b = torch.zeros(shape), torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"V = 0.*at least one"):
+        symmetric_kl(a, b)
+
+
+def test_no_rows_is_zero(backend):
+    """No rows (but V >= 1) is fine: an empty sum."""
+    for shape in [(0, 5), (2, 0, 4)]:
+        a, b = torch.zeros(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+        for reduction in ["batchmean", "sum", "mean"]:
+            assert symmetric_kl(a, b, reduction=reduction).item() == 0.0
+        assert symmetric_kl(a, b, reduction="none").shape == shape[:-1]
+
+
+# ------------------------------------------------------------------------------------------ mask dtypes
+def test_labels_as_mask_is_refused(backend):
+    """labels (-100 = ignore) cast to bool would count the ignored rows and drop token 0's rows."""
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[0, 7, -100], [4, -100, -100]])
+    with pytest.raises(ValueError, match=r"labels != -100"):
+        symmetric_kl(a, b, mask=labels)
+    with pytest.raises(ValueError, match=r"0 and 1"):
+        symmetric_kl(a, b, mask=torch.tensor([[0, 1, 2], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.complex64])
+def test_non_integer_mask_is_refused(backend, dtype):
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    with pytest.raises(TypeError, match=r"bool"):
+        symmetric_kl(a, b, mask=torch.ones(2, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8])
+def test_zero_one_integer_mask_is_a_bool_mask(backend, dtype):
+    """An attention_mask (0/1 integers) selects the same rows as its bool."""
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    bool_mask = torch.tensor([[True, False, True], [False, True, True]])
+    for reduction in ["batchmean", "mean", "none"]:
+        want = symmetric_kl(a, b, mask=bool_mask, reduction=reduction)
+        torch.testing.assert_close(symmetric_kl(a, b, mask=bool_mask.to(dtype), reduction=reduction), want)
+
+
+def test_kernel_entry_point_wants_a_bool_mask():
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    with pytest.raises(TypeError, match="bool"):
+        sym_kl.symmetric_kl_rows(a, b, torch.tensor([1, 0]))
+
+
+# ------------------------------------------------------------------------------------------ device
+def test_launcher_runs_every_kernel_inside_the_device_context(monkeypatch):
+    """The kernels launch inside ``_device_context(logits)`` (torch.cuda.device for CUDA logits), forward
+    and backward. On CPU the real context is a no-op; the recorder proves each launch happens inside it."""
+    monkeypatch.setenv("R3F_KERNELS", "triton")
+    monkeypatch.setattr(sym_kl, "_config", lambda *args: sym_kl.Config(block=16, chunk=16, num_warps=4))
+    real = sym_kl._device_context
+    entered = []
+
+    class Recorder:
+        def __init__(self, t):
+            self.t, self.ctx = t, real(t)
+
+        def __enter__(self):
+            self.before = dict(sym_kl.launches)
+            self.ctx.__enter__()
+
+        def __exit__(self, *exc):
+            self.ctx.__exit__(*exc)
+            entered.append((self.t.device, {k: sym_kl.launches[k] - self.before[k] for k in sym_kl.launches}))
+
+    monkeypatch.setattr(sym_kl, "_device_context", Recorder)
+    a, b = torch.randn(2, 40, requires_grad=True), torch.randn(2, 40, requires_grad=True)
+    symmetric_kl(a, b).backward()
+    assert [d for d, _ in entered] == [a.device, a.device]
+    assert entered[0][1] == {"forward": 1, "merge": 1, "backward": 0}
+    assert entered[1][1] == {"forward": 0, "merge": 0, "backward": 1}
+
+
+def test_device_context_of_cuda_logits_is_their_device():
+    """The context for logits on cuda:1 is torch.cuda.device(1) (built, not entered: no GPU needed);
+    for CPU tensors a no-op context. This is the spectral-norm launcher's rule."""
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    ctx = sym_kl._device_context(fake)
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert not isinstance(sym_kl._device_context(torch.zeros(1)), torch.cuda.device)
