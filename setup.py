@@ -21,6 +21,7 @@ setup(
         "transformers>=4.40",
         "accelerate>=1.1",  # transformers.Trainer (R3FTrainer) requires it
         "numpy",
+        "filelock",  # r3f-finetune's output-folder lock, r3f-probe's cache-entry locks (installed with transformers)
         'triton; platform_system == "Linux"',
     ],
     entry_points={"console_scripts": [

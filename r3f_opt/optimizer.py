@@ -78,7 +78,7 @@ def _grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def _check_number(name: str, value: Any, *, positive: bool = False) -> float:
+def check_number(name: str, value: Any, *, positive: bool = False) -> float:
     """``value`` as a finite float >= 0 (> 0 if ``positive``), else a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
@@ -189,13 +189,13 @@ class RegularizedOptimizer(Optimizer):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        lam, eps = _check_number("lam", lam), _check_number("eps", eps)
+        lam, eps = check_number("lam", lam), check_number("eps", eps)
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
         if reduction not in REDUCTIONS or reduction == "none":
             raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]}, got {reduction!r}")
         if max_grad_norm is not None:
-            max_grad_norm = _check_number("max_grad_norm", max_grad_norm, positive=True)
+            max_grad_norm = check_number("max_grad_norm", max_grad_norm, positive=True)
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         if backward is not None and grad_scaler is not None:

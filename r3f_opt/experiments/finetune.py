@@ -8,11 +8,13 @@ versions) and ``<output-dir>/checkpoint.pt`` at every evaluation, from which ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -131,16 +133,43 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and plain numbers, so the checkpoint loads with ``weights_only=True``."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def _set_rng_state(state: dict) -> None:
+    py, npy = state["python"], state["numpy"]
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+CHECKPOINT_FORMAT = "r3f-finetune checkpoint 2"  # 1: pickled RNG states, loadable only with weights_only=False
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain data only: nothing in the file can run
+    code); anything that is not a checkpoint written by this version is refused."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError/EOFError for a damaged file
+        raise SystemExit(f"r3f-finetune: {path} is not a checkpoint written by r3f-finetune ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); nothing in it was run. Start afresh "
+                         "with --overwrite") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"r3f-finetune: {path} is not a checkpoint of this r3f-finetune version (format {found!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r}); start afresh with --overwrite")
+    return ckpt
 
 
 def _load_model(args: argparse.Namespace, task):
@@ -190,11 +219,27 @@ class FineTune:
         args.train_file, args.eval_file = str(train_path), str(eval_path)
         self.args, self.out = args, Path(args.output_dir)
         self.ckpt_path, self.results_path = self.out / "checkpoint.pt", self.out / "results.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise SystemExit(f"r3f-finetune: --output-dir {self.out} is a file, not a folder; pass a folder")
 
-        # Everything that can fail on user input fails here, before the output dir is touched.
+        # Everything that can fail on user input (arguments, data) fails here, before the output dir is touched.
         train_x, self.train_y = load_examples(train_path, task.name, args.max_train_examples)
         eval_x, self.eval_y = load_examples(eval_path, task.name, args.max_eval_examples)
         self.config = {k: getattr(args, k) for k in RUN_KEYS}
+        self._lock = _lock_output_dir(self.out, args.resume)
+        try:
+            self._setup(train_x, eval_x)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder's lock (the run's files stay)."""
+        self._lock.release()
+
+    def _setup(self, train_x: list, eval_x: list) -> None:
+        """Model, optimizer and schedule; the checkpoint's state with --resume."""
+        args, task = self.args, self.task
         ckpt = self._checkpoint_to_resume()
 
         from transformers import get_linear_schedule_with_warmup
@@ -219,7 +264,6 @@ class FineTune:
         self.resumed = ckpt is not None
         if ckpt is not None:
             self._restore(ckpt)
-        self.out.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
             for stale in (self.results_path, self.ckpt_path):
                 stale.unlink(missing_ok=True)
@@ -234,7 +278,7 @@ class FineTune:
                 raise SystemExit(f"r3f-finetune: {self.results_path} exists: that run has finished; nothing to resume")
             if not self.ckpt_path.is_file():
                 raise SystemExit(f"r3f-finetune: --resume: no checkpoint at {self.ckpt_path}; run without --resume")
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = _read_checkpoint(self.ckpt_path)
             diff = {k: (ckpt["config"].get(k), v) for k, v in self.config.items() if ckpt["config"].get(k) != v}
             if diff:
                 raise SystemExit("r3f-finetune: --resume with different arguments than the checkpoint's run "
@@ -255,7 +299,7 @@ class FineTune:
         _set_rng_state(ckpt["rng"])
 
     def save_checkpoint(self) -> None:
-        state = {"config": self.config, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        state = {"format": CHECKPOINT_FORMAT, "config": self.config, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                  "scheduler": self.sched.state_dict(), "step": self.step, "history": self.history,
                  "train_seconds": self.train_seconds, "sums": self.sums, "rng": _rng_state(),
                  "wall_seconds": self._wall()}
@@ -305,36 +349,40 @@ class FineTune:
 
     def train(self) -> None:
         """Train to the end, evaluating every ``--eval-every`` and checkpointing then and every
-        ``--save-every`` steps; a Ctrl-C between steps writes a checkpoint before it propagates."""
+        ``--save-every`` steps. Ctrl-C (SIGINT) lets the current step finish, writes a checkpoint and stops
+        with KeyboardInterrupt; a second Ctrl-C stops at once (the last checkpoint remains)."""
         from tqdm.auto import tqdm
 
         a = self.args
         self.bar = tqdm(total=self.total, initial=self.step, desc=f"{self.task.name} {a.method} seed={a.seed}",
                         disable=True if a.no_progress else None, dynamic_ncols=True)
         consistent = True  # False while a step is half done: an interrupt then cannot be checkpointed
-        try:
-            if self._due(a.eval_every) and (not self.history or self.history[-1]["step"] != self.step):
-                self.evaluate_now()  # the run was interrupted during this evaluation
-            while self.step < self.total:
-                consistent = False
-                self.train_step()
-                consistent = True
-                self.bar.update(1)
-                n = max(self.sums["n"], 1)
-                self.bar.set_postfix(task_loss=f"{self.sums['task_loss'] / n:.4f}",
-                                     sym_kl=f"{self.sums['sym_kl'] / n:.2e}")
-                if self._due(a.eval_every):
-                    self.evaluate_now()
-                if self._due(a.eval_every) or self._due(a.save_every):
+        with _deferred_sigint() as interrupted:
+            try:
+                if self._due(a.eval_every) and (not self.history or self.history[-1]["step"] != self.step):
+                    self.evaluate_now()  # the run was interrupted during this evaluation
+                while self.step < self.total:
+                    consistent = False
+                    self.train_step()
+                    consistent = True
+                    self.bar.update(1)
+                    n = max(self.sums["n"], 1)
+                    self.bar.set_postfix(task_loss=f"{self.sums['task_loss'] / n:.4f}",
+                                         sym_kl=f"{self.sums['sym_kl'] / n:.2e}")
+                    if self._due(a.eval_every):
+                        self.evaluate_now()
+                    if self._due(a.eval_every) or self._due(a.save_every):
+                        self.save_checkpoint()
+                    if interrupted() and self.step < self.total:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                if consistent and self.step > 0:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            if consistent and self.step > 0:
-                self.save_checkpoint()
-                self.bar.write(f"interrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
-                               "continue with --resume")
-            raise
-        finally:
-            self.bar.close()
+                    self.bar.write(f"interrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
+                                   "continue with --resume")
+                raise
+            finally:
+                self.bar.close()
         if not self.history or self.history[-1]["step"] != self.step:
             self.evaluate_now()
 
@@ -383,15 +431,58 @@ class FineTune:
         return results
 
 
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Inside the block, a first SIGINT only sets a flag (read with the yielded callable), so the training
+    loop can finish its step and checkpoint; a second one raises KeyboardInterrupt at once. Outside the main
+    thread (where signal handlers cannot be set) SIGINT keeps its usual behaviour."""
+    hits = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _fresh_sums() -> dict:
     return {"task_loss": 0.0, "sym_kl": 0.0, "n": 0, "nonfinite": 0}
+
+
+def _lock_output_dir(out: Path, resume: bool):
+    """An exclusive lock on ``out`` (created unless resuming) for the whole run: a second r3f-finetune on the
+    same folder stops with a clear message instead of interleaving checkpoints and results."""
+    from filelock import FileLock, Timeout
+
+    if resume and not out.is_dir():
+        raise SystemExit(f"r3f-finetune: --resume: no run in {out} (no such folder); run without --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".r3f-finetune.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SystemExit(f"r3f-finetune: another r3f-finetune is running in {out} (it holds {lock.lock_file}); "
+                         "wait for it to finish, or pass another --output-dir") from None
+    return lock
 
 
 def finetune(args: argparse.Namespace) -> dict:
     """Run one fine-tuning job from parsed arguments; returns the results written to results.json."""
     run = FineTune(args)
-    run.train()
-    return run.finish()
+    try:
+        run.train()
+        return run.finish()
+    finally:
+        run.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,7 +1,9 @@
 """GLUE tasks as they are in the original TSV files: readers with clear errors, and the GLUE metrics."""
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -61,18 +63,39 @@ def resolve(path: Union[str, os.PathLike], data_dir: Optional[Union[str, os.Path
     return Path(data_dir) / p
 
 
+def _rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a TSV file with their 1-based line numbers; undecodable bytes and csv errors
+    (a field over the csv size limit) become :class:`GlueDataError` with the file and line."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # MRPC starts with a BOM
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise GlueDataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); GLUE files are UTF-8: "
+                            "convert the file (e.g. iconv -t utf-8) or pass another one") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE rows hold bare '"'
+    rows = []
+    try:
+        for row in reader:
+            if row != [] and row != [""]:  # skip blank lines
+                rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise GlueDataError(f"{path}:{reader.line_num}: {e}; is this a tab-separated GLUE file?") from None
+    return rows
+
+
 def read_examples(path: Union[str, os.PathLike], task: Union[str, Task]) -> tuple[list[tuple[str, ...]], list[int]]:
     """Read a task's TSV file: (texts per example, label ids). Raises :class:`GlueDataError` naming the file
-    and line for a missing file, an empty file, a row without the task's columns or an unknown label."""
+    and line for a missing file, an empty file, bytes that are not UTF-8, a field over the csv size limit, a
+    row with more or fewer columns than the task's or an unknown label."""
     task = TASKS[task] if isinstance(task, str) else task
     path = Path(path)
     if not path.is_file():
         raise GlueDataError(f"{path}: no such file (pass --data-dir with the folder holding {task.folder}/, "
                             "or a --train-file/--eval-file that exists)")
-    # utf-8-sig: MRPC starts with a BOM. QUOTE_NONE: GLUE rows hold bare '"'.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [(i + 1, r) for i, r in enumerate(rows) if r != [] and r != [""]]  # 1-based lines; skip blank lines
+    rows = _rows(path)
     if not rows:
         raise GlueDataError(f"{path}: the file is empty; expected the GLUE {task.folder} TSV format")
     if task.header:
@@ -91,7 +114,7 @@ def read_examples(path: Union[str, os.PathLike], task: Union[str, Task]) -> tupl
     label_ids = {name: i for i, name in enumerate(task.labels)}
     texts, labels = [], []
     for line, row in rows:
-        if len(row) < width or (not task.header and len(row) != width):
+        if len(row) != width:
             raise GlueDataError(f"{path}:{line}: expected {width} tab-separated columns for GLUE {task.folder}, "
                                 f"found {len(row)}")
         label = row[label_col].strip()

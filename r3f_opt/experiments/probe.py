@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -166,13 +167,36 @@ def extract_features(model_dir: str, texts: list, *, max_length: int = 128, batc
     the result is stored under a hash of the weights, the texts and the settings, and reused."""
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
-    path = None
-    if cache_dir is not None:
-        key = hashlib.sha256(json.dumps([FEATURES_VERSION, model_digest(model_dir), texts, max_length,
-                                         pooling]).encode())
-        path = Path(cache_dir) / f"{key.hexdigest()[:32]}.pt"
-        if path.is_file():
-            return torch.load(path)
+    if cache_dir is None:
+        return _pooled_features(model_dir, texts, max_length, batch_size, pooling)
+    from filelock import FileLock
+
+    key = hashlib.sha256(json.dumps([FEATURES_VERSION, model_digest(model_dir), texts, max_length, pooling]).encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:32]}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # one writer per entry; a second process waits, then reads it
+        cached = _read_cached(path, len(texts))
+        if cached is not None:
+            return cached
+        out = _pooled_features(model_dir, texts, max_length, batch_size, pooling)
+        atomic_write(path, lambda p: torch.save(out, p))
+    return out
+
+
+def _read_cached(path: Path, n: int) -> Optional[torch.Tensor]:
+    """A cache entry as written by :func:`extract_features`, or None (a miss) if it is absent, unreadable,
+    not a tensor, or not ``n`` rows of float32 features. Loaded with ``weights_only=True``: never runs code."""
+    if not path.is_file():
+        return None
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    ok = isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == n and x.dtype == torch.float32
+    return x if ok else None
+
+
+def _pooled_features(model_dir: str, texts: list, max_length: int, batch_size: int, pooling: str) -> torch.Tensor:
     tok, model = _feature_model(model_dir)
     feats = encode(tok, texts, max_length)
     order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
@@ -187,9 +211,6 @@ def extract_features(model_dir: str, texts: list, *, max_length: int = 128, batc
             m = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1)
         out[idx] = pooled
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: torch.save(out, p))
     return out
 
 
@@ -233,6 +254,17 @@ class Prober:
                 "param_distance": param_distance(model_dir, self.pretrained)}
 
 
+def _read_stage(path: Path) -> Optional[dict]:
+    """A stage's recorded spec, or None when it is missing, truncated or unreadable (the stage is re-run)."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(spec, dict) and isinstance(spec.get("argv"), list) and "input_digest" in spec \
+        and all(flag in spec["argv"] for flag in ("--model", "--output-dir"))
+    return spec if ok else None
+
+
 def _same_stage(old: dict, new: dict) -> bool:
     """Same arguments and same input weights. The input is compared by its digest, not its path, so a
     moved or reinstalled copy of the pretrained model still reuses its stages."""
@@ -259,12 +291,18 @@ def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int,
         argv += ["--max-train-examples", str(args.max_train_examples)]
     spec = {"argv": argv, "input_digest": model_digest(model_dir)}
     spec_path = out / "stage.json"
-    same = spec_path.is_file() and _same_stage(json.loads(spec_path.read_text()), spec)
+    old = _read_stage(spec_path)
+    same = old is not None and _same_stage(old, spec)
     if same and (out / "results.json").is_file() and (out / "model").is_dir():
         return str(out / "model")
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec))
     resume = same and (out / "checkpoint.pt").is_file()
+    if not same:  # invalidate the old stage's outputs first, then record the new spec (a crash in between
+        # leaves no stale results under the new spec)
+        for stale in ("results.json", "checkpoint.pt"):
+            (out / stale).unlink(missing_ok=True)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(spec_path, lambda p: p.write_text(json.dumps(spec)))
     ft.main(argv + ["--resume" if resume else "--overwrite"] + (["--no-progress"] if args.no_progress else []))
     return str(out / "model")
 
@@ -479,7 +517,7 @@ def _run(args: argparse.Namespace) -> None:
         raise SystemExit(f"r3f-probe: bad data: {e}")
     save(result)
     text = markdown(result)
-    path.with_suffix(".md").write_text(f"# r3f-probe {args.command}\n\n" + text)
+    atomic_write(path.with_suffix(".md"), lambda f: f.write_text(f"# r3f-probe {args.command}\n\n" + text))
     try:
         plot(result, path.with_suffix(".png"))
     except ImportError:

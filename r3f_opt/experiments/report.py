@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .data import atomic_write
+from .glue import TASKS
 
 __all__ = ["main", "load_runs", "summarize", "markdown_table", "plot"]
 
@@ -47,9 +51,11 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
             run = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ReportError(f"{f}: not a readable results.json ({e})")
-        missing = [k for k in ("task", "method", "seed", "primary_metric", "final", "best") if k not in run]
+        missing = [k for k in ("task", "method", "seed", "primary_metric", "final", "best") if k not in run] \
+            if isinstance(run, dict) else ["everything"]
         if missing:
             raise ReportError(f"{f}: lacks {missing}; is it a results.json written by r3f-finetune?")
+        _check_metrics(f, run)
         key = (run["task"], run["method"], run["seed"])
         if key in seen:
             raise ReportError(f"{f} and {seen[key]} are both {key[0]} {key[1]} seed {key[2]}; pass each run once")
@@ -57,6 +63,22 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
         run["_path"] = str(f)
         runs.append(run)
     return runs
+
+
+def _check_metrics(f: Path, run: dict) -> None:
+    """Every metric of the run's task, under ``final`` and ``best``, is a finite number."""
+    task = TASKS.get(run["task"])
+    if task is None:
+        raise ReportError(f"{f}: unknown task {run['task']!r}; expected one of {sorted(TASKS)}")
+    for which in ("final", "best"):
+        metrics = run[which].get("metrics") if isinstance(run[which], dict) else None
+        if not isinstance(metrics, dict):
+            raise ReportError(f"{f}: '{which}' has no 'metrics'; is it a results.json written by r3f-finetune?")
+        for name in task.metrics:
+            value = metrics.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ReportError(f"{f}: {which} metric {name!r} is {value!r}, not a finite number; re-run that "
+                                  "run, or leave its folder out of the report")
 
 
 def _methods(runs: list[dict]) -> list[str]:
@@ -154,7 +176,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title or "points: seeds; bars: median")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -179,11 +201,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             + markdown_table(rows) + "\n")
     if warnings:
         text += "\n**Not comparable: settings differ**\n" + "".join(f"- {w}\n" for w in warnings)
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    atomic_write(out / "report.md", lambda p: p.write_text(text))
+    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(rows, indent=2)))
     if not args.no_plot:
         try:
-            plot(rows, out / "report.png", f"{args.metric} metrics: points = seeds, bars = median")
+            atomic_write(out / "report.png", lambda p: plot(rows, p, f"{args.metric} metrics: points = seeds, "
+                                                                    "bars = median"))
         except ImportError:
             raise SystemExit("r3f-report: the plot needs matplotlib: `pip install matplotlib`, or pass --no-plot")
     print(text, end="")

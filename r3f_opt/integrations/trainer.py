@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..kl import REDUCTIONS
 from ..methods import METHODS, R3F, build_method
 from ..noise import NOISE_TYPES, EmbeddingNoise, unwrap_model
+from ..optimizer import check_number
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"]
 
@@ -32,7 +33,7 @@ class R3FTrainingArguments(TrainingArguments):
     r3f_eps: float = field(default=1e-5, metadata={"help": "noise scale sigma"})
     r3f_noise: str = field(default="uniform", metadata={"help": f"one of {NOISE_TYPES}"})
     r3f_noisy_grad: bool = field(default=True, metadata={"help": "KL gradient through the noisy pass too"})
-    r3f_reduction: str = field(default="batchmean", metadata={"help": f"KL reduction, one of {REDUCTIONS}"})
+    r3f_reduction: str = field(default="batchmean", metadata={"help": f"KL reduction, one of {REDUCTIONS[:-1]}"})
     r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed, offset per process (default: from --seed)"})
 
     def __post_init__(self) -> None:
@@ -40,10 +41,9 @@ class R3FTrainingArguments(TrainingArguments):
             raise ValueError(f"r3f_method must be one of {METHODS}, got {self.r3f_method!r}")
         if self.r3f_noise not in NOISE_TYPES:
             raise ValueError(f"r3f_noise must be one of {NOISE_TYPES}, got {self.r3f_noise!r}")
-        if self.r3f_reduction not in REDUCTIONS:
-            raise ValueError(f"r3f_reduction must be one of {REDUCTIONS}, got {self.r3f_reduction!r}")
-        if self.r3f_lambda < 0 or self.r3f_eps < 0:
-            raise ValueError(f"r3f_lambda and r3f_eps must be >= 0, got {self.r3f_lambda} and {self.r3f_eps}")
+        if self.r3f_reduction not in REDUCTIONS[:-1]:  # "none" is per-row: the loss must be a scalar
+            raise ValueError(f"r3f_reduction must be one of {REDUCTIONS[:-1]}, got {self.r3f_reduction!r}")
+        self.r3f_lambda, self.r3f_eps = check_number("r3f_lambda", self.r3f_lambda), check_number("r3f_eps", self.r3f_eps)
         if self.ddp_find_unused_parameters is None and self.r3f_method != "standard":
             self.ddp_find_unused_parameters = False
         super().__post_init__()
@@ -77,13 +77,24 @@ def _logits(outputs: Any) -> torch.Tensor:
 
 
 class R3FTrainerMixin:
-    """Adds the R3F/R4F term to a ``Trainer`` subclass's training loss (mix into ``Seq2SeqTrainer`` etc.).
+    """Adds the R3F/R4F term to a ``Trainer`` subclass's training loss.
+
+    Tested with ``transformers.Trainer`` (as :class:`R3FTrainer`); other subclasses are untested. TRL's ``SFTTrainer``
+    is refused: it recomputes the clean logits without gradient, which would make R3F one-sided.
 
     Options come from :class:`R3FTrainingArguments`; with plain ``TrainingArguments`` the defaults apply
     (``r3f``, lambda 1, eps 1e-5, uniform noise). The KL term is logged as ``sym_kl`` with the loss.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        sft = next((c for c in type(self).__mro__ if c.__name__ == "SFTTrainer" and c.__module__.startswith("trl")), None)
+        if sft is not None:
+            raise TypeError(
+                f"R3FTrainerMixin cannot be mixed into TRL's SFTTrainer ({sft.__module__}): its compute_loss recomputes "
+                "the clean logits under no_grad, so the clean side would get no KL gradient (one-sided R3F) and every "
+                "step would run three forwards. Use R3FTrainer with transformers' Trainer, or RegularizedOptimizer "
+                "in your own loop."
+            )
         super().__init__(*args, **kwargs)
         a = self.args
         handler = getattr(getattr(self, "accelerator", None), "ddp_handler", None)
@@ -160,7 +171,7 @@ class R3FTrainerMixin:
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._kl_count:  # training logs: mean KL since the last one, over processes
             mean = self._kl_sum / self._kl_count
-            logs["sym_kl"] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 8)
+            logs["sym_kl"] = self.accelerator.gather(mean.reshape(1)).mean().item()  # unrounded: 1e-12 is not 0
             self._kl_sum, self._kl_count = None, 0
         super().log(logs, *args, **kwargs)
 

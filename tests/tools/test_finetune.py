@@ -91,7 +91,7 @@ def test_resume_continues_exactly(glue_dir, tiny_model_dir, tmp_path, monkeypatc
         run(glue_dir, tmp_path / "b", *args, model=tiny_model_dir)
     restore()
     assert not (tmp_path / "b" / "results.json").exists()
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == expect_step
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == expect_step
     with pytest.raises(SystemExit, match="already holds a run"):  # a fresh start must not clobber it
         run(glue_dir, tmp_path / "b", *args, model=tiny_model_dir)
     with pytest.raises(SystemExit, match="different arguments.*'lr'"):
