@@ -13,8 +13,8 @@ so the backward needs only a few statistics per row and the inputs; nothing of s
 beyond the logits themselves.
 
 Centring. Any per-row constant r can be taken off d (sum_j (p_j - q_j) r = 0, d_j - E_p[d] is unchanged),
-and one must be: when b = a + c (the same distribution), a - b rounds to the precision of c (0.06 at
-c = 1e6 in float32) and the value is lost. Both paths use
+and one must be: when b = a + c (the same distribution), a - b is rounded to the float spacing at c
+(0.0625 at c = 1e6 in float32) and E_p[d] - E_q[d] cancels to noise. Both paths use
 
     d'_j = (a_j - m_a) - (b_j - m_b) = d_j - (m_a - m_b)        (m_a, m_b: the rows' maxima)
 

@@ -1,9 +1,11 @@
 """symmetric_kl on hostile inputs (issue 14): NaN / +-inf rows, constant offsets between the two passes,
 V = 0, mask dtypes, and the device the Triton launcher runs on.
 
-Every test runs on both paths: R3F_KERNELS=torch, and R3F_KERNELS=triton (on CPU in Triton's interpreter)
-with the PyTorch path booby-trapped so that a silent fallback fails. test_paths_agree_on_edge_rows runs
-the two paths side by side on the same rows and asks for identical answers, NaN and inf included.
+The tests taking the ``backend`` fixture run on both paths: R3F_KERNELS=torch, and R3F_KERNELS=triton
+(on CPU in Triton's interpreter, on the GPU where there is one) with the PyTorch path booby-trapped so
+that a silent fallback fails. test_paths_agree_on_edge_rows runs the two paths side by side on the same
+rows and asks for identical answers, NaN and inf included. ``tiles`` adds a run with every row split
+over several programs (the merge kernel).
 """
 import types
 
@@ -16,6 +18,14 @@ from r3f_opt import RegularizedOptimizer, symmetric_kl
 from r3f_opt.kernels import sym_kl
 
 NAN, INF = float("nan"), float("inf")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run in Triton's interpreter
+
+
+def dev(*tensors):
+    """The tensors on DEVICE (built on CPU, so seeded generators give the same numbers everywhere)."""
+    out = tuple(t.to(DEVICE) for t in tensors)
+    return out if len(out) > 1 else out[0]
+
 
 # NumPy noise from the interpreter reducing rows that are NaN on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
@@ -77,13 +87,13 @@ def test_poisoned_row_is_nan_with_nan_gradients(backend, tiles, case):
     reference (softmax of a row holding NaN or +inf is NaN); the other rows are untouched. Before the fix
     the kernel gave 0 (or -inf) for the row, and the PyTorch path finite gradients for some entries."""
     torch.manual_seed(0)
-    a, b = torch.randn(3, 40) * 2, torch.randn(3, 40) * 2
+    a, b = dev(torch.randn(3, 40) * 2, torch.randn(3, 40) * 2)
     va, vb = POISON[case]
     if va is not None:
         a[1, 5] = va
     if vb is not None:
         b[1, 5] = vb
-    g = torch.tensor([0.7, 1.3, -0.4])
+    g = dev(torch.tensor([0.7, 1.3, -0.4]))
     got, ga, gb = value_and_grads(a, b, g)
     want, wa, wb = reference_value_and_grads(a, b, g)
     assert torch.isnan(want[1]) and torch.isnan(wa[1]).all() and torch.isnan(wb[1]).all()  # the reference's answer
@@ -96,7 +106,7 @@ def test_poisoned_row_is_nan_with_nan_gradients(backend, tiles, case):
     for reduction in ["batchmean", "sum", "mean"]:
         assert torch.isnan(symmetric_kl(a, b, reduction=reduction))
     # ... unless the row is masked out: masked rows are never read.
-    mask = torch.tensor([True, False, True])
+    mask = dev(torch.tensor([True, False, True]))
     got, ga, gb = value_and_grads(a, b, g, mask=mask)
     assert got[1].item() == 0.0 and torch.count_nonzero(ga[1]) == 0 and torch.count_nonzero(gb[1]) == 0
     assert torch.isfinite(got).all() and torch.isfinite(ga).all() and torch.isfinite(gb).all()
@@ -105,11 +115,11 @@ def test_poisoned_row_is_nan_with_nan_gradients(backend, tiles, case):
 def test_whole_rows_of_nan_or_inf(backend, tiles):
     """Rows that are NaN / +inf everywhere in both inputs (an overflowed pass): NaN, not the 0 of an
     all -inf row."""
-    a, b = torch.randn(4, 20), torch.randn(4, 20)
+    a, b = dev(torch.randn(4, 20), torch.randn(4, 20))
     a[0], b[0] = NAN, NAN
     a[1], b[1] = INF, INF
     a[2], b[2] = -INF, -INF  # an all -inf row: 0, zero gradient
-    got, ga, gb = value_and_grads(a, b, torch.ones(4))
+    got, ga, gb = value_and_grads(a, b, dev(torch.ones(4)))
     assert torch.isnan(got[:2]).all() and torch.isnan(ga[:2]).all() and torch.isnan(gb[:2]).all()
     assert got[2].item() == 0.0 and torch.count_nonzero(ga[2]) == 0 and torch.count_nonzero(gb[2]) == 0
     assert torch.isfinite(got[3]) and torch.isfinite(ga[3]).all()
@@ -124,13 +134,13 @@ def test_optimizer_skips_a_step_whose_kl_rows_are_nan(backend):
     from helpers import tiny_model, toy_batch
 
     torch.manual_seed(0)
-    model = tiny_model("bert", dropout=0.0)
-    batch = toy_batch("bert", batch=4, seq=6)
+    model = tiny_model("bert", dropout=0.0).to(DEVICE)
+    batch = {k: dev(v) for k, v in toy_batch("bert", batch=4, seq=6).items()}
     labels = batch.pop("labels")
 
     def closure():
         logits = model(**batch).logits
-        logits = torch.where(torch.arange(4)[:, None] == 0, torch.full_like(logits, NAN), logits)
+        logits = torch.where(dev(torch.arange(4))[:, None] == 0, torch.full_like(logits, NAN), logits)
         return torch.nn.functional.cross_entropy(logits[1:], labels[1:]), logits
 
     opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, eps=1e-2, seed=1,
@@ -156,7 +166,7 @@ def test_constant_offset_costs_no_precision(backend, tiles, offset, perturbed):
     if perturbed:
         b = b + 0.05 * torch.randn(4, 40, generator=g)
     b[1] = b[1] - 7.0  # rows may have different offsets
-    up = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    a, b, up = dev(a, b, torch.tensor([1.0, -0.5, 2.0, 0.25]))
     got, ga, gb = value_and_grads(a, b, up)
     want, wa, wb = reference_value_and_grads(a, b, up)  # float64 on the same float32 inputs
     assert (got >= 0).all(), f"negative KL {got.tolist()}"
@@ -175,7 +185,7 @@ def test_constant_offset_in_16_bit(backend, dtype):
     g = torch.Generator().manual_seed(2)
     a = (torch.randn(3, 30, generator=g) * 2).to(dtype)
     b = (a.float() + 100.0 + 0.3 * torch.randn(3, 30, generator=g)).to(dtype)
-    up = torch.ones(3)
+    a, b, up = dev(a, b, torch.ones(3))
     got, ga, gb = value_and_grads(a, b, up)
     want, wa, wb = reference_value_and_grads(a, b, up)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
@@ -188,17 +198,17 @@ def test_constant_offset_in_16_bit(backend, dtype):
 def test_neg_inf_against_an_underflowing_logit_is_zero(backend, tiles):
     """a = [0, -inf], b = [0, -1e30]: both probabilities of the second entry are 0 in float32, so it
     contributes 0 (like -inf in both), with zero gradient. Before: PyTorch NaN, Triton 0 with NaN grads."""
-    a = torch.tensor([[0.0, -INF], [0.0, -1e30], [1.0, -INF]])
-    b = torch.tensor([[0.0, -1e30], [0.0, -INF], [1.0, -200.0]])
-    got, ga, gb = value_and_grads(a, b, torch.ones(3))
+    a = dev(torch.tensor([[0.0, -INF], [0.0, -1e30], [1.0, -INF]]))
+    b = dev(torch.tensor([[0.0, -1e30], [0.0, -INF], [1.0, -200.0]]))
+    got, ga, gb = value_and_grads(a, b, dev(torch.ones(3)))
     assert got.tolist() == [0.0, 0.0, 0.0]
     assert torch.count_nonzero(ga) == 0 and torch.count_nonzero(gb) == 0
 
 
 def test_neg_inf_against_a_nonzero_probability_is_inf(backend, tiles):
     """-inf in one input where the other has a nonzero probability: P and Q differ in support, +inf."""
-    a = torch.tensor([[0.0, -INF, 1.0], [-INF, -INF, -INF]])
-    b = torch.tensor([[0.0, -5.0, 1.0], [0.0, 1.0, 2.0]])
+    a = dev(torch.tensor([[0.0, -INF, 1.0], [-INF, -INF, -INF]]))
+    b = dev(torch.tensor([[0.0, -5.0, 1.0], [0.0, 1.0, 2.0]]))
     got = symmetric_kl(a, b, reduction="none")
     assert got.tolist() == [INF, INF]
     assert symmetric_kl(b, a, reduction="none").tolist() == [INF, INF]
@@ -220,9 +230,9 @@ EDGE_ROWS = [  # (a row, b row), V = 3
 
 def test_paths_agree_on_edge_rows(monkeypatch, tiles):
     """One answer on both paths, NaN and inf included, values and gradients."""
-    a = torch.tensor([r[0] for r in EDGE_ROWS])
-    b = torch.tensor([r[1] for r in EDGE_ROWS])
-    up = torch.linspace(0.5, 1.5, len(EDGE_ROWS))
+    a = dev(torch.tensor([r[0] for r in EDGE_ROWS]))
+    b = dev(torch.tensor([r[1] for r in EDGE_ROWS]))
+    up = dev(torch.linspace(0.5, 1.5, len(EDGE_ROWS)))
     results = {}
     for mode in ["torch", "triton"]:
         monkeypatch.setenv("R3F_KERNELS", mode)
@@ -242,7 +252,7 @@ def test_paths_agree_on_edge_rows(monkeypatch, tiles):
 def test_empty_vocabulary_is_a_value_error(backend, shape):
     """V = 0: a softmax over no classes is meaningless, on both paths (before: PyTorch raised a reshape
     error, Triton returned 0)."""
-    a, b = torch.zeros(shape), torch.zeros(shape)
+    a, b = dev(torch.zeros(shape), torch.zeros(shape))
     with pytest.raises(ValueError, match=r"V = 0.*at least one"):
         symmetric_kl(a, b)
 
@@ -250,7 +260,8 @@ def test_empty_vocabulary_is_a_value_error(backend, shape):
 def test_no_rows_is_zero(backend):
     """No rows (but V >= 1) is fine: an empty sum."""
     for shape in [(0, 5), (2, 0, 4)]:
-        a, b = torch.zeros(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+        a = torch.zeros(shape, device=DEVICE, requires_grad=True)
+        b = torch.zeros(shape, device=DEVICE, requires_grad=True)
         for reduction in ["batchmean", "sum", "mean"]:
             assert symmetric_kl(a, b, reduction=reduction).item() == 0.0
         assert symmetric_kl(a, b, reduction="none").shape == shape[:-1]
@@ -259,35 +270,35 @@ def test_no_rows_is_zero(backend):
 # ------------------------------------------------------------------------------------------ mask dtypes
 def test_labels_as_mask_is_refused(backend):
     """labels (-100 = ignore) cast to bool would count the ignored rows and drop token 0's rows."""
-    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
-    labels = torch.tensor([[0, 7, -100], [4, -100, -100]])
+    a, b = dev(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    labels = dev(torch.tensor([[0, 7, -100], [4, -100, -100]]))
     with pytest.raises(ValueError, match=r"labels != -100"):
         symmetric_kl(a, b, mask=labels)
     with pytest.raises(ValueError, match=r"0 and 1"):
-        symmetric_kl(a, b, mask=torch.tensor([[0, 1, 2], [1, 1, 1]]))
+        symmetric_kl(a, b, mask=dev(torch.tensor([[0, 1, 2], [1, 1, 1]])))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.complex64])
 def test_non_integer_mask_is_refused(backend, dtype):
-    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    a, b = dev(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
     with pytest.raises(TypeError, match=r"bool"):
-        symmetric_kl(a, b, mask=torch.ones(2, 3, dtype=dtype))
+        symmetric_kl(a, b, mask=torch.ones(2, 3, dtype=dtype, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8])
 def test_zero_one_integer_mask_is_a_bool_mask(backend, dtype):
     """An attention_mask (0/1 integers) selects the same rows as its bool."""
-    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
-    bool_mask = torch.tensor([[True, False, True], [False, True, True]])
+    a, b = dev(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    bool_mask = dev(torch.tensor([[True, False, True], [False, True, True]]))
     for reduction in ["batchmean", "mean", "none"]:
         want = symmetric_kl(a, b, mask=bool_mask, reduction=reduction)
         torch.testing.assert_close(symmetric_kl(a, b, mask=bool_mask.to(dtype), reduction=reduction), want)
 
 
 def test_kernel_entry_point_wants_a_bool_mask():
-    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    a, b = dev(torch.randn(2, 5), torch.randn(2, 5))
     with pytest.raises(TypeError, match="bool"):
-        sym_kl.symmetric_kl_rows(a, b, torch.tensor([1, 0]))
+        sym_kl.symmetric_kl_rows(a, b, dev(torch.tensor([1, 0])))
 
 
 # ------------------------------------------------------------------------------------------ device
@@ -312,7 +323,8 @@ def test_launcher_runs_every_kernel_inside_the_device_context(monkeypatch):
             entered.append((self.t.device, {k: sym_kl.launches[k] - self.before[k] for k in sym_kl.launches}))
 
     monkeypatch.setattr(sym_kl, "_device_context", Recorder)
-    a, b = torch.randn(2, 40, requires_grad=True), torch.randn(2, 40, requires_grad=True)
+    a = torch.randn(2, 40, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, 40, device=DEVICE, requires_grad=True)
     symmetric_kl(a, b).backward()
     assert [d for d, _ in entered] == [a.device, a.device]
     assert entered[0][1] == {"forward": 1, "merge": 1, "backward": 0}
