@@ -5,6 +5,7 @@ needs it. ``r3f_opt.integrations`` holds the framework integrations (the Hugging
 first use of their names; ``r3f_opt.experiments`` the GLUE tools and command lines.
 """
 from .kl import symmetric_kl
+from .linear_kl import LinearR3FLoss, LinearSymmetricKL, linear_r3f_loss, linear_symmetric_kl
 from .noise import find_embeddings
 from .optimizer import RegularizedOptimizer, StepResult
 from .r4f import apply_r4f, remove_r4f
@@ -25,6 +26,10 @@ __all__ = [
     "RegularizedOptimizer",
     "StepResult",
     "symmetric_kl",
+    "linear_symmetric_kl",
+    "linear_r3f_loss",
+    "LinearSymmetricKL",
+    "LinearR3FLoss",
     "apply_r4f",
     "remove_r4f",
     "find_embeddings",

@@ -1,0 +1,560 @@
+"""A fused linear head + cross-entropy + symmetric KL that never materialises the logits.
+
+For hidden states ``H_p``, ``H_q`` (the clean and the noisy pass, ``rows x H``) and a head ``W`` (``V x H``),
+bias ``b``, the logits are ``A = H_p W^T + b`` and ``B = H_q W^T + b``. :func:`linear_symmetric_kl` is
+``symmetric_kl(A, B, mask, reduction)`` and :func:`linear_r3f_loss` adds the clean pass's cross-entropy,
+both computed over chunks of rows, so that nothing of size ``rows x V`` is ever alive beyond one chunk.
+
+Per chunk (design notes section 7), with the row-local gradients of the symmetric KL (``r3f_opt.kl``)::
+
+    dA = w_kl * (p (d' - E_p[d'] + 1) - q) + w_ce * (p - t)      t = (1 - eps) onehot(y) + eps / V
+    dB = w_kl * (q (E_q[d'] - d' + 1) - p)                        d' = (a - m_a) - (b - m_b)
+    dH_p = dA W,  dH_q = dB W,  dW += dA^T H_p + dB^T H_q,  db += sum_rows (dA + dB)
+
+where ``w_kl``, ``w_ce`` are the reductions' per-row weights (0 for rows that do not count). The forward
+computes the gradients chunk by chunk and saves only them (rows x H, V x H, V); the backward multiplies
+them by the upstream gradient. Six GEMMs per chunk with a trainable head, four with a frozen one.
+
+Memory rule. One chunk holds at most four ``chunk x V`` blocks in the vocabulary-math dtype (float32;
+float64 for float64 inputs): the two logits blocks, reused in place for ``d'``, ``dA`` and ``dB``, and
+``p``, ``q`` (freed before the gradient blocks are cast to a 16-bit GEMM dtype). The default chunk is the
+largest row count whose four blocks fit :data:`CHUNK_BUDGET_BYTES` (:func:`default_chunk_size`);
+``chunk_size=`` overrides it.
+
+Precision. The GEMMs run in the inputs' dtype (promoted; under ``torch.autocast`` in its dtype, as
+``F.linear`` would), accumulating in float32 inside the GEMM; the logits are then upcast and everything
+over the vocabulary (softmax, KL, CE, their gradients) is float32 (float64 if any input is float64).
+Gradients come back in each input's dtype. With a 16-bit weight, ``dW`` is accumulated over the chunks in
+that dtype (one rounding per chunk, like Liger's fused linear cross-entropy).
+"""
+from __future__ import annotations
+
+import functools
+import math as _math
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from .kl import REDUCTIONS, _bool_mask, _row_max
+
+__all__ = [
+    "linear_symmetric_kl",
+    "linear_r3f_loss",
+    "LinearSymmetricKL",
+    "LinearR3FLoss",
+    "default_chunk_size",
+    "CHUNK_BUDGET_BYTES",
+]
+
+#: Bytes one chunk's ``chunk x V`` blocks may take, by device type (``"default"``: any other device).
+#: Edit this dict to change the default for a process; pass ``chunk_size=`` to fix it for one call.
+CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "default": 2**30}
+
+
+def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] = "cpu",
+                       math_dtype: torch.dtype = torch.float32, budget_bytes: Optional[int] = None) -> int:
+    """Rows per chunk: ``max(1, budget // (4 * V * math_bytes))``, at most ``rows``.
+
+    One chunk holds at most four ``chunk x V`` blocks in the math dtype (``math_bytes`` = 4 for float32,
+    8 for float64 inputs; the 16-bit copies made for 16-bit GEMMs exist only after two of the four are
+    freed). ``budget`` is ``CHUNK_BUDGET_BYTES[device type]`` (64 MiB on CPU, 1 GiB elsewhere) unless
+    ``budget_bytes`` is given. At V = 128,256 that is 32 rows on CPU and 523 rows on a GPU.
+    """
+    if budget_bytes is None:
+        kind = torch.device(device).type
+        budget_bytes = CHUNK_BUDGET_BYTES.get(kind, CHUNK_BUDGET_BYTES["default"])
+    per_row = 4 * max(int(vocab), 1) * math_dtype.itemsize
+    return int(max(1, min(max(int(rows), 1), int(budget_bytes) // per_row)))
+
+
+# ------------------------------------------------------------------------------------------- the chunk loop
+class _Spec(NamedTuple):
+    vocab: int
+    chunk: int
+    gemm: torch.dtype  # dtype of the GEMMs
+    math: torch.dtype  # dtype of everything over the vocabulary
+    ignore_index: int
+    smoothing: float
+    q_grad: bool  # whether the q side's logits carry gradient (False: constants, like noisy_grad=False)
+    device_type: str
+
+
+def _dtypes(device: torch.device, *tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, torch.dtype]:
+    """(GEMM dtype, math dtype) for these inputs (see the module docstring)."""
+    dts = [t.dtype for t in tensors if t is not None]
+    if torch.float64 in dts:
+        return torch.float64, torch.float64
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type), torch.float32
+    return functools.reduce(torch.promote_types, dts), torch.float32
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
+    out = torch.mm(h, w.t()).to(math)  # a fresh buffer in the math dtype, modified in place by the caller
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre ``x`` in place (x - m, row max m; 0 for an all -inf row) and return (softmax, log Z)."""
+    x.sub_(_row_max(x))
+    p = torch.exp(x)
+    z = p.sum(-1, keepdim=True)
+    empty = z == 0  # a row that is -inf everywhere: p = 0 (not NaN), like symmetric_kl
+    p.div_(torch.where(empty, torch.ones_like(z), z))
+    return p, torch.where(empty, torch.zeros_like(z), torch.log(z))
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         labels: Optional[torch.Tensor], kmask: Optional[torch.Tensor], wc_scale: Optional[torch.Tensor],
+         wk_scale: torch.Tensor, wk_rows: Optional[torch.Tensor], need: tuple[bool, bool, bool, bool],
+         kl_rows_out: Optional[torch.Tensor] = None):
+    """One pass over the chunks of ``hp``, ``hq`` (both ``(N, H)``).
+
+    Returns ``(ce_sum, kl_sum, (dHp, dHq, dW, db))``: the sums of the counted rows' CE and KL values, and
+    the gradients of ``sum_rows w_ce * ce + w_kl * kl`` for the inputs flagged in ``need`` (else None),
+    where ``w_ce = wc_scale`` on rows whose label counts and ``w_kl = wk_scale (* wk_rows)`` on rows of
+    ``kmask``. ``kl_rows_out`` (N,), if given, receives the per-row KL values (0 where masked).
+    """
+    n_rows, hidden = hp.shape
+    math, gemm, vocab = s.math, s.gemm, s.vocab
+    dev = hp.device
+    with_ce = labels is not None
+    grad_p = need[0] or need[2] or need[3]
+    grad_q = s.q_grad and (need[1] or need[2] or need[3])
+    w = weight.to(gemm)
+    b = bias.to(math) if bias is not None else None
+    # A -inf bias entry (a vocabulary entry masked out) is -inf in both logits: its d' is -inf - -inf = NaN,
+    # but its probability is 0 on both sides, so it must contribute 0 (as in symmetric_kl).
+    b_neginf = torch.isneginf(b) if b is not None else None
+    dhp = torch.empty(n_rows, hidden, dtype=hp.dtype, device=dev) if need[0] else None
+    dhq = torch.empty(n_rows, hidden, dtype=hq.dtype, device=dev) if need[1] and s.q_grad else None
+    dw = None
+    if need[2]:
+        dw = torch.zeros(weight.shape, dtype=torch.promote_types(gemm, weight.dtype), device=dev)
+    db = torch.zeros(vocab, dtype=math, device=dev) if need[3] else None
+    ce_sum = torch.zeros((), dtype=math, device=dev)
+    kl_sum = torch.zeros((), dtype=math, device=dev)
+    eps = s.smoothing
+    for s0 in range(0, n_rows, s.chunk):
+        s1 = min(n_rows, s0 + s.chunk)
+        hpc, hqc = hp[s0:s1].to(gemm), hq[s0:s1].to(gemm)
+        km = kmask[s0:s1, None] if kmask is not None else None
+
+        la = _logits(hpc, w, b, math)  # becomes a - m_a, then d'
+        p, lz_a = _softmax_(la)
+        wc = None
+        if with_ce:
+            y = labels[s0:s1, None]
+            valid = y != s.ignore_index
+            y = torch.where(valid, y, torch.zeros_like(y))  # a valid label out of range fails in gather
+            ce = (lz_a - la.gather(1, y)) * (1.0 - eps)
+            if eps:
+                ce = ce + eps * (lz_a - la.sum(-1, keepdim=True) / vocab)
+            ce_sum += torch.where(valid, ce, torch.zeros_like(ce)).sum()
+            if grad_p and wc_scale is not None:
+                wc = torch.where(valid, wc_scale, torch.zeros_like(wc_scale))
+        x = _logits(hqc, w, b, math)  # b - m_b, then scratch, then dA
+        q, _ = _softmax_(x)
+        d = la.sub_(x)  # d' = (a - m_a) - (b - m_b)
+        if b_neginf is not None:
+            d.masked_fill_(b_neginf, 0.0)
+        if km is not None:  # rows outside the KL's mask: no KL term (their q and d' may be anything)
+            d.masked_fill_(~km, 0.0)
+            q.masked_fill_(~km, 0.0)
+        torch.sub(p, q, out=x)
+        kl = x.mul_(d).sum(-1, keepdim=True)  # sum (p - q) d': accurate when p ~ q
+        if km is not None:
+            kl = torch.where(km, kl, torch.zeros_like(kl))
+        kl_sum += kl.sum()
+        if kl_rows_out is not None:
+            kl_rows_out[s0:s1] = kl.squeeze(-1)
+        if not (grad_p or grad_q):
+            del la, x, d, p, q  # free this chunk's blocks before the next chunk allocates its own
+            continue
+        wk = wk_scale if wk_rows is None else wk_scale * wk_rows[s0:s1, None].to(math)
+        if km is not None:
+            wk = torch.where(km, wk, torch.zeros_like(wk))
+        e_q = torch.mul(q, d, out=x).sum(-1, keepdim=True) if grad_q else None
+        if grad_p:
+            e_p = torch.mul(p, d, out=x).sum(-1, keepdim=True)
+            torch.sub(d, e_p - 1.0, out=x)  # dA = p (w_kl (d' - E_p + 1) + w_ce) - w_kl q - w_ce t
+            x.mul_(wk)
+            if wc is not None:
+                x.add_(wc)
+            x.mul_(p).addcmul_(q, wk, value=-1.0)
+            if wc is not None:
+                x.scatter_add_(1, y, wc * -(1.0 - eps))
+                if eps:
+                    x.sub_(wc * (eps / vocab))
+            if km is not None:  # rows that count in neither term get exactly 0 (NaN-safe)
+                keep = km | valid if with_ce else km
+                x.masked_fill_(~keep, 0.0)
+        if grad_q:  # dB = w_kl (q (E_q - d' + 1) - p), in d's buffer
+            d.neg_().add_(e_q + 1.0).mul_(q).sub_(p).mul_(wk)
+            if km is not None:
+                d.masked_fill_(~km, 0.0)
+        del p, q
+        if need[2] and km is not None:  # rows outside both terms: 0 in dA, but 0 * NaN = NaN in dA^T H
+            hpc = torch.where(km | valid if with_ce else km, hpc, torch.zeros_like(hpc))
+            hqc = torch.where(km, hqc, torch.zeros_like(hqc))
+        if grad_p:
+            da = x.to(gemm)
+            if need[0]:
+                _mm_into(dhp[s0:s1], da, w)
+            if need[2]:
+                _accumulate(dw, da.t(), hpc)
+            if need[3]:
+                db.add_(x.sum(0))
+            del da
+        if grad_q:
+            dq = d.to(gemm)
+            if need[1]:
+                _mm_into(dhq[s0:s1], dq, w)
+            if need[2]:
+                _accumulate(dw, dq.t(), hqc)
+            if need[3]:
+                db.add_(d.sum(0))
+            del dq
+        del la, x, d
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return ce_sum, kl_sum, (dhp, dhq, dw, db)
+
+
+def _scaled(grads, g: torch.Tensor):
+    return tuple(None if t is None else t * g.to(t.dtype) for t in grads)
+
+
+class _LinearR3F(torch.autograd.Function):
+    """(total, ce, kl) = (ce + lam * kl, ce, kl), gradients of ``total`` computed in the forward.
+
+    The backward scales the saved gradients by the upstream gradient of ``total``. If ``ce`` or ``kl`` is
+    itself backpropagated (e.g. ``(ce + 2 * kl).backward()``), it recomputes chunk by chunk with the
+    combined per-term weights instead (correct, and about 1.7x the cost).
+    """
+
+    @staticmethod
+    def forward(ctx, hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(spec.device_type, enabled=False):
+            ce_sum, kl_sum, grads = _run(spec, hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale * lam,
+                                         None, need)
+        ce = ce_sum * ce_scale if labels is not None else ce_sum
+        kl = kl_sum * kl_scale
+        total = ce + lam * kl
+        ctx.spec, ctx.lam, ctx.need = spec, lam, need
+        ctx.save_for_backward(hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale, *grads)
+        return total, ce, kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_total, g_ce, g_kl):
+        hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale, *grads = ctx.saved_tensors
+        none = (None,) * 7
+        if g_ce is None and g_kl is None:
+            if g_total is None:
+                return (None,) * 4 + none
+            return (*_scaled(grads, g_total), *none)
+        zero = kl_scale.new_zeros(())
+        g_total = zero if g_total is None else g_total.to(zero.dtype)
+        g_ce = zero if g_ce is None else g_ce.to(zero.dtype)
+        g_kl = zero if g_kl is None else g_kl.to(zero.dtype)
+        with torch.autocast(ctx.spec.device_type, enabled=False):
+            _, _, grads = _run(ctx.spec, hp, hq, weight, bias, labels, kmask,
+                               ce_scale * (g_total + g_ce) if labels is not None else None,
+                               kl_scale * (ctx.lam * g_total + g_kl), None, ctx.need)
+        return (*grads, *none)
+
+
+class _LinearSymKLRows(torch.autograd.Function):
+    """Per-row KL_S (reduction "none"): values in the forward, gradients recomputed chunk by chunk in the
+    backward with the per-row upstream gradient folded into the row weights (nothing rows x V saved)."""
+
+    @staticmethod
+    def forward(ctx, hp, hq, weight, bias, kmask, spec, need):
+        rows = torch.zeros(hp.shape[0], dtype=spec.math, device=hp.device)
+        with torch.autocast(spec.device_type, enabled=False):
+            _run(spec, hp, hq, weight, bias, None, kmask, None, rows.new_ones(()), None, (False,) * 4, rows)
+        ctx.spec, ctx.need = spec, need
+        ctx.save_for_backward(hp, hq, weight, bias, kmask)
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_rows):
+        hp, hq, weight, bias, kmask = ctx.saved_tensors
+        with torch.autocast(ctx.spec.device_type, enabled=False):
+            _, _, grads = _run(ctx.spec, hp, hq, weight, bias, None, kmask, None, g_rows.new_ones(()).to(ctx.spec.math),
+                               g_rows, ctx.need)
+        return (*grads, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_head(hidden_p, hidden_q, weight, bias):
+    for name, t in (("hidden_p", hidden_p), ("hidden_q", hidden_q), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if hidden_p.shape != hidden_q.shape:
+        raise ValueError(f"the two passes' hidden states must have one shape, got {tuple(hidden_p.shape)} and "
+                         f"{tuple(hidden_q.shape)}")
+    if hidden_p.dim() == 0:
+        raise ValueError("hidden states must have at least one dimension (the hidden size)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the head's (V, H) matrix, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden_p.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} (V, H) but the hidden states have H = "
+                         f"{hidden_p.shape[-1]} (shape {tuple(hidden_p.shape)})")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has V = 0 classes: a softmax over no classes "
+                         "is undefined")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor or None, got {getattr(bias, 'dtype', type(bias))}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (hidden_p, hidden_q, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"hidden states, weight and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_mask(mask, lead, device):
+    if mask is None:
+        return None
+    mask = _bool_mask(mask)  # integer masks: values checked (one device sync); bool masks: none
+    if mask.shape != lead:
+        raise ValueError(f"mask must have the hidden states' shape without the last dimension, {tuple(lead)}, "
+                         f"got {tuple(mask.shape)}")
+    return mask.to(device).reshape(-1)
+
+
+def _check_chunk(chunk_size, rows, vocab, device, math) -> int:
+    if chunk_size is None:
+        return default_chunk_size(rows, vocab, device, math)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def _need(*tensors) -> tuple[bool, ...]:
+    on = torch.is_grad_enabled()
+    return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------- public API
+def linear_symmetric_kl(
+    hidden_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "batchmean",
+    *,
+    chunk_size: Optional[int] = None,
+    q_grad: bool = True,
+) -> torch.Tensor:
+    r"""``symmetric_kl(hidden_p @ weight.T + bias, hidden_q @ weight.T + bias, mask, reduction)``, chunked.
+
+    The same value and gradients (to both hidden states, to ``weight`` and ``bias``) as the materialised
+    expression, without ever holding ``rows x V`` logits: rows are processed ``chunk_size`` at a time.
+    Inputs that do not require grad get no gradient computation (a frozen head costs no ``dW`` GEMM).
+
+    Args:
+        hidden_p, hidden_q: hidden states of shape ``(*, H)`` (any leading shape; a 1-D tensor is one row),
+            float32, bfloat16, float16 or float64.
+        weight: the head's weight, ``(V, H)`` (as ``nn.Linear.weight``; tied embeddings work: the gradient
+            adds to the table's).
+        bias: optional ``(V,)``.
+        mask: optional bool tensor of shape ``hidden_p.shape[:-1]`` (or 0/1 integers, checked at the cost
+            of a device sync); rows where it is False count 0 and get zero gradient.
+        reduction: as :func:`~r3f_opt.symmetric_kl`: ``"batchmean"`` (sum / ``hidden_p.shape[0]``), ``"sum"``,
+            ``"mean"`` (sum / number of counted rows) or ``"none"`` (shape ``hidden_p.shape[:-1]``).
+        chunk_size: rows per chunk (default: :func:`default_chunk_size`, from a memory budget).
+        q_grad: if False, ``hidden_q``'s logits are treated as constants (``symmetric_kl(A, B.detach())``):
+            no gradient reaches ``hidden_q``, and ``weight``/``bias`` get only the ``p`` side's.
+
+    Returns:
+        The KL in float32 (float64 if an input is float64); per row for ``"none"``.
+
+    ``"none"`` computes the values in the forward and recomputes each chunk's logits in the backward (its
+    upstream gradient is per row); the scalar reductions compute the gradients in the forward.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_head(hidden_p, hidden_q, weight, bias)
+    lead = hidden_p.shape[:-1]
+    device = weight.device
+    gemm, math = _dtypes(device, hidden_p, hidden_q, weight, bias)
+    hp, hq = hidden_p.reshape(-1, hidden_p.shape[-1]), hidden_q.reshape(-1, hidden_q.shape[-1])
+    kmask = _check_mask(mask, lead, device)
+    vocab, rows = weight.shape[0], hp.shape[0]
+    spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math), gemm, math, -100, 0.0,
+                 bool(q_grad), device.type)
+    need = _need(hp, hq, weight, bias)
+    if reduction == "none":
+        return _LinearSymKLRows.apply(hp, hq, weight, bias, kmask, spec, need).reshape(lead)
+    if reduction == "sum":
+        scale = torch.ones((), dtype=math, device=device)
+    elif reduction == "batchmean":
+        scale = torch.full((), 1.0 / max(lead[0] if len(lead) > 0 else 1, 1), dtype=math, device=device)
+    else:
+        counted = kmask.sum() if kmask is not None else torch.tensor(rows, device=device)
+        scale = 1.0 / counted.clamp(min=1).to(math)
+    total, _, _ = _LinearR3F.apply(hp, hq, weight, bias, None, kmask, spec, 1.0, scale.new_zeros(()), scale, need)
+    return total
+
+
+def linear_r3f_loss(
+    hidden_clean: torch.Tensor,
+    hidden_noisy: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    lam: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    shift_labels: bool = False,
+    reduction: str = "batchmean",
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    noisy_grad: bool = True,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""R3F's objective from the hidden states before the head: ``(total, ce, kl)``, never holding the logits.
+
+    ``ce`` is the clean pass's cross-entropy as ``F.cross_entropy(A, labels, ignore_index=...,
+    label_smoothing=...)`` (mean over the rows whose label counts), ``kl`` is
+    ``symmetric_kl(A, B, mask, reduction)`` and ``total = ce + lam * kl``, with ``A``, ``B`` the clean and
+    noisy logits ``hidden @ weight.T + bias``. One pass over chunks of rows computes the clean logits
+    once for both terms, and all gradients. Backpropagate ``total``: its gradients are computed in the
+    forward and only scaled in the backward (backpropagating ``ce`` or ``kl`` themselves works too, but
+    recomputes the chunks).
+
+    Args:
+        hidden_clean, hidden_noisy: the two passes' final hidden states (input of the LM head), ``(*, H)``.
+        weight, bias: the head, ``(V, H)`` and optional ``(V,)``.
+        labels: integer targets of shape ``hidden_clean.shape[:-1]``; ``ignore_index`` marks rows without one.
+        lam: weight of the KL term.
+        mask: rows (positions of the hidden states, not shifted) counted in the KL; bool (or 0/1 integers).
+            Default: the rows whose (shifted) label counts, ``labels != ignore_index`` -- padding, prompt
+            tokens under completion-only loss and the boundaries of packed sequences drop out of both terms.
+        ignore_index, label_smoothing: as ``F.cross_entropy``.
+        shift_labels: causal-LM shift (as Hugging Face's causal-LM loss): the row at position ``t`` predicts
+            ``labels[..., t + 1]``; the last position of each sequence has no target.
+        reduction: of the KL term: ``"batchmean"``, ``"sum"`` or ``"mean"`` (``"none"`` is refused: a per-row
+            KL cannot be added to a scalar CE; use :func:`linear_symmetric_kl`).
+        num_items_in_batch: if given, ``ce = sum / num_items_in_batch`` (Hugging Face's normaliser for
+            gradient accumulation) instead of the mean over this batch's counted rows.
+        noisy_grad: if False, the noisy logits are constants (as ``RegularizedOptimizer(noisy_grad=False)``):
+            run the noisy pass under ``torch.no_grad()``; the head gets only the clean side's KL gradient.
+        chunk_size: rows per chunk (default: :func:`default_chunk_size`).
+
+    With no counted label, ``ce`` is 0 (``F.cross_entropy`` would give NaN) and its gradient is 0.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "none":
+        raise ValueError("reduction='none' is not supported by linear_r3f_loss (a per-row KL cannot be added to "
+                         "the scalar cross-entropy); use linear_symmetric_kl(..., reduction='none')")
+    _check_head(hidden_clean, hidden_noisy, weight, bias)
+    lam = float(lam)
+    if not _math.isfinite(lam):
+        raise ValueError(f"lam must be finite, got {lam}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    lead = hidden_clean.shape[:-1]
+    device = weight.device
+    if not isinstance(labels, torch.Tensor) or labels.dtype in (torch.bool,) or labels.is_floating_point() \
+            or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != lead:
+        raise ValueError(f"labels must have the hidden states' shape without the last dimension, {tuple(lead)}, "
+                         f"got {tuple(labels.shape)}")
+    labels = labels.to(device=device, dtype=torch.long)
+    if shift_labels:
+        if labels.dim() == 0:
+            raise ValueError("shift_labels=True needs a sequence dimension (labels of shape (..., T))")
+        labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
+    labels = labels.reshape(-1)
+    kmask = _check_mask(mask, lead, device)
+    if kmask is None:
+        kmask = labels != ignore_index
+    gemm, math = _dtypes(device, hidden_clean, hidden_noisy, weight, bias)
+    hp, hq = hidden_clean.reshape(-1, hidden_clean.shape[-1]), hidden_noisy.reshape(-1, hidden_noisy.shape[-1])
+    vocab, rows = weight.shape[0], hp.shape[0]
+    spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math), gemm, math, int(ignore_index),
+                 label_smoothing, bool(noisy_grad), device.type)
+    if num_items_in_batch is None:
+        ce_scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).to(math)
+    else:
+        ce_scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).to(math)
+    if reduction == "sum":
+        kl_scale = torch.ones((), dtype=math, device=device)
+    elif reduction == "batchmean":
+        kl_scale = torch.full((), 1.0 / max(lead[0] if len(lead) > 0 else 1, 1), dtype=math, device=device)
+    else:
+        kl_scale = 1.0 / kmask.sum().clamp(min=1).to(math)
+    need = _need(hp, hq, weight, bias)
+    return _LinearR3F.apply(hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need)
+
+
+class LinearSymmetricKL(nn.Module):
+    """Module form of :func:`linear_symmetric_kl`: ``LinearSymmetricKL(reduction)(h_p, h_q, weight, bias, mask)``."""
+
+    def __init__(self, reduction: str = "batchmean", *, chunk_size: Optional[int] = None, q_grad: bool = True):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction, self.chunk_size, self.q_grad = reduction, chunk_size, q_grad
+
+    def forward(self, hidden_p, hidden_q, weight, bias=None, mask=None):
+        return linear_symmetric_kl(hidden_p, hidden_q, weight, bias, mask, self.reduction,
+                                   chunk_size=self.chunk_size, q_grad=self.q_grad)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, chunk_size={self.chunk_size}, q_grad={self.q_grad}"
+
+
+class LinearR3FLoss(nn.Module):
+    """Module form of :func:`linear_r3f_loss`; its keyword options are fixed at construction.
+
+    ``LinearR3FLoss(lam=1.0, shift_labels=True)(h_clean, h_noisy, lm_head.weight, labels)`` returns
+    ``(total, ce, kl)``.
+    """
+
+    def __init__(self, lam: float = 1.0, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 shift_labels: bool = False, reduction: str = "batchmean", noisy_grad: bool = True,
+                 chunk_size: Optional[int] = None):
+        super().__init__()
+        self.options = dict(lam=lam, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            shift_labels=shift_labels, reduction=reduction, noisy_grad=noisy_grad,
+                            chunk_size=chunk_size)
+
+    def forward(self, hidden_clean, hidden_noisy, weight, labels, bias=None, mask=None, num_items_in_batch=None):
+        return linear_r3f_loss(hidden_clean, hidden_noisy, weight, labels, bias, mask=mask,
+                               num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
