@@ -247,8 +247,17 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
+def _pow2(n: int) -> int:
+    """``triton.next_power_of_2`` (a Triton constexpr function, slow on the host) in plain Python."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _fused_blocks(C: int, H: int) -> tuple[int, int]:
-    return triton.next_power_of_2(C), triton.next_power_of_2(H)
+    return _pow2(C), _pow2(H)
 
 
 def fits_one_program(C: int, H: int, max_fused_elements: Optional[int] = None) -> bool:
@@ -275,10 +284,10 @@ def _matvec(w: torch.Tensor, x: torch.Tensor, transpose: bool, x_copy: Optional[
     C, H = w.shape
     n_out, n_in = (H, C) if transpose else (C, H)
     block_out, block_in = (TILE_COLS, TILE_ROWS) if transpose else (TILE_ROWS, TILE_COLS)
-    out_blocks, in_tiles = triton.cdiv(n_out, block_out), triton.cdiv(n_in, block_in)
+    out_blocks, in_tiles = _cdiv(n_out, block_out), _cdiv(n_in, block_in)
     splits = max(1, min(in_tiles, _target_programs(w.device) // out_blocks))
-    in_per_split = triton.cdiv(in_tiles, splits) * block_in
-    splits = triton.cdiv(n_in, in_per_split)
+    in_per_split = _cdiv(in_tiles, splits) * block_in
+    splits = _cdiv(n_in, in_per_split)
     parts = torch.empty(splits, n_out, device=w.device, dtype=torch.float32)
     _launch(_sn_matvec_kernel, (out_blocks, splits), w, x, x if x_copy is None else x_copy, parts,
             C, H, n_out, n_in, in_per_split, TRANSPOSE=transpose, COPY_X=x_copy is not None,
@@ -291,7 +300,7 @@ def _reduce(parts: torch.Tensor, eps: float, out: torch.Tensor, *, buf: Optional
     """Sum the splits; normalise into ``buf`` and ``out`` (when ``buf``), else copy ``dot`` to ``out``;
     write ``sigma = x^T y`` when asked."""
     n_parts, L = parts.shape
-    block = min(4096, triton.next_power_of_2(L))
+    block = min(4096, _pow2(L))
     _launch(_sn_reduce_kernel, (1,), parts, n_parts, L, eps, out, out if buf is None else buf,
             out if dot is None else dot, out if sigma is None else sigma,
             NORMALIZE=buf is not None, SIGMA=sigma is not None, BLOCK=block, num_warps=8)
@@ -301,10 +310,10 @@ def _elementwise_grid(N: int, device: torch.device) -> tuple[int, int, int]:
     """(programs, tiles per program, block) of the chunked elementwise kernels."""
     on_cuda = device.type == "cuda"
     block = ELEMENTWISE_BLOCK if on_cuda else 16 * ELEMENTWISE_BLOCK
-    tiles = triton.cdiv(N, block)
+    tiles = _cdiv(N, block)
     cap = MAX_ELEMENTWISE_PROGRAMS if on_cuda else _target_programs(device)
-    tiles_per_prog = triton.cdiv(tiles, min(tiles, cap))
-    return triton.cdiv(tiles, tiles_per_prog), tiles_per_prog, block
+    tiles_per_prog = _cdiv(tiles, min(tiles, cap))
+    return _cdiv(tiles, tiles_per_prog), tiles_per_prog, block
 
 
 def _rank1(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor,
@@ -315,7 +324,7 @@ def _rank1(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sigma: torch.Tenso
     n_parts = 1 if parts is None else parts.numel()
     _launch(_sn_rank1_kernel, (programs,), x, u, v, sigma, sigma if parts is None else parts, n_parts, out,
             N, H, tiles_per_prog, BACKWARD=parts is not None, BLOCK=block,
-            PARTS_BLOCK=triton.next_power_of_2(n_parts), num_warps=4)
+            PARTS_BLOCK=_pow2(n_parts), num_warps=4)
 
 
 def _forward(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float, fused: bool,
@@ -381,12 +390,15 @@ class _Layout(NamedTuple):
     v_perm: Optional[tuple]
 
 
+_ROW_MAJOR_2D = _Layout((0, 1), False, None)
+
+
 def _layout(w: torch.Tensor) -> Optional[_Layout]:
     """The weight's layout, or None when dim 0 is neither outermost nor innermost or the weight is not
     dense (then the kernels run on a contiguous copy)."""
     n = w.ndim
     if w.is_contiguous():
-        return _Layout(tuple(range(n)), False, None)
+        return _ROW_MAJOR_2D if n == 2 else _Layout(tuple(range(n)), False, None)
     rest = sorted(range(1, n), key=lambda d: -w.stride(d))  # stable: ties (size-1 dims) keep their order
     for transposed in (False, True):
         order = (*rest, 0) if transposed else (0, *rest)
@@ -399,6 +411,8 @@ def _layout(w: torch.Tensor) -> Optional[_Layout]:
 
 def _matrix(t: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """The row-major matrix view of ``t``'s memory (C x H, or H x C when transposed)."""
+    if t.ndim == 2 and lay is _ROW_MAJOR_2D:
+        return t
     p = t.permute(lay.order)
     return p.view(-1, t.shape[0]) if lay.transposed else p.view(t.shape[0], -1)
 
@@ -418,7 +432,8 @@ def _v_logical_order(dst: torch.Tensor, src: torch.Tensor, shape: torch.Size, la
 def _dense(weight: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
     lay = _layout(weight)
     if lay is None:
-        return weight.contiguous(), _Layout(tuple(range(weight.ndim)), False, None)
+        w = weight.contiguous()
+        return w, _layout(w)
     return weight, lay
 
 
@@ -561,6 +576,8 @@ class SpectralNormFunction(torch.autograd.Function):
         u, v, so a batched weight needs batched buffers (e.g. an ensemble's stacked buffers); torch's
         parametrization raises there too. In eval any of weight, u, v may be batched."""
         wd, ud, vd = in_dims[:3]
+        if wd is None and ud is None and vd is None:  # vmap over something else: one call
+            return _apply(weight, u, v, n_iters, eps, fused), (None, None, None, None)
         if n_iters > 0 and (ud is None or vd is None):
             raise RuntimeError(
                 "spectral_norm under vmap in training mode: the power iteration updates u and v in place, so "
@@ -569,9 +586,31 @@ class SpectralNormFunction(torch.autograd.Function):
         def member(t, d, b):
             return t if d is None else t.select(d, b)
 
-        outs = [SpectralNormFunction.apply(member(weight, wd, b), member(u, ud, b), member(v, vd, b),
-                                           n_iters, eps, fused) for b in range(info.batch_size)]
+        outs = [_apply(member(weight, wd, b), member(u, ud, b), member(v, vd, b), n_iters, eps, fused)
+                for b in range(info.batch_size)]
         return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0, 0)
+
+
+class _EagerSpectralNormFunction(torch.autograd.Function):
+    """:class:`SpectralNormFunction` in the ctx style (same forward, backward and jvp), applied when no
+    torch.func transform is active: torch binds the arguments of a Function that defines
+    ``setup_context`` with ``inspect.signature`` on every ``apply``, which tripled the host time of a
+    forward. Double backward, batched gradients and forward-mode AD work the same through it."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = SpectralNormFunction.forward(*args)
+        SpectralNormFunction.setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(SpectralNormFunction.backward)
+    jvp = staticmethod(SpectralNormFunction.jvp)
+
+
+def _apply(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if torch._C._are_functorch_transforms_active():
+        return SpectralNormFunction.apply(*args)
+    return _EagerSpectralNormFunction.apply(*args)
 
 
 def spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int,
@@ -623,4 +662,4 @@ def spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n
     if max_fused_elements is not None and max_fused_elements < 0:
         raise ValueError(f"max_fused_elements must be >= 0, got {max_fused_elements}")
     fused = fits_one_program(C, H, max_fused_elements)
-    return SpectralNormFunction.apply(weight, u, v, n_iters, eps, fused)[0]
+    return _apply(weight, u, v, n_iters, eps, fused)[0]

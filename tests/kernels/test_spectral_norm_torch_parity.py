@@ -31,7 +31,16 @@ from r3f_opt.spectral_norm import FusedSpectralNorm
 from r3f_opt.spectral_norm import spectral_norm as our_spectral_norm
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run in Triton's interpreter
 WEIGHT = "parametrizations.weight.original"
+
+
+@pytest.fixture(autouse=True)
+def device():
+    """Every tensor and module of these tests on DEVICE."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
 
 
 class Impl:
