@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -120,9 +120,10 @@ class EmbeddingNoise:
             return z.uniform_(-self.eps, self.eps, generator=self._generator(device))
         return z.normal_(0.0, self.eps, generator=self._generator(device))
 
-    def _perturb(self, output: torch.Tensor, noise_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _perturb(self, output: torch.Tensor, noise_mask: Optional[torch.Tensor],
+                 add: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         x = output.detach() if self.detach else output
-        z = self.sample(x.shape, x.device)
+        z = self.sample(x.shape, x.device) if add is None else add(x)
         scale = getattr(self.module, "embed_scale", None)
         if isinstance(scale, (int, float, torch.Tensor)):
             z = z * scale
@@ -153,8 +154,14 @@ class EmbeddingNoise:
         return noisy
 
     @contextlib.contextmanager
-    def active(self, noise_mask: Optional[torch.Tensor] = None) -> Iterator["EmbeddingNoise"]:
-        """Perturb the embeddings inside this block; hooks are removed on exit, also on an exception."""
+    def active(self, noise_mask: Optional[torch.Tensor] = None,
+               add: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Iterator["EmbeddingNoise"]:
+        """Perturb the embeddings inside this block; hooks are removed on exit, also on an exception.
+
+        By default the perturbation is fresh noise; ``add(x)`` (``x``: the lookup's output) supplies it
+        instead, e.g. an adversarial tensor that requires grad (SMART, FreeLB). Either way it is added in
+        the raw lookup's space (scaled by ``embed_scale``), masked by ``noise_mask``, in float32 or wider.
+        """
         refuse_other_noise(self.module)
         self.calls, self._depth = 0, 0
 
@@ -167,7 +174,7 @@ class EmbeddingNoise:
                     "not a floating-point tensor; pass embeddings= the module that returns token vectors"
                 )
             self.calls += 1
-            return self._perturb(output, noise_mask)
+            return self._perturb(output, noise_mask, add)
 
         def enter(*_):
             self._depth += 1

@@ -5,7 +5,6 @@ import contextlib
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
@@ -14,24 +13,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .kl import REDUCTIONS
-from .methods import METHODS, build_method, is_distributed_wrapper
+from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
 from .noise import NOISE_TYPES, EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
 
 ON_NONFINITE = ("skip", "raise")
-
-
-@dataclass
-class StepResult:
-    """What one R3F step computed. ``loss``, ``task_loss`` and ``sym_kl`` are detached; ``output`` is the
-    clean pass's model output as the closure returned it (detach its tensors before keeping them)."""
-
-    loss: torch.Tensor  # task_loss + lam * sym_kl
-    task_loss: torch.Tensor
-    sym_kl: torch.Tensor  # 0 for method="standard"
-    output: Any  # the clean pass's model output, for metrics
-    skipped: bool = False  # True when the loss or the gradient was not finite and nothing was changed
 
 
 def _loss_and_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +104,36 @@ def _refuse_backward(grad: torch.Tensor) -> None:
     )
 
 
+class _NonFinite(Exception):
+    def __init__(self, result: StepResult, where: str) -> None:
+        self.result, self.where = result, where
+
+
+class _Passes:
+    """The passes a method runs within one (micro-)step of :class:`RegularizedOptimizer`."""
+
+    def __init__(self, opt: "RegularizedOptimizer", closure: Callable[[], Any], weight: float, sync: bool) -> None:
+        self.opt, self.closure, self.weight, self.sync = opt, closure, weight, sync
+
+    def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        return self.opt._run(self.closure)
+
+    def backward(self, loss: torch.Tensor, result: StepResult) -> None:
+        finite = torch.isfinite(loss.detach())
+        if not self.opt._on_all_ranks(finite):  # every rank skips together: none waits in a collective
+            raise _NonFinite(result, "" if not bool(finite) else " on another rank")
+        scaled = loss * self.weight
+        if self.opt.grad_scaler is not None:
+            scaled = self.opt.grad_scaler.scale(scaled)
+        if self.opt._backward is not None:
+            self.opt._backward(scaled)
+        else:
+            scaled.backward()
+
+    def grad_sync(self, last: bool):
+        return _grad_sync(self.opt.model, self.sync and last)
+
+
 class RegularizedOptimizer(Optimizer):
     r"""Wraps an optimizer instance to train with R3F or R4F (Aghajanyan et al., ICLR 2021).
 
@@ -173,13 +190,14 @@ class RegularizedOptimizer(Optimizer):
         noisy_grad: bool = True,
         embeddings: Optional[nn.Module] = None,
         noisy_embed_grad: bool = False,
-        reduction: str = "batchmean",
+        reduction: Optional[str] = None,
         max_grad_norm: Optional[float] = None,
         grad_scaler: Optional["torch.amp.GradScaler"] = None,
         backward: Optional[Callable[[torch.Tensor], Any]] = None,
         on_nonfinite: str = "skip",
         seed: Optional[int] = None,
         r4f_kwargs: Optional[dict] = None,
+        method_kwargs: Optional[dict] = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -192,7 +210,7 @@ class RegularizedOptimizer(Optimizer):
         lam, eps = check_number("lam", lam), check_number("eps", eps)
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-        if reduction not in REDUCTIONS or reduction == "none":
+        if reduction is not None and (reduction not in REDUCTIONS or reduction == "none"):
             raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]}, got {reduction!r}")
         if max_grad_norm is not None:
             max_grad_norm = check_number("max_grad_norm", max_grad_norm, positive=True)
@@ -214,9 +232,10 @@ class RegularizedOptimizer(Optimizer):
         _check_params(optimizer, model)
         seed = default_seed() if seed is None else int(seed)
         # Last of the checks: R4F normalises the head, and raises before changing anything if it cannot.
-        self.regularizer = build_method(method, model, eps=eps, noise=noise, noisy_grad=noisy_grad,
+        self.regularizer: Standard = build_method(method, model, eps=eps, noise=noise, noisy_grad=noisy_grad,
                                         reduction=reduction, seed=seed, embeddings=embeddings,
-                                        noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs)
+                                        noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
+                                        method_kwargs=method_kwargs)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self.reduction, self.max_grad_norm, self.on_nonfinite = reduction, max_grad_norm, on_nonfinite
@@ -348,22 +367,11 @@ class RegularizedOptimizer(Optimizer):
         pass it for every micro-batch but the last of an accumulated step.
         """
         with torch.enable_grad(), _grad_sync(self.model, sync):
-            out, task_loss, clean = self._run(closure)
-            term = self.regularizer.term(lambda: self._run(closure)[2], clean, mask=mask, noise_mask=noise_mask)
-            sym_kl = task_loss.new_zeros(()) if term is None else term
-            loss = task_loss + self.lam * sym_kl  # promotes to float32 at least (sym_kl is)
-            result = StepResult(loss.detach(), task_loss.detach(), sym_kl.detach(), out)
-            finite = torch.isfinite(loss.detach())
-            if not self._on_all_ranks(finite):  # every rank skips together: none waits in a collective
-                return self._nonfinite(result, "" if not bool(finite) else " on another rank")
-            scaled = loss * weight
-            if self.grad_scaler is not None:
-                scaled = self.grad_scaler.scale(scaled)
-            if self._backward is not None:
-                self._backward(scaled)
-            else:
-                scaled.backward()
-        return result
+            try:
+                return self.regularizer.step(_Passes(self, closure, weight, sync), lam=self.lam, mask=mask,
+                                             noise_mask=noise_mask)
+            except _NonFinite as e:
+                return self._nonfinite(e.result, e.where)
 
     def _on_all_ranks(self, ok: torch.Tensor) -> bool:
         """``ok`` on every rank of a data-parallel model (an all-reduce of the flag), else on this one."""

@@ -5,15 +5,16 @@ DDP ``no_sync`` and ``accelerator.backward`` apply to them unchanged; evaluation
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..kl import REDUCTIONS
-from ..methods import METHODS, R3F, build_method
+from ..methods import METHODS, RDrop, Standard, build_method
 from ..noise import NOISE_TYPES, EmbeddingNoise, unwrap_model
 from ..optimizer import check_number
 
@@ -33,15 +34,23 @@ class R3FTrainingArguments(TrainingArguments):
     r3f_eps: float = field(default=1e-5, metadata={"help": "noise scale sigma"})
     r3f_noise: str = field(default="uniform", metadata={"help": f"one of {NOISE_TYPES}"})
     r3f_noisy_grad: bool = field(default=True, metadata={"help": "KL gradient through the noisy pass too"})
-    r3f_reduction: str = field(default="batchmean", metadata={"help": f"KL reduction, one of {REDUCTIONS[:-1]}"})
+    r3f_reduction: Optional[str] = field(default=None, metadata={
+        "help": f"KL reduction, one of {REDUCTIONS[:-1]} (default: 'sum' for rdrop, else 'batchmean')"})
     r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed, offset per process (default: from --seed)"})
+    r3f_method_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "the method's own hyper-parameters as a dict or JSON, e.g. '{\"adv_steps\": 2}' for smart"})
 
     def __post_init__(self) -> None:
         if self.r3f_method not in METHODS:
             raise ValueError(f"r3f_method must be one of {METHODS}, got {self.r3f_method!r}")
         if self.r3f_noise not in NOISE_TYPES:
             raise ValueError(f"r3f_noise must be one of {NOISE_TYPES}, got {self.r3f_noise!r}")
-        if self.r3f_reduction not in REDUCTIONS[:-1]:  # "none" is per-row: the loss must be a scalar
+        if self.r3f_method == "freelb":
+            raise ValueError("r3f_method='freelb' runs its own backward for each of its ascent steps, which the "
+                             "Trainer's compute_loss cannot; use RegularizedOptimizer (or r3f-finetune --method freelb)")
+        if isinstance(self.r3f_method_kwargs, str):
+            self.r3f_method_kwargs = json.loads(self.r3f_method_kwargs)
+        if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
             raise ValueError(f"r3f_reduction must be one of {REDUCTIONS[:-1]}, got {self.r3f_reduction!r}")
         self.r3f_lambda, self.r3f_eps = check_number("r3f_lambda", self.r3f_lambda), check_number("r3f_eps", self.r3f_eps)
         if self.ddp_find_unused_parameters is None and self.r3f_method != "standard":
@@ -76,6 +85,17 @@ def _logits(outputs: Any) -> torch.Tensor:
     return logits
 
 
+class _ModelPasses:
+    """One more pass of the model on the Trainer's inputs, for a method's term."""
+
+    def __init__(self, model: torch.nn.Module, inputs: dict) -> None:
+        self.model, self.inputs = model, inputs
+
+    def run(self) -> tuple[Any, Optional[torch.Tensor], torch.Tensor]:
+        out = self.model(**self.inputs)
+        return out, None, _logits(out)
+
+
 class R3FTrainerMixin:
     """Adds the R3F/R4F term to a ``Trainer`` subclass's training loss.
 
@@ -105,8 +125,9 @@ class R3FTrainerMixin:
         self.r3f_method = getattr(a, "r3f_method", "r3f")
         self.r3f_lambda, self.r3f_eps = getattr(a, "r3f_lambda", 1.0), getattr(a, "r3f_eps", 1e-5)
         self.r3f_noisy_grad = getattr(a, "r3f_noisy_grad", True)
-        self.r3f_reduction = getattr(a, "r3f_reduction", "batchmean")
+        self.r3f_reduction = getattr(a, "r3f_reduction", None)
         self.r3f_noise: Optional[EmbeddingNoise] = None
+        self.r3f_regularizer: Optional[Standard] = None
         self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
         if self.r3f_method == "standard":
             return
@@ -122,9 +143,10 @@ class R3FTrainerMixin:
         seed = a.seed * 0x9E3779B97F4A7C15 + 1 if seed is None else seed
         seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
         self._r3f_seed = seed
-        self.r3f_regularizer: R3F = build_method(
+        self.r3f_regularizer = build_method(
             self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
-            noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed)
+            noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
+            method_kwargs=getattr(a, "r3f_method_kwargs", None))
         self.r3f_noise = self.r3f_regularizer.noise
 
     def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -143,16 +165,22 @@ class R3FTrainerMixin:
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None):
-        if not self._active or self.r3f_noise is None:
+        if not self._active or self.r3f_regularizer is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # The parent may pop "labels" (label smoothing); the noisy pass needs them (seq2seq decoder inputs).
         loss, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         clean = _logits(outputs)
-        self.r3f_noise.reseed(self._step_seed())
+        if self.r3f_noise is not None:
+            self.r3f_noise.reseed(self._step_seed())
         mask = _kl_mask(inputs, clean, unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-        kl = self.r3f_regularizer.term(lambda: _logits(model(**inputs)), clean, mask=mask)
+        if isinstance(self.r3f_regularizer, RDrop):  # the second pass's task loss counts too, the Trainer's way
+            loss_2, outputs_2 = super().compute_loss(model, dict(inputs), return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
+            loss, kl = self.r3f_regularizer.combine(loss, clean, loss_2, _logits(outputs_2), mask=mask)
+        else:
+            kl = self.r3f_regularizer.term(_ModelPasses(model, inputs), clean, mask=mask)
         # When the task loss is already divided over the accumulated micro-batches (num_items_in_batch),
         # the Trainer will not divide again: divide the KL term here so both keep the same weight.
         scaled = getattr(self, "loss_is_scaled_for_ga", None)

@@ -23,7 +23,7 @@ class Rows(torch.utils.data.Dataset):
 def content_noise(monkeypatch):
     """Noise that depends only on the embedding values, so it does not depend on how rows are batched."""
 
-    def perturb(self, output, noise_mask):
+    def perturb(self, output, noise_mask, add=None):
         x = output.detach() if self.detach else output
         return x + self.eps * torch.sin(1e3 * output.detach())
 

@@ -1,0 +1,84 @@
+"""The regularisers, one file each; :class:`~r3f_opt.RegularizedOptimizer` (and ``R3FTrainer``) run them.
+
+A method's :meth:`~base.Standard.step` runs its passes through a :class:`~base.Passes` object (run the
+closure; backpropagate a loss) and returns a :class:`~base.StepResult`. Methods that only add a term to
+the first pass's loss implement :meth:`~base.Standard.term`.
+
+| method     | passes per step                        | objective                                            |
+|------------|----------------------------------------|------------------------------------------------------|
+| standard   | 1 fwd + 1 bwd                          | task loss                                            |
+| r3f, r4f   | 2 fwd + 1 bwd (through both graphs)    | task + lam * KL_S(clean, noisy)                      |
+| rdrop      | 2 fwd + 1 bwd                          | mean of both task losses + lam * KL_S / 2            |
+| smart      | (2 + S) fwd + S bwd to delta + 1 bwd   | task + lam * KL_S(clean, adversarial)                |
+| freelb     | K fwd + K bwd                          | mean over K perturbed task losses                    |
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+from torch import nn
+
+from .base import Passes, Standard, StepResult, is_distributed_wrapper
+from .freelb import FreeLB
+from .r3f import R3F, R4F
+from .rdrop import RDrop
+from .smart import SMART
+
+__all__ = ["METHODS", "METHOD_KWARGS", "DEFAULT_REDUCTION", "build_method", "Standard", "R3F", "R4F", "RDrop",
+           "SMART", "FreeLB", "Passes", "StepResult", "is_distributed_wrapper"]
+
+METHODS = ("r3f", "r4f", "standard", "rdrop", "smart", "freelb")
+# method_kwargs each method takes: name -> (type, default, lower bound, whether None is allowed)
+METHOD_KWARGS = {
+    "smart": {"adv_steps": (int, 1, 1, False), "step_size": (float, 1e-3, 0.0, False),
+              "epsilon": (float, 1e-5, 0.0, True)},
+    "freelb": {"adv_steps": (int, 2, 1, False), "adv_lr": (float, 0.1, 0.0, False),
+               "init_mag": (float, 0.1, 0.0, False), "max_norm": (float, 0.0, 0.0, False)},
+}
+DEFAULT_REDUCTION = {"rdrop": "sum"}  # R-Drop's code sums the KL; every other method: "batchmean"
+
+
+def _check_kwargs(method: str, kwargs: Optional[dict]) -> dict:
+    spec = METHOD_KWARGS.get(method, {})
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - set(spec))
+    if unknown:
+        raise TypeError(f"method_kwargs {unknown} are not arguments of method={method!r}; it takes "
+                        f"{sorted(spec) or 'none'}")
+    for name, value in kwargs.items():
+        kind, _, low, nullable = spec[name]
+        if value is None and nullable:
+            continue
+        ok_type = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
+        if isinstance(value, bool) or not ok_type:
+            raise TypeError(f"method_kwargs[{name!r}] must be {'an int' if kind is int else 'a real number'}, "
+                            f"got {value!r}")
+        if not math.isfinite(value) or value < low:
+            raise ValueError(f"method_kwargs[{name!r}] must be a finite number >= {low}, got {value!r}")
+    return kwargs
+
+
+def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool,
+                 reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
+                 noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
+                 method_kwargs: Optional[dict] = None) -> Standard:
+    """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    kw = _check_kwargs(method, method_kwargs)
+    reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
+    common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
+                  noisy_embed_grad=noisy_embed_grad)
+    if method == "standard":
+        return Standard()
+    if method == "r3f":
+        return R3F(model, eps=eps, noise=noise, **common)
+    if method == "r4f":
+        return R4F(model, r4f_kwargs=r4f_kwargs, eps=eps, noise=noise, **common)
+    if method == "rdrop":
+        return RDrop(reduction=reduction)
+    if method == "smart":
+        return SMART(model, sigma=eps, **common, **kw)
+    return FreeLB(model, seed=seed, embeddings=embeddings, **kw)

@@ -1,0 +1,93 @@
+"""What every method shares: the step's result, the passes a method may run, plain fine-tuning."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Optional, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..noise import EmbeddingNoise
+
+__all__ = ["StepResult", "Passes", "Standard", "is_distributed_wrapper", "check_same_shape", "check_noise_reached"]
+
+
+@dataclass
+class StepResult:
+    """What one step computed. ``loss``, ``task_loss`` and ``sym_kl`` are detached; ``output`` is the first
+    pass's model output as the closure returned it (detach its tensors before keeping them)."""
+
+    loss: torch.Tensor  # the objective: task_loss + lam * sym_kl
+    task_loss: torch.Tensor  # the task loss (R-Drop: the mean of both passes'; FreeLB: the mean over its steps)
+    sym_kl: torch.Tensor  # the regulariser lam multiplies (0 for "standard" and "freelb")
+    output: Any  # the first pass's model output, for metrics
+    skipped: bool = False  # True when the loss or the gradient was not finite and nothing was changed
+    terms: dict = field(default_factory=dict)  # method-specific values (e.g. SMART's KL at the random start)
+
+
+class Passes(Protocol):
+    """What a method may do within one (micro-)step; :class:`RegularizedOptimizer` provides it."""
+
+    def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One pass of the closure: (model output, scalar task loss, logits)."""
+
+    def backward(self, loss: torch.Tensor, result: StepResult) -> None:
+        """Backpropagate ``loss`` (weighted, scaled) into the parameters; a non-finite loss skips the step
+        (``result`` is what is reported then)."""
+
+    def grad_sync(self, last: bool) -> ContextManager:
+        """Inside it, a backward all-reduces gradients (DDP/FSDP) only if ``last`` and the step syncs."""
+
+
+def is_distributed_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped for data parallelism (DDP, FSDP1 or FSDP2)."""
+    return isinstance(model, DistributedDataParallel) or callable(getattr(model, "set_requires_gradient_sync", None)) \
+        or type(model).__name__ == "FullyShardedDataParallel"
+
+
+def check_same_shape(clean: torch.Tensor, other: torch.Tensor) -> None:
+    if other.shape != clean.shape:
+        raise ValueError(f"the logits of the two passes differ in shape: first {tuple(clean.shape)}, second "
+                         f"{tuple(other.shape)}; the closure must run the same batch every time")
+
+
+def check_noise_reached(noise: EmbeddingNoise) -> None:
+    if noise.calls == 0:
+        raise RuntimeError(
+            f"the perturbed pass never called the embedding module {type(noise.module).__name__} (did the closure "
+            "pass inputs_embeds?); pass embeddings= the module the model calls on its input ids")
+
+
+class Standard:
+    """Plain fine-tuning under the same API: one pass, no regulariser.
+
+    Subclasses that add a term to the first pass's loss override :meth:`term`; those that run their passes
+    differently override :meth:`step`.
+    """
+
+    noise: Optional[EmbeddingNoise] = None
+    terms: dict = {}  # what the last term() measured besides its value (read-only here; methods rebind it)
+
+    def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> StepResult:
+        """Run the method's passes and its backward for one (micro-)batch."""
+        out, task_loss, logits = passes.run()
+        term = self.term(passes, logits, mask=mask, noise_mask=noise_mask)
+        reg = task_loss.new_zeros((), dtype=torch.float32) if term is None else term
+        loss = task_loss + lam * reg  # float32 at least
+        result = StepResult(loss.detach(), task_loss.detach(), reg.detach(), out, terms=dict(self.terms))
+        passes.backward(loss, result)
+        return result
+
+    def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The regulariser for the first pass's ``clean`` logits (runs more passes if it needs them)."""
+        return None
+
+    def state_dict(self) -> Optional[dict]:
+        return self.noise.state_dict() if self.noise is not None else None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state is not None and self.noise is not None:
+            self.noise.load_state_dict(state)

@@ -1,0 +1,70 @@
+"""R3F and R4F (Aghajanyan et al., ICLR 2021): a noisy pass and the symmetric KL to the clean one.
+
+    L = L_task(f(x)) + lam * KL_S(f(x) || f(x + z)),   z ~ U(-eps, eps) or N(0, eps^2) on the token embeddings
+
+R4F also spectrally normalises the classification head (:func:`~r3f_opt.apply_r4f`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..kl import symmetric_kl
+from ..noise import EmbeddingNoise, find_embeddings, refuse_other_noise
+from ..r4f import _is_normalised, apply_r4f, find_head
+from .base import Passes, Standard, check_noise_reached, check_same_shape, is_distributed_wrapper
+
+__all__ = ["R3F", "R4F", "embedding_noise"]
+
+
+def embedding_noise(model: nn.Module, embeddings: Optional[nn.Module], eps: float, noise: str, detach: bool,
+                    seed: int) -> EmbeddingNoise:
+    """The perturbation source on ``model``'s input token embeddings (found unless ``embeddings`` is given)."""
+    emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
+    refuse_other_noise(emb)
+    return EmbeddingNoise(emb, scope, eps, noise, detach, seed)
+
+
+class R3F(Standard):
+    """R3F's term ``KL_S(clean || noisy)``.
+
+    Args:
+        model: the model (wrappers are unwrapped to find its input token embeddings).
+        eps, noise: the noise scale and distribution (``"uniform"`` or ``"normal"``).
+        noisy_grad: whether the noisy pass builds a graph (the KL gradient flows through both passes).
+        reduction: the KL's reduction (:func:`~r3f_opt.symmetric_kl`).
+        seed: seed of the noise generator.
+        embeddings: the module to perturb, when it cannot be found automatically.
+        noisy_embed_grad: let the noisy pass train the embedding table (default: the lookup is detached).
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool, reduction: str, seed: int,
+                 embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False) -> None:
+        self.noise = embedding_noise(model, embeddings, eps, noise, not noisy_embed_grad, seed)
+        self.noisy_grad, self.reduction = noisy_grad, reduction
+
+    def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with self.noise.active(noise_mask), torch.set_grad_enabled(self.noisy_grad and torch.is_grad_enabled()):
+            noisy = passes.run()[2]
+        check_noise_reached(self.noise)
+        check_same_shape(clean, noisy)
+        return symmetric_kl(clean, noisy, mask=mask, reduction=self.reduction)
+
+
+class R4F(R3F):
+    """R3F with the head spectrally normalised at construction (``r4f_kwargs`` go to :func:`apply_r4f`)."""
+
+    def __init__(self, model: nn.Module, *, r4f_kwargs: Optional[dict] = None, **r3f_kwargs) -> None:
+        kw = dict(r4f_kwargs or {})
+        if is_distributed_wrapper(model) and not all(
+                _is_normalised(m) for m in find_head(model, kw.get("head"), kw.get("scope", "out_proj"))):
+            raise ValueError(
+                f"the model is already wrapped ({type(model).__name__}): call apply_r4f(model) before wrapping "
+                "it in DDP/FSDP. A parametrization registered afterwards re-registers the head's weight, which "
+                "the wrapper then never synchronises."
+            )
+        super().__init__(model, **r3f_kwargs)
+        apply_r4f(model, **kw)  # last: raises before anything changes if there is no head

@@ -1,0 +1,75 @@
+"""SMART's smoothness-inducing adversarial regulariser (Jiang et al., ACL 2020), as in its Algorithm 1:
+
+    delta_0 ~ N(0, sigma^2)                                   on the input token embeddings
+    for k = 1..adv_steps:                                     projected ascent, clean side held constant
+        g       = d/d delta  KL_S(f(x) || f(x + delta))
+        delta   = clip(delta + step_size * g / ||g||_inf, -epsilon, epsilon)     (||.||_inf per token)
+    L = L_task(f(x)) + lam * KL_S(f(x) || f(x + delta))       gradient through both passes
+
+Defaults are the paper's (sigma = eps = 1e-5, step_size = 1e-3, epsilon = 1e-5, one ascent step). The
+Bregman proximal point term (SMART's momentum teacher) is not implemented.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..kl import symmetric_kl
+from .base import Passes, Standard, check_noise_reached, check_same_shape
+from .r3f import embedding_noise
+
+__all__ = ["SMART"]
+
+
+class SMART(Standard):
+    """SMART's adversarial term. ``sigma`` is the optimizer's ``eps``; the start is drawn from the wrapper's
+    seeded generator (saved in ``state_dict``), so a resumed run draws the same."""
+
+    def __init__(self, model: nn.Module, *, sigma: float, noisy_grad: bool, reduction: str, seed: int,
+                 embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False, adv_steps: int = 1,
+                 step_size: float = 1e-3, epsilon: Optional[float] = 1e-5) -> None:
+        self.noise = embedding_noise(model, embeddings, sigma, "normal", not noisy_embed_grad, seed)
+        self.noisy_grad, self.reduction = noisy_grad, reduction
+        self.adv_steps, self.step_size, self.epsilon = adv_steps, step_size, epsilon
+        self.terms: dict = {}
+
+    def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        delta: Optional[torch.Tensor] = None
+
+        def perturbation(x: torch.Tensor) -> torch.Tensor:  # delta_0 has the lookup output's shape
+            nonlocal delta
+            if delta is None:
+                delta = self.noise.sample(x.shape, x.device)
+            return delta
+
+        target, kl_start = clean.detach(), None
+        for _ in range(self.adv_steps):
+            if delta is not None:
+                delta = delta.detach().requires_grad_(True)
+            with self.noise.active(noise_mask, self._leaf(perturbation)), torch.enable_grad():
+                adv = passes.run()[2]
+            check_noise_reached(self.noise)
+            check_same_shape(clean, adv)
+            kl = symmetric_kl(target, adv, mask=mask, reduction=self.reduction)
+            kl_start = kl.detach() if kl_start is None else kl_start
+            (g,) = torch.autograd.grad(kl, delta)  # the perturbation's gradient only: no parameter is touched
+            delta = delta.detach() + self.step_size * g / (g.abs().amax(-1, keepdim=True) + 1e-6)
+            if self.epsilon is not None:
+                delta = delta.clamp(-self.epsilon, self.epsilon)
+        with self.noise.active(noise_mask, perturbation), \
+                torch.set_grad_enabled(self.noisy_grad and torch.is_grad_enabled()):
+            adv = passes.run()[2]
+        check_noise_reached(self.noise)
+        kl = symmetric_kl(clean, adv, mask=mask, reduction=self.reduction)
+        self.terms = {"kl_start": kl_start, "delta_max": delta.abs().max()}
+        return kl
+
+    @staticmethod
+    def _leaf(perturbation):
+        def add(x: torch.Tensor) -> torch.Tensor:
+            d = perturbation(x)
+            return d if d.requires_grad else d.requires_grad_(True)  # the first draw becomes the leaf
+        return add

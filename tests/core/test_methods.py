@@ -1,0 +1,275 @@
+"""SMART, FreeLB and R-Drop under RegularizedOptimizer: hand-written float64 references of one step, the
+ascent, training on BERT / BART / GPT-2, accumulation, resume and non-finite steps for every method."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import kl_mask, tiny_model, toy_batch
+from kl_reference import reference as kl_reference
+
+from r3f_opt import RegularizedOptimizer
+from r3f_opt.noise import EmbeddingNoise
+
+METHODS = ["standard", "r3f", "r4f", "rdrop", "smart", "freelb"]
+SEED = 7
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got, want, **tol):
+    assert got.keys() == want.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, msg=n, **tol)
+
+
+def bert64(dropout=0.0):
+    torch.manual_seed(0)
+    return tiny_model("bert", dropout=dropout).double()
+
+
+def lookup(model, batch):
+    return model.bert.embeddings.word_embeddings(batch["input_ids"])
+
+
+def run_embeds(model, batch, embeds):
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+
+def test_smart_step_matches_a_hand_written_reference():
+    sigma, step_size, epsilon, lam = 1e-3, 1e-2, 5e-3, 2.0
+    batch, mask = toy_batch("bert"), toy_batch("bert")["attention_mask"]
+    model = bert64()
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="smart", eps=sigma,
+                               lam=lam, seed=SEED, method_kwargs=dict(step_size=step_size, epsilon=epsilon))
+    result = opt.step(lambda: model(**batch), noise_mask=mask)
+    got = grads(model)
+
+    ref = bert64()
+    clean = ref(**batch)
+    g = torch.Generator().manual_seed(SEED)
+    x = lookup(ref, batch).detach()
+    delta = torch.empty(x.shape, dtype=torch.float32).normal_(0.0, sigma, generator=g).requires_grad_(True)
+    m = mask.unsqueeze(-1).double()
+    adv = run_embeds(ref, batch, x + delta.double() * m).logits
+    kl_start = kl_reference(clean.logits.detach(), adv)
+    (gd,) = torch.autograd.grad(kl_start, delta)
+    delta = (delta.detach() + step_size * gd / (gd.abs().amax(-1, keepdim=True) + 1e-6)).clamp(-epsilon, epsilon)
+    adv = run_embeds(ref, batch, x + delta.double() * m).logits
+    kl = kl_reference(clean.logits, adv)
+    (clean.loss + lam * kl).backward()
+    assert_grads_close(got, grads(ref), rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(result.sym_kl, kl.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(result.terms["kl_start"], kl_start.detach().to(result.terms["kl_start"].dtype),
+                               rtol=1e-6, atol=0)
+    assert 0 < result.terms["delta_max"] <= epsilon
+
+
+def test_freelb_step_matches_a_hand_written_reference():
+    K, adv_lr, init_mag, max_norm = 3, 0.05, 0.2, 0.04
+    batch, mask = toy_batch("bert"), toy_batch("bert")["attention_mask"]
+    model = bert64()
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="freelb", seed=SEED,
+                               method_kwargs=dict(adv_steps=K, adv_lr=adv_lr, init_mag=init_mag, max_norm=max_norm))
+    result = opt.step(lambda: model(**batch), noise_mask=mask)
+    got = grads(model)
+
+    ref = bert64()
+    g = torch.Generator().manual_seed(SEED)
+    shape = (*batch["input_ids"].shape, ref.config.hidden_size)
+    m = mask.double()
+    u = torch.empty(shape, dtype=torch.float32).uniform_(-1.0, 1.0, generator=g).double()
+    dims = m.sum(1) * shape[-1]
+    delta = (u * m.unsqueeze(-1) * (init_mag / dims.sqrt()).view(-1, 1, 1)).requires_grad_(True)
+    losses = []
+    for k in range(K):
+        out = run_embeds(ref, batch, lookup(ref, batch) + delta * m.unsqueeze(-1))  # the lookup trains too
+        (out.loss / K).backward()
+        losses.append(out.loss.detach())
+        if k == K - 1:
+            break
+        gd = delta.grad
+        delta = delta.detach() + adv_lr * gd / gd.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, 1, 1)
+        norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1)
+        delta = (delta * (max_norm / norm).clamp(max=1.0)).requires_grad_(True)
+    assert_grads_close(got, grads(ref), rtol=1e-5, atol=1e-9)  # delta is float32 in the optimizer
+    torch.testing.assert_close(result.task_loss, torch.stack(losses).mean(), rtol=1e-6, atol=0)
+    assert result.terms["delta_norm"] <= max_norm * (1 + 1e-5)
+
+
+def test_rdrop_step_matches_a_hand_written_reference():
+    """Dropout on: both passes are replayed from the same global RNG state."""
+    lam = 3.0
+    batch = toy_batch("bert")
+    model = bert64(dropout=0.2)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="rdrop", lam=lam)
+    torch.manual_seed(123)
+    result = opt.step(lambda: model(**batch))
+    got = grads(model)
+
+    ref = bert64(dropout=0.2)
+    torch.manual_seed(123)
+    one, two = ref(**batch), ref(**batch)
+    rows = kl_reference(one.logits, two.logits, reduction="none")
+    kl = rows.sum() / 2  # R-Drop's code: the sum over rows of the two directions' mean
+    ((one.loss + two.loss) / 2 + lam * kl).backward()
+    assert kl > 0  # dropout made the passes differ
+    assert_grads_close(got, grads(ref), rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(result.sym_kl, kl.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("adv_steps", [1, 2])
+def test_smart_ascent_ascends_and_stays_in_the_ball(adv_steps):
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    epsilon = 1e-2
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="smart", eps=1e-3,
+                               method_kwargs=dict(adv_steps=adv_steps, step_size=1e-2, epsilon=epsilon))
+    res = opt.step(lambda: model(**toy_batch("bert")))
+    assert res.sym_kl > 2 * res.terms["kl_start"] > 0
+    assert res.terms["delta_max"] <= epsilon
+
+
+def test_freelb_ascent_raises_the_task_loss():
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="freelb",
+                               method_kwargs=dict(adv_steps=3, adv_lr=0.05))
+    losses = opt.step(lambda: model(**toy_batch("bert"))).terms["task_losses"]
+    assert losses[0] < losses[1] < losses[2]
+
+
+@pytest.mark.parametrize("method", METHODS[3:])
+@pytest.mark.parametrize("kind", ["bert", "bart-seq2seq", "gpt2-lm"])
+def test_every_method_trains(kind, method):
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    # HF's token-level CE is a mean over tokens: R-Drop's summed KL would outweigh it T-fold, so "mean" here
+    reduction = "mean" if method == "rdrop" and kind != "bert" else None
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method, eps=1e-3,
+                               seed=0, reduction=reduction)
+    batch = toy_batch(kind)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        losses.append(opt.step(lambda: model(**batch), mask=kl_mask(kind, batch),
+                               noise_mask=batch["attention_mask"]).task_loss.item())
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses  # as tests/core/test_models.py asks of R3F
+
+
+@pytest.mark.parametrize("method", ["smart", "freelb"])
+def test_encoder_decoder_perturbs_the_encoder_only(method):
+    """BART's encoder and decoder share one embedding module: only the encoder's lookups are perturbed."""
+    torch.manual_seed(0)
+    model = tiny_model("bart-seq2seq", dropout=0.0)
+    seen = {"encoder": [], "decoder": []}
+    for part in seen:
+        getattr(model.model, part).layers[0].register_forward_pre_hook(
+            lambda mod, args, kw, part=part: seen[part].append(args[0].detach().clone() if args else
+                                                               kw["hidden_states"].detach().clone()),
+            with_kwargs=True)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=1e-2)
+    batch = toy_batch("bart-seq2seq")
+    opt.step(lambda: model(**batch), mask=kl_mask("bart-seq2seq", batch))
+    dec, enc = seen["decoder"], seen["encoder"]
+    assert len(dec) >= 2 and all(torch.equal(d, dec[0]) for d in dec)
+    assert not torch.equal(enc[0], enc[-1])
+
+
+def _split_invariant_noise(monkeypatch):
+    """Noise that depends only on the position and the feature, so it does not depend on the batch split."""
+    def sample(self, shape, device):
+        t = torch.arange(shape[-2] * shape[-1], dtype=torch.float32).reshape(shape[-2:])
+        return (self.eps * torch.sin(t)).expand(shape).contiguous()
+
+    monkeypatch.setattr(EmbeddingNoise, "sample", sample)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS[1:] if m != "r4f"])  # R4F: u, v move per micro-batch
+def test_accumulation_equals_the_big_batch(method, monkeypatch):
+    _split_invariant_noise(monkeypatch)
+    batch = toy_batch("bert", batch=8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    results = []
+    for parts in ([batch], halves):
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.0).double()
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=1e-2,
+                                   reduction="batchmean", seed=1)
+        for part in parts:
+            opt.backward(lambda: model(**part), noise_mask=part["attention_mask"], weight=1 / len(parts))
+        results.append(grads(model))
+    assert_grads_close(results[1], results[0], rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_bit_exact(method):
+    batches = [toy_batch("bert", seed=s) for s in range(4)]
+
+    def build():
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.1)
+        return model, RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method,
+                                           eps=1e-3, seed=5)
+
+    def train(model, opt, part):
+        for b in part:
+            opt.zero_grad()
+            opt.step(lambda: model(**b), noise_mask=b["attention_mask"])
+
+    model, opt = build()
+    train(model, opt, batches[:2])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()})
+    train(model, opt, batches[2:])
+    again, again_opt = build()
+    again.load_state_dict(saved["model"])
+    again_opt.load_state_dict(saved["opt"])
+    torch.set_rng_state(saved["rng"])
+    train(again, again_opt, batches[2:])
+    for (n, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_loss_is_skipped(method):
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method)
+    before = copy.deepcopy(model.state_dict())
+    batch = toy_batch("bert")
+
+    def poisoned():
+        out = model(**batch)
+        return out.loss * math.nan, out.logits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = opt.step(poisoned)
+    assert res.skipped and opt.nonfinite_steps == 1 and len(opt.state) == 0
+    for k, v in model.state_dict().items():
+        if not k.endswith(("._u", "._v")):  # R4F's power iteration ran in the forward passes (documented)
+            assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(method="smart", method_kwargs={"adv_lr": 0.1}), TypeError, r"\['adv_lr'\] are not arguments of method='smart'"),
+    (dict(method="freelb", method_kwargs={"adv_steps": 0}), ValueError, "adv_steps.*>= 1"),
+    (dict(method="freelb", method_kwargs={"adv_steps": 1.5}), TypeError, "adv_steps.*an int"),
+    (dict(method="r3f", method_kwargs={"adv_steps": 2}), TypeError, "takes none"),
+])
+def test_bad_method_kwargs(kwargs, exc, match):
+    model = tiny_model("bert")
+    with pytest.raises(exc, match=match):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, **kwargs)
+
+
+def test_rdrop_default_reduction_is_r_drops_sum():
+    model = tiny_model("bert")
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method="rdrop")
+    assert opt.regularizer.reduction == "sum"
+    assert RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method="smart").regularizer.reduction \
+        == "batchmean"

@@ -1,0 +1,36 @@
+"""R3FTrainer with the other methods: SMART and R-Drop train inside compute_loss; FreeLB is refused."""
+import pytest
+import torch
+from helpers import tiny_model
+from test_trainer import Rows, args
+from transformers import TrainerCallback
+
+from r3f_opt import R3FTrainer, R3FTrainingArguments
+
+
+class Logs(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, a, state, control, logs=None, **kw):
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("method, kwargs", [("rdrop", None), ("smart", '{"adv_steps": 2, "step_size": 0.01}')])
+def test_method_trains_and_logs_its_term(tmp_path, method, kwargs):
+    torch.manual_seed(0)
+    logs = Logs()
+    trainer = R3FTrainer(model=tiny_model("bert"), train_dataset=Rows(16), callbacks=[logs],
+                         args=args(tmp_path, r3f_method=method, r3f_method_kwargs=kwargs, max_steps=24,
+                                   learning_rate=1e-2, optim="adamw_torch", r3f_eps=1e-3, r3f_lambda=1.0))
+    trainer.train()
+    losses = [entry["loss"] for entry in logs.logs if "loss" in entry]
+    kls = [entry["sym_kl"] for entry in logs.logs if "sym_kl" in entry]
+    assert len(losses) == 24 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    assert all(k > 0 for k in kls)
+    assert trainer.r3f_regularizer.reduction == ("sum" if method == "rdrop" else "batchmean")
+
+
+def test_freelb_is_refused_with_the_way_out(tmp_path):
+    with pytest.raises(ValueError, match="freelb.*use RegularizedOptimizer"):
+        R3FTrainingArguments(output_dir=str(tmp_path), r3f_method="freelb", use_cpu=True, report_to="none")
