@@ -15,11 +15,11 @@ where ``w_kl``, ``w_ce`` are the reductions' per-row weights (0 for rows that do
 computes the gradients chunk by chunk and saves only them (rows x H, V x H, V); the backward multiplies
 them by the upstream gradient. Six GEMMs per chunk with a trainable head, four with a frozen one.
 
-Memory rule. One chunk holds at most four ``chunk x V`` blocks in the vocabulary-math dtype (float32;
-float64 for float64 inputs): the two logits blocks, reused in place for ``d'``, ``dA`` and ``dB``, and
-``p``, ``q`` (freed before the gradient blocks are cast to a 16-bit GEMM dtype). The default chunk is the
-largest row count whose four blocks fit :data:`CHUNK_BUDGET_BYTES` (:func:`default_chunk_size`);
-``chunk_size=`` overrides it.
+Memory rule. A call allocates four ``chunk x V`` blocks in the vocabulary-math dtype (float32; float64
+for float64 inputs) -- the two logits blocks, reused in place for ``d'``, ``dA`` and ``dB``, and ``p``,
+``q`` -- plus one in the GEMM dtype when that differs (16-bit GEMMs write into it and read from it), and
+reuses them for every chunk. The default chunk is the largest row count whose blocks fit
+:data:`CHUNK_BUDGET_BYTES` (:func:`default_chunk_size`); ``chunk_size=`` overrides it.
 
 Precision. The GEMMs run in the inputs' dtype (promoted; under ``torch.autocast`` in its dtype, as
 ``F.linear`` would), accumulating in float32 inside the GEMM; the logits are then upcast and everything
@@ -53,18 +53,21 @@ CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "default": 2**30}
 
 
 def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] = "cpu",
-                       math_dtype: torch.dtype = torch.float32, budget_bytes: Optional[int] = None) -> int:
-    """Rows per chunk: ``max(1, budget // (4 * V * math_bytes))``, at most ``rows``.
+                       math_dtype: torch.dtype = torch.float32, gemm_dtype: Optional[torch.dtype] = None,
+                       budget_bytes: Optional[int] = None) -> int:
+    """Rows per chunk: ``max(1, budget // (V * (4 * math_bytes + gemm_bytes)))``, at most ``rows``.
 
-    One chunk holds at most four ``chunk x V`` blocks in the math dtype (``math_bytes`` = 4 for float32,
-    8 for float64 inputs; the 16-bit copies made for 16-bit GEMMs exist only after two of the four are
-    freed). ``budget`` is ``CHUNK_BUDGET_BYTES[device type]`` (64 MiB on CPU, 1 GiB elsewhere) unless
-    ``budget_bytes`` is given. At V = 128,256 that is 32 rows on CPU and 523 rows on a GPU.
+    A chunk holds four ``chunk x V`` blocks in the math dtype (``math_bytes`` = 4 for float32, 8 for
+    float64 inputs) and, when the GEMMs run in another dtype (16-bit inputs or autocast), one more in the
+    GEMM dtype (``gemm_bytes``; 0 otherwise). ``budget`` is ``CHUNK_BUDGET_BYTES[device type]`` (64 MiB on
+    CPU, 1 GiB elsewhere) unless ``budget_bytes`` is given. At V = 128,256 in float32 that is 32 rows on
+    CPU and 523 on a GPU (465 with bf16 GEMMs).
     """
     if budget_bytes is None:
         kind = torch.device(device).type
         budget_bytes = CHUNK_BUDGET_BYTES.get(kind, CHUNK_BUDGET_BYTES["default"])
-    per_row = 4 * max(int(vocab), 1) * math_dtype.itemsize
+    gemm_bytes = gemm_dtype.itemsize if gemm_dtype is not None and gemm_dtype != math_dtype else 0
+    per_row = max(int(vocab), 1) * (4 * math_dtype.itemsize + gemm_bytes)
     return int(max(1, min(max(int(rows), 1), int(budget_bytes) // per_row)))
 
 
@@ -90,28 +93,26 @@ def _dtypes(device: torch.device, *tensors: Optional[torch.Tensor]) -> tuple[tor
     return functools.reduce(torch.promote_types, dts), torch.float32
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], math: torch.dtype) -> torch.Tensor:
-    out = torch.mm(h, w.t()).to(math)  # a fresh buffer in the math dtype, modified in place by the caller
-    if bias is not None:
-        out.add_(bias)
-    return out
-
-
-def _softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre ``x`` in place (x - m, row max m; 0 for an all -inf row) and return (softmax, log Z)."""
-    x.sub_(_row_max(x))
-    p = torch.exp(x)
-    z = p.sum(-1, keepdim=True)
-    empty = z == 0  # a row that is -inf everywhere: p = 0 (not NaN), like symmetric_kl
-    p.div_(torch.where(empty, torch.ones_like(z), z))
-    return p, torch.where(empty, torch.zeros_like(z), torch.log(z))
-
-
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def _gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor]) -> None:
+    """out = a @ b; through ``scratch`` (a buffer in the GEMM dtype) when ``out`` has another dtype."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
+    elif scratch is not None:
+        torch.mm(a, b, out=scratch)
+        out.copy_(scratch)
     else:
         out.copy_(torch.mm(a, b))
+
+
+def _softmax_(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Centre ``x`` in place (x - m, row max m; 0 for an all -inf row), write softmax(x) into ``p`` and
+    return log Z per row (0 for an empty row, whose p is 0, not NaN, like symmetric_kl)."""
+    x.sub_(_row_max(x))
+    torch.exp(x, out=p)
+    z = p.sum(-1, keepdim=True)
+    empty = z == 0
+    p.div_(torch.where(empty, torch.ones_like(z), z))
+    return torch.where(empty, torch.zeros_like(z), torch.log(z))
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -131,6 +132,10 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
     the gradients of ``sum_rows w_ce * ce + w_kl * kl`` for the inputs flagged in ``need`` (else None),
     where ``w_ce = wc_scale`` on rows whose label counts and ``w_kl = wk_scale (* wk_rows)`` on rows of
     ``kmask``. ``kl_rows_out`` (N,), if given, receives the per-row KL values (0 where masked).
+
+    The four ``chunk x V`` blocks (and one in the GEMM dtype if it differs) are allocated once and reused
+    by every chunk; rows that count in no term are zeroed in the hidden states before the GEMMs, so
+    whatever they hold (NaN in padding) reaches neither the values nor the gradients.
     """
     n_rows, hidden = hp.shape
     math, gemm, vocab = s.math, s.gemm, s.vocab
@@ -152,87 +157,84 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
     ce_sum = torch.zeros((), dtype=math, device=dev)
     kl_sum = torch.zeros((), dtype=math, device=dev)
     eps = s.smoothing
+    rows_c = min(s.chunk, n_rows)
+    if rows_c > 0:
+        blocks = [torch.empty(rows_c, vocab, dtype=math, device=dev) for _ in range(4)]
+        scratch = torch.empty(rows_c, vocab, dtype=gemm, device=dev) if gemm != math else None
     for s0 in range(0, n_rows, s.chunk):
         s1 = min(n_rows, s0 + s.chunk)
+        la, x, p, q = (t[: s1 - s0] for t in blocks)
+        sc = scratch[: s1 - s0] if scratch is not None else None
         hpc, hqc = hp[s0:s1].to(gemm), hq[s0:s1].to(gemm)
         km = kmask[s0:s1, None] if kmask is not None else None
-
-        la = _logits(hpc, w, b, math)  # becomes a - m_a, then d'
-        p, lz_a = _softmax_(la)
-        wc = None
         if with_ce:
             y = labels[s0:s1, None]
             valid = y != s.ignore_index
             y = torch.where(valid, y, torch.zeros_like(y))  # a valid label out of range fails in gather
+        if km is not None:  # rows outside a term see zero hidden states there: finite, weight 0
+            hpc = torch.where(km | valid if with_ce else km, hpc, torch.zeros_like(hpc))
+            hqc = torch.where(km, hqc, torch.zeros_like(hqc))
+
+        _gemm_into(la, hpc, w.t(), sc)  # a, then a - m_a, then d'
+        if b is not None:
+            la.add_(b)
+        lz_a = _softmax_(la, p)
+        wc = None
+        if with_ce:
             ce = (lz_a - la.gather(1, y)) * (1.0 - eps)
             if eps:
                 ce = ce + eps * (lz_a - la.sum(-1, keepdim=True) / vocab)
             ce_sum += torch.where(valid, ce, torch.zeros_like(ce)).sum()
             if grad_p and wc_scale is not None:
                 wc = torch.where(valid, wc_scale, torch.zeros_like(wc_scale))
-        x = _logits(hqc, w, b, math)  # b - m_b, then scratch, then dA
-        q, _ = _softmax_(x)
+        _gemm_into(x, hqc, w.t(), sc)  # b, then b - m_b, then scratch, then dA
+        if b is not None:
+            x.add_(b)
+        _softmax_(x, q)
         d = la.sub_(x)  # d' = (a - m_a) - (b - m_b)
         if b_neginf is not None:
             d.masked_fill_(b_neginf, 0.0)
-        if km is not None:  # rows outside the KL's mask: no KL term (their q and d' may be anything)
-            d.masked_fill_(~km, 0.0)
-            q.masked_fill_(~km, 0.0)
-        torch.sub(p, q, out=x)
-        kl = x.mul_(d).sum(-1, keepdim=True)  # sum (p - q) d': accurate when p ~ q
+        kl = torch.sub(p, q, out=x).mul_(d).sum(-1, keepdim=True)  # sum (p - q) d': accurate when p ~ q
         if km is not None:
             kl = torch.where(km, kl, torch.zeros_like(kl))
         kl_sum += kl.sum()
         if kl_rows_out is not None:
             kl_rows_out[s0:s1] = kl.squeeze(-1)
         if not (grad_p or grad_q):
-            del la, x, d, p, q  # free this chunk's blocks before the next chunk allocates its own
             continue
         wk = wk_scale if wk_rows is None else wk_scale * wk_rows[s0:s1, None].to(math)
         if km is not None:
             wk = torch.where(km, wk, torch.zeros_like(wk))
+        wk = wk.expand(s1 - s0, 1)
         e_q = torch.mul(q, d, out=x).sum(-1, keepdim=True) if grad_q else None
-        if grad_p:
+        if grad_p:  # dA = p (w_kl (d' - E_p + 1) + w_ce) - w_kl q - w_ce t, in x
             e_p = torch.mul(p, d, out=x).sum(-1, keepdim=True)
-            torch.sub(d, e_p - 1.0, out=x)  # dA = p (w_kl (d' - E_p + 1) + w_ce) - w_kl q - w_ce t
-            x.mul_(wk)
+            c0 = wk * (1.0 - e_p)
             if wc is not None:
-                x.add_(wc)
-            x.mul_(p).addcmul_(q, wk, value=-1.0)
+                c0 = c0 + wc
+            torch.addcmul(c0, d, wk, out=x).mul_(p).addcmul_(q, wk, value=-1.0)
             if wc is not None:
                 x.scatter_add_(1, y, wc * -(1.0 - eps))
                 if eps:
                     x.sub_(wc * (eps / vocab))
-            if km is not None:  # rows that count in neither term get exactly 0 (NaN-safe)
-                keep = km | valid if with_ce else km
-                x.masked_fill_(~keep, 0.0)
         if grad_q:  # dB = w_kl (q (E_q - d' + 1) - p), in d's buffer
-            d.neg_().add_(e_q + 1.0).mul_(q).sub_(p).mul_(wk)
-            if km is not None:
-                d.masked_fill_(~km, 0.0)
-        del p, q
-        if need[2] and km is not None:  # rows outside both terms: 0 in dA, but 0 * NaN = NaN in dA^T H
-            hpc = torch.where(km | valid if with_ce else km, hpc, torch.zeros_like(hpc))
-            hqc = torch.where(km, hqc, torch.zeros_like(hqc))
+            torch.addcmul(wk * (e_q + 1.0), d, wk, value=-1.0, out=d).mul_(q).addcmul_(p, wk, value=-1.0)
         if grad_p:
-            da = x.to(gemm)
+            da = x if sc is None else sc.copy_(x)
             if need[0]:
-                _mm_into(dhp[s0:s1], da, w)
+                _gemm_into(dhp[s0:s1], da, w, None)
             if need[2]:
                 _accumulate(dw, da.t(), hpc)
             if need[3]:
                 db.add_(x.sum(0))
-            del da
         if grad_q:
-            dq = d.to(gemm)
+            dq = d if sc is None else sc.copy_(d)
             if need[1]:
-                _mm_into(dhq[s0:s1], dq, w)
+                _gemm_into(dhq[s0:s1], dq, w, None)
             if need[2]:
                 _accumulate(dw, dq.t(), hqc)
             if need[3]:
                 db.add_(d.sum(0))
-            del dq
-        del la, x, d
     if dw is not None:
         dw = dw.to(weight.dtype)
     if db is not None:
@@ -348,9 +350,9 @@ def _check_mask(mask, lead, device):
     return mask.to(device).reshape(-1)
 
 
-def _check_chunk(chunk_size, rows, vocab, device, math) -> int:
+def _check_chunk(chunk_size, rows, vocab, device, math, gemm) -> int:
     if chunk_size is None:
-        return default_chunk_size(rows, vocab, device, math)
+        return default_chunk_size(rows, vocab, device, math, gemm)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     return chunk_size
@@ -408,7 +410,7 @@ def linear_symmetric_kl(
     hp, hq = hidden_p.reshape(-1, hidden_p.shape[-1]), hidden_q.reshape(-1, hidden_q.shape[-1])
     kmask = _check_mask(mask, lead, device)
     vocab, rows = weight.shape[0], hp.shape[0]
-    spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math), gemm, math, -100, 0.0,
+    spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math, gemm), gemm, math, -100, 0.0,
                  bool(q_grad), device.type)
     need = _need(hp, hq, weight, bias)
     if reduction == "none":
@@ -504,7 +506,7 @@ def linear_r3f_loss(
     gemm, math = _dtypes(device, hidden_clean, hidden_noisy, weight, bias)
     hp, hq = hidden_clean.reshape(-1, hidden_clean.shape[-1]), hidden_noisy.reshape(-1, hidden_noisy.shape[-1])
     vocab, rows = weight.shape[0], hp.shape[0]
-    spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math), gemm, math, int(ignore_index),
+    spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math, gemm), gemm, math, int(ignore_index),
                  label_smoothing, bool(noisy_grad), device.type)
     if num_items_in_batch is None:
         ce_scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).to(math)

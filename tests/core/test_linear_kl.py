@@ -179,12 +179,28 @@ def test_neg_inf_bias_entries_contribute_zero():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_16bit_inputs(dtype, reduction):
+    """16-bit inputs against the float64 reference: the logits are rounded to the input dtype by the GEMM
+    (as F.linear's output is), so the errors are those of the materialised path in that dtype."""
     hp, hq, w, b = inputs((4, 6), 16, 300, dtype, spread=1.0)
-    # The logits are rounded to the input dtype (as F.linear's output would be) before the float32 math:
-    # the value's error is that rounding times |logit| (~3), relative to a KL of ~1.
-    rt = TOLERANCES[dtype]["rtol"]
-    got = check_kl(hp, hq, w, b, None, reduction, chunk_size=7, value_tol=dict(rtol=8 * rt, atol=8 * rt))
+    fused, mat, ref = leaves(hp, hq, w, b), leaves(hp, hq, w, b), leaves(hp, hq, w, b, dtype=torch.float64)
+    up = torch.randn((4, 6) if reduction == "none" else (), dtype=torch.float64)
+    got = linear_symmetric_kl(*fused, reduction=reduction, chunk_size=7)
     assert got.dtype == torch.float32
+    outs = [got, symmetric_kl(F.linear(mat[0], mat[2], mat[3]), F.linear(mat[1], mat[2], mat[3]), reduction=reduction),
+            ref_kl(*ref, reduction=reduction)]
+    for out in outs:
+        (out * up.to(out.dtype)).sum().backward()
+
+    def err(a, r):  # max error relative to the largest reference entry
+        return float((a.double() - r).abs().max() / r.abs().max())
+
+    rt = TOLERANCES[dtype]["rtol"]
+    pairs = [(outs[0].detach(), outs[1].detach(), outs[2].detach())]
+    pairs += [(f.grad, m.grad, r.grad) for f, m, r in zip(fused, mat, ref)]
+    for f, m, r in pairs:
+        assert f.dtype in (torch.float32, dtype)
+        assert err(f, r) <= 2 * err(m, r) + rt / 2, (err(f, r), err(m, r))  # no worse than materialising
+        assert err(f, r) <= 3 * rt
 
 
 def test_mixed_dtypes_gradients_in_each_inputs_dtype():
@@ -418,6 +434,23 @@ def test_r3f_loss_options():
     assert total.item() == ce.item() == kl.item() == 0.0
     total.backward()
     assert all(torch.count_nonzero(t.grad) == 0 for t in x)
+
+
+def test_r3f_loss_padding_may_hold_nan():
+    """Rows without a label (padding) count in neither term: NaN there (as some attention kernels leave in
+    padded positions) reaches neither the loss nor any gradient, the head's included."""
+    hp, hq, w, b = inputs((2, 6), 4, 19, torch.float64)
+    labels = torch.randint(0, 19, (2, 6), generator=torch.Generator().manual_seed(6))
+    labels[1, 3:] = -100
+    hp[1, 3:] = float("nan")
+    hq[1, 3:] = float("nan")
+    x = leaves(hp, hq, w, b)
+    total, _, _ = linear_r3f_loss(*x[:3], labels, x[3], chunk_size=4)
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(t.grad).all() for t in x)
+    hp[1, 3:], hq[1, 3:] = 0.0, 0.0
+    check_r3f(hp, hq, w, b, labels, 4)
+    torch.testing.assert_close(total, linear_r3f_loss(hp, hq, w, labels, b)[0])
 
 
 def test_r3f_loss_shift_drops_each_sequences_last_position():
