@@ -5,6 +5,7 @@ DDP ``no_sync`` and ``accelerator.backward`` apply to them unchanged; evaluation
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -94,6 +95,9 @@ class _ModelPasses:
     def run(self) -> tuple[Any, Optional[torch.Tensor], torch.Tensor]:
         out = self.model(**self.inputs)
         return out, None, _logits(out)
+
+    def grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the Trainer's accumulation decides on gradient sync
 
 
 class R3FTrainerMixin:

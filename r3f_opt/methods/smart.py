@@ -49,14 +49,18 @@ class SMART(Standard):
         for _ in range(self.adv_steps):
             if delta is not None:
                 delta = delta.detach().requires_grad_(True)
-            with self.noise.active(noise_mask, self._leaf(perturbation)), torch.enable_grad():
+            # No parameter gets a gradient from the ascent: DDP must not expect (and wait for) one.
+            with passes.grad_sync(last=False), self.noise.active(noise_mask, self._leaf(perturbation)), \
+                    torch.enable_grad():
                 adv = passes.run()[2]
             check_noise_reached(self.noise)
             check_same_shape(clean, adv)
             kl = symmetric_kl(target, adv, mask=mask, reduction=self.reduction)
             kl_start = kl.detach() if kl_start is None else kl_start
             (g,) = torch.autograd.grad(kl, delta)  # the perturbation's gradient only: no parameter is touched
-            delta = delta.detach() + self.step_size * g / (g.abs().amax(-1, keepdim=True) + 1e-6)
+            # g / ||g||_inf per token, guarded only against 0 (mt-dnn adds 1e-6, which shrinks steps whose
+            # gradients are that small and makes them depend on the batch size and the number of ranks)
+            delta = delta.detach() + self.step_size * g / g.abs().amax(-1, keepdim=True).clamp_min(1e-30)
             if self.epsilon is not None:
                 delta = delta.clamp(-self.epsilon, self.epsilon)
         with self.noise.active(noise_mask, perturbation), \

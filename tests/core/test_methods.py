@@ -58,7 +58,7 @@ def test_smart_step_matches_a_hand_written_reference():
     adv = run_embeds(ref, batch, x + delta.double() * m).logits
     kl_start = kl_reference(clean.logits.detach(), adv)
     (gd,) = torch.autograd.grad(kl_start, delta)
-    delta = (delta.detach() + step_size * gd / (gd.abs().amax(-1, keepdim=True) + 1e-6)).clamp(-epsilon, epsilon)
+    delta = (delta.detach() + step_size * gd / gd.abs().amax(-1, keepdim=True).clamp_min(1e-30)).clamp(-epsilon, epsilon)
     adv = run_embeds(ref, batch, x + delta.double() * m).logits
     kl = kl_reference(clean.logits, adv)
     (clean.loss + lam * kl).backward()

@@ -22,7 +22,11 @@ WORLD = 2
 STEPS = 3
 EPS = 1e-2
 SCENARIOS = {"r3f": dict(method="r3f"), "r4f": dict(method="r4f"), "r3f_accum": dict(method="r3f"),
-             "fsdp2_r3f": dict(method="r3f"), "fsdp2_r4f": dict(method="r4f"), "fsdp2_accum": dict(method="r3f")}
+             "fsdp2_r3f": dict(method="r3f"), "fsdp2_r4f": dict(method="r4f"), "fsdp2_accum": dict(method="r3f"),
+             # R-Drop's own "sum" reduction depends on the world size (each rank sums its rows, DDP averages)
+             "rdrop": dict(method="rdrop", reduction="batchmean"),
+             "smart": dict(method="smart", method_kwargs={"step_size": 1e-2, "epsilon": 1e-2}),
+             "freelb": dict(method="freelb"), "freelb_accum": dict(method="freelb")}
 
 
 def batches(step: int) -> dict:
@@ -103,14 +107,19 @@ def single_process(name: str) -> dict:
     """One process over the combined batch, with the noise each rank drew for its rows."""
     kw = SCENARIOS[name]
     model, opt = make(kw, seed=0)
-    per_rank = [EmbeddingNoise(opt.noise.module, None, EPS, "uniform", True, seed=100 + r) for r in range(WORLD)]
+    if opt.noise is None:  # R-Drop: nothing to draw
+        per_rank = []
+    else:
+        per_rank = [EmbeddingNoise(opt.noise.module, None, opt.noise.eps, opt.noise.noise, True, seed=100 + r)
+                    for r in range(WORLD)]
     micro = 2 if name.endswith("accum") else 1
 
     def sample(shape, device):  # rows of rank r come from rank r's generator, in its order of draws
         rows = shape[0] // WORLD
         return torch.cat([n.sample((rows, *shape[1:]), device) for n in per_rank])
 
-    opt.noise.sample = sample
+    if opt.noise is not None:
+        opt.noise.sample = sample
     for step in range(STEPS):
         opt.zero_grad()
         full = batches(step)
