@@ -152,7 +152,8 @@ class RegularizedOptimizer(Optimizer):
         optimizer: the inner optimizer instance (AdamW, SGD, Adafactor, ...).
         model: the model the closure runs; its input embeddings are found automatically (HF models,
             DDP/FSDP/PEFT wrappers unwrapped). ``method="r4f"`` normalises its head at construction.
-        method: ``"r3f"``, ``"r4f"`` (R3F + spectral norm on the head) or ``"standard"`` (one clean pass).
+        method: ``"r3f"``, ``"r4f"`` (R3F + spectral norm on the head), ``"standard"`` (one clean pass), or
+            the rivals ``"rdrop"``, ``"smart"``, ``"freelb"`` (one file each in ``r3f_opt/methods/``).
         lam: weight lambda of the KL term (>= 0).
         eps: noise scale sigma (>= 0): half-width for ``"uniform"``, std for ``"normal"``.
         noise: ``"uniform"`` or ``"normal"``.
@@ -161,7 +162,8 @@ class RegularizedOptimizer(Optimizer):
         embeddings: the module whose output is perturbed, if it cannot be found automatically.
         noisy_embed_grad: let the noisy pass train the embedding table (default False: the reference's
             classification semantics, where the noisy branch detaches the lookup).
-        reduction: reduction of the KL term (see :func:`symmetric_kl`).
+        reduction: reduction of the KL term (see :func:`symmetric_kl`); None: the method's own ("sum" for
+            rdrop, as R-Drop's code; "batchmean" otherwise, as the R3F reference).
         max_grad_norm: clip the total gradient norm to this value before stepping, if given.
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 (scaled backward, unscale, skip on inf/NaN).
         backward: a callable replacing ``loss.backward()``, e.g. ``accelerator.backward``.
@@ -169,6 +171,9 @@ class RegularizedOptimizer(Optimizer):
         seed: seed of the wrapper's own noise generator (default: derived from ``torch.initial_seed()``,
             so ``torch.manual_seed`` fixes it; the global RNG stream is not consumed).
         r4f_kwargs: extra arguments for :func:`apply_r4f` (``head``, ``scope``, ...).
+        method_kwargs: the method's own hyper-parameters (``smart``, ``freelb``; see ``r3f_opt.methods``).
+        same_dropout: r3f/r4f: the noisy pass replays the clean pass's dropout masks, so the KL measures the
+            noise alone (the default lets dropout differ, as the reference does).
 
     Example:
         >>> opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)
@@ -198,6 +203,7 @@ class RegularizedOptimizer(Optimizer):
         seed: Optional[int] = None,
         r4f_kwargs: Optional[dict] = None,
         method_kwargs: Optional[dict] = None,
+        same_dropout: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -235,7 +241,7 @@ class RegularizedOptimizer(Optimizer):
         self.regularizer: Standard = build_method(method, model, eps=eps, noise=noise, noisy_grad=noisy_grad,
                                         reduction=reduction, seed=seed, embeddings=embeddings,
                                         noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
-                                        method_kwargs=method_kwargs)
+                                        method_kwargs=method_kwargs, same_dropout=same_dropout)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self.reduction, self.max_grad_norm, self.on_nonfinite = reduction, max_grad_norm, on_nonfinite

@@ -34,7 +34,7 @@ __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
 # Arguments that define the run: a resumed run must have the same ones.
 RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise", "noisy_grad",
-            "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
+            "same_dropout", "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
             "max_grad_norm", "max_train_examples", "max_eval_examples", "reinit_head")
 
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", choices=("uniform", "normal"), default="uniform")
     p.add_argument("--noisy-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="backpropagate the KL through the noisy pass too (the paper)")
+    p.add_argument("--same-dropout", action="store_true", help="r3f/r4f: the noisy pass replays the clean pass's "
+                   "dropout masks, so the KL term measures the noise alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.same_dropout and a.method not in ("r3f", "r4f"):
+        p.error(f"--same-dropout applies to --method r3f or r4f, not {a.method}")
     try:
         check_method_kwargs(a.method, a.method_kwargs)
     except (TypeError, ValueError) as e:
@@ -124,8 +128,10 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, features: list[dict], labels: list[int], task: str, batch_size: int) -> dict:
-    """The task's metrics and the mean cross-entropy on the eval set (batches sorted by length)."""
+def evaluate(model, tokenizer, features: list[dict], labels: list[int], task: str, batch_size: int,
+             predictions: Optional[list] = None) -> dict:
+    """The task's metrics and the mean cross-entropy on the eval set (batches sorted by length); the
+    predicted label ids, in eval-set order, are appended to ``predictions`` if given."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
@@ -139,6 +145,8 @@ def evaluate(model, tokenizer, features: list[dict], labels: list[int], task: st
         for i, p in zip(idx, logits.argmax(-1).tolist()):
             preds[i] = p
     model.train(was_training)
+    if predictions is not None:
+        predictions.extend(preds)
     return {**compute_metrics(task, preds, labels), "loss": loss_sum / len(labels)}
 
 
@@ -269,7 +277,7 @@ class FineTune:
         self.opt = RegularizedOptimizer(
             torch.optim.AdamW(_param_groups(self.model, args.weight_decay), lr=args.lr), self.model,
             method=args.method, lam=args.lam, eps=args.eps, noise=args.noise, noisy_grad=args.noisy_grad,
-            method_kwargs=args.method_kwargs,
+            method_kwargs=args.method_kwargs, same_dropout=args.same_dropout,
             seed=args.seed, max_grad_norm=args.max_grad_norm or None)
         self.steps_per_epoch = math.ceil(len(self.train_f) / args.batch_size)
         self.total = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
@@ -348,15 +356,19 @@ class FineTune:
         else:
             self.sums["task_loss"] += res.task_loss.item()
             self.sums["sym_kl"] += res.sym_kl.item()
+            self.sums["kl_share"] += (self.opt.lam * res.sym_kl / res.loss).item() if res.loss != 0 else 0.0
             self.sums["n"] += 1
 
     def evaluate_now(self) -> None:
         """Evaluate on the eval set and append to the history, with the training averages since the last."""
         a, sums = self.args, self.sums
-        metrics = evaluate(self.model, self.tokenizer, self.eval_f, self.eval_y, self.task.name, a.eval_batch_size)
+        self.predictions = []
+        metrics = evaluate(self.model, self.tokenizer, self.eval_f, self.eval_y, self.task.name, a.eval_batch_size,
+                           self.predictions)
         n = max(sums["n"], 1)
         self.history.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, "metrics": metrics,
                              "train_task_loss": sums["task_loss"] / n, "train_sym_kl": sums["sym_kl"] / n,
+                             "train_kl_share": sums["kl_share"] / n,
                              "nonfinite_steps": sums["nonfinite"]})
         self.sums = _fresh_sums()
         self.bar.write(f"step {self.step}/{self.total}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -410,7 +422,9 @@ class FineTune:
         best = max(history, key=lambda h: h["metrics"][task.primary_metric])
         return {
             "task": task.name, "method": a.method, "seed": a.seed, "primary_metric": task.primary_metric,
-            "final": {"step": history[-1]["step"], "metrics": history[-1]["metrics"]},
+            "final": {"step": history[-1]["step"], "metrics": history[-1]["metrics"],
+                      "predictions": getattr(self, "predictions", None)},  # label ids, in eval-file order
+            "regularizer": _running_means(history),
             "best": {"step": best["step"], "metrics": best["metrics"]},
             "evaluations": history,
             "hyperparameters": {k: v for k, v in self.config.items() if k not in ("task", "method", "seed")},
@@ -471,8 +485,17 @@ def _deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+def _running_means(history: list[dict]) -> dict:
+    """The KL term and its share of the loss, averaged over every finite training step of the run."""
+    prev, n, kl, share = 0, 0, 0.0, 0.0
+    for h in history:
+        k = h["step"] - prev - h.get("nonfinite_steps", 0)
+        n, kl, share, prev = n + k, kl + k * h["train_sym_kl"], share + k * h.get("train_kl_share", 0.0), h["step"]
+    return {"mean_sym_kl": kl / max(n, 1), "mean_kl_share_of_loss": share / max(n, 1), "steps": n}
+
+
 def _fresh_sums() -> dict:
-    return {"task_loss": 0.0, "sym_kl": 0.0, "n": 0, "nonfinite": 0}
+    return {"task_loss": 0.0, "sym_kl": 0.0, "kl_share": 0.0, "n": 0, "nonfinite": 0}
 
 
 def _lock_output_dir(out: Path, resume: bool):
@@ -481,7 +504,7 @@ def _lock_output_dir(out: Path, resume: bool):
     from filelock import FileLock, Timeout
 
     if resume and not out.is_dir():
-        raise SystemExit(f"r3f-finetune: --resume: no run in {out} (no such folder); run without --resume")
+        raise SystemExit(f"r3f-finetune: --resume: no checkpoint in {out} (no such folder); run without --resume")
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / ".r3f-finetune.lock"))
     try:

@@ -38,6 +38,8 @@ class R3FTrainingArguments(TrainingArguments):
     r3f_reduction: Optional[str] = field(default=None, metadata={
         "help": f"KL reduction, one of {REDUCTIONS[:-1]} (default: 'sum' for rdrop, else 'batchmean')"})
     r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed, offset per process (default: from --seed)"})
+    r3f_same_dropout: bool = field(default=False, metadata={
+        "help": "r3f/r4f: the noisy pass replays the clean pass's dropout masks (the KL measures the noise alone)"})
     r3f_method_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "the method's own hyper-parameters as a dict or JSON, e.g. '{\"adv_steps\": 2}' for smart"})
 
@@ -150,7 +152,7 @@ class R3FTrainerMixin:
         self.r3f_regularizer = build_method(
             self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
             noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
-            method_kwargs=getattr(a, "r3f_method_kwargs", None))
+            method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False))
         self.r3f_noise = self.r3f_regularizer.noise
 
     def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:

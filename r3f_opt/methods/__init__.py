@@ -64,7 +64,7 @@ def check_method_kwargs(method: str, kwargs: Optional[dict]) -> dict:
 def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool,
                  reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
                  noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
-                 method_kwargs: Optional[dict] = None) -> Standard:
+                 method_kwargs: Optional[dict] = None, same_dropout: bool = False) -> Standard:
     """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -72,12 +72,15 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
     common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
                   noisy_embed_grad=noisy_embed_grad)
+    if same_dropout and method not in ("r3f", "r4f"):
+        raise ValueError(f"same_dropout applies to r3f and r4f (a noisy pass replaying the clean pass's dropout), "
+                         f"not to method={method!r}")
     if method == "standard":
         return Standard()
     if method == "r3f":
-        return R3F(model, eps=eps, noise=noise, **common)
+        return R3F(model, eps=eps, noise=noise, same_dropout=same_dropout, **common)
     if method == "r4f":
-        return R4F(model, r4f_kwargs=r4f_kwargs, eps=eps, noise=noise, **common)
+        return R4F(model, r4f_kwargs=r4f_kwargs, eps=eps, noise=noise, same_dropout=same_dropout, **common)
     if method == "rdrop":
         return RDrop(reduction=reduction)
     if method == "smart":

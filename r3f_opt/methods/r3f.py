@@ -14,9 +14,21 @@ from torch import nn
 from ..kl import symmetric_kl
 from ..noise import EmbeddingNoise, find_embeddings, refuse_other_noise
 from ..r4f import _is_normalised, apply_r4f, find_head
-from .base import Passes, Standard, check_noise_reached, check_same_shape, is_distributed_wrapper
+from .base import Passes, Standard, StepResult, check_noise_reached, check_same_shape, is_distributed_wrapper
 
 __all__ = ["R3F", "R4F", "embedding_noise"]
+
+
+def _global_rng() -> dict:
+    """The global RNG states dropout draws from: CPU, and every initialised CUDA device."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _set_global_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def embedding_noise(model: nn.Module, embeddings: Optional[nn.Module], eps: float, noise: str, detach: bool,
@@ -38,17 +50,38 @@ class R3F(Standard):
         seed: seed of the noise generator.
         embeddings: the module to perturb, when it cannot be found automatically.
         noisy_embed_grad: let the noisy pass train the embedding table (default: the lookup is detached).
+        same_dropout: replay the clean pass's dropout masks in the noisy pass (the global RNG is restored to
+            its state before the clean pass, then to where the clean pass left it), so the KL measures the
+            noise alone; with ``eps=0`` it is exactly 0.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool, reduction: str, seed: int,
-                 embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False) -> None:
+                 embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False,
+                 same_dropout: bool = False) -> None:
         self.noise = embedding_noise(model, embeddings, eps, noise, not noisy_embed_grad, seed)
-        self.noisy_grad, self.reduction = noisy_grad, reduction
+        self.noisy_grad, self.reduction, self.same_dropout = noisy_grad, reduction, same_dropout
+        self._before_clean: Optional[dict] = None
+
+    def step(self, passes: Passes, **kwargs) -> StepResult:
+        self._before_clean = _global_rng() if self.same_dropout else None
+        try:
+            return super().step(passes, **kwargs)
+        finally:
+            self._before_clean = None
 
     def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
              noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with self.noise.active(noise_mask), torch.set_grad_enabled(self.noisy_grad and torch.is_grad_enabled()):
-            noisy = passes.run()[2]
+        after_clean = None
+        if self._before_clean is not None:  # same_dropout: replay the clean pass's dropout masks
+            after_clean = _global_rng()
+            _set_global_rng(self._before_clean)
+        try:
+            with self.noise.active(noise_mask), \
+                    torch.set_grad_enabled(self.noisy_grad and torch.is_grad_enabled()):
+                noisy = passes.run()[2]
+        finally:
+            if after_clean is not None:  # the global RNG ends where one standard forward leaves it
+                _set_global_rng(after_clean)
         check_noise_reached(self.noise)
         check_same_shape(clean, noisy)
         return symmetric_kl(clean, noisy, mask=mask, reduction=self.reduction)

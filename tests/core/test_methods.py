@@ -273,3 +273,32 @@ def test_rdrop_default_reduction_is_r_drops_sum():
     assert opt.regularizer.reduction == "sum"
     assert RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method="smart").regularizer.reduction \
         == "batchmean"
+
+
+@pytest.mark.parametrize("method", ["r3f", "r4f"])
+def test_same_dropout_measures_the_noise_alone(method):
+    """Train mode, dropout 0.3: with same_dropout and eps = 0 the KL is exactly 0; with eps > 0 it is the
+    noise's alone (tiny); the global RNG ends where one plain forward leaves it."""
+    batch = toy_batch("bert")
+    kls = {}
+    for same, eps in [(True, 0.0), (True, 1e-3), (False, 0.0)]:
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.3)
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=eps,
+                                   same_dropout=same, seed=1)
+        torch.manual_seed(5)
+        kls[same, eps] = opt.step(lambda: model(**batch)).sym_kl.item()
+        if same:
+            after_step = torch.get_rng_state()
+            torch.manual_seed(5)
+            model(**batch)  # one plain forward
+            assert torch.equal(after_step, torch.get_rng_state())
+    # R4F: each training forward runs one power iteration, so the head moves by rounding between the passes
+    assert kls[True, 0.0] == 0.0 if method == "r3f" else kls[True, 0.0] < 1e-12
+    assert 0 < kls[True, 1e-3] < kls[False, 0.0]  # dropout differences dominate the KL otherwise
+
+
+def test_same_dropout_is_refused_where_it_means_nothing():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="same_dropout applies to r3f and r4f"):
+        RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method="rdrop", same_dropout=True)

@@ -35,6 +35,11 @@ def test_every_task_and_method(glue_dir, tiny_model_dir, tmp_path, capsys, task,
     assert res["primary_metric"] == TASKS[task].primary_metric
     kl = res["evaluations"][-1]["train_sym_kl"]
     assert (kl == 0) if method == "standard" else (kl > 0)
+    reg = res["regularizer"]
+    assert reg["steps"] == 2 and reg["mean_sym_kl"] == pytest.approx(kl)
+    assert (reg["mean_kl_share_of_loss"] == 0) if method == "standard" else (0 < reg["mean_kl_share_of_loss"] < 1)
+    preds = res["final"]["predictions"]
+    assert len(preds) == 16 and set(preds) <= set(range(len(TASKS[task].labels)))
     assert res["seconds_per_step"] > 0 and res["versions"]["r3f_opt"] and res["hardware"]["cpu_count"]
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # a finished run leaves results.json only
     assert f"{task} {method} seed=3:" in capsys.readouterr().out

@@ -67,8 +67,8 @@ def test_single_seed_and_budget_mismatch(tmp_path):
 
 
 def test_method_settings_and_unofficial_eval_are_flagged(tmp_path):
-    fake_run(tmp_path, "qqp", "r3f", 1, 0.5, lam=1.0, official=False)
-    fake_run(tmp_path, "qqp", "r3f", 2, 0.6, lam=0.1, official=False)
+    fake_run(tmp_path, "qqp", "r3f", 1, 0.5, f1=0.4, lam=1.0, official=False)  # QQP runs report f1 too
+    fake_run(tmp_path, "qqp", "r3f", 2, 0.6, f1=0.5, lam=0.1, official=False)
     report.main([str(tmp_path), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "qqp r3f: runs differ in lam (0.1, 1.0)" in text
