@@ -342,6 +342,7 @@ class RegularizedOptimizer(Optimizer):
                     noise.get("seed"), int) or not (state is None or (isinstance(state, torch.Tensor)
                                                                      and state.dim() == 1 and state.numel() > 0)):
                 raise bad("'noise' must hold an int 'seed' and a 1-D 'generator_state' tensor or None")
+        self.regularizer.check_state(noise)
         steps = extra.get("nonfinite_steps", 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise bad(f"'nonfinite_steps' must be an int >= 0, got {steps!r}")

@@ -33,7 +33,8 @@ METHODS = ("r3f", "r4f", "standard", "rdrop", "smart", "freelb")
 # method_kwargs each method takes: name -> (type, default, lower bound, whether None is allowed)
 METHOD_KWARGS = {
     "smart": {"adv_steps": (int, 1, 1, False), "step_size": (float, 1e-3, 0.0, False),
-              "epsilon": (float, 1e-5, 0.0, True)},
+              "epsilon": (float, 1e-5, 0.0, True), "proximal": (float, 0.0, 0.0, False),
+              "proximal_momentum": (float, 0.99, 0.0, False)},
     "freelb": {"adv_steps": (int, 2, 1, False), "adv_lr": (float, 0.1, 0.0, False),
                "init_mag": (float, 0.1, 0.0, False), "max_norm": (float, 0.0, 0.0, False)},
 }

@@ -73,10 +73,16 @@ class Standard:
              noise_mask: Optional[torch.Tensor] = None) -> StepResult:
         """Run the method's passes and its backward for one (micro-)batch."""
         out, task_loss, logits = passes.run()
-        term = self.term(passes, logits, mask=mask, noise_mask=noise_mask)
+        return self.finish(passes, out, task_loss, self.term(passes, logits, mask=mask, noise_mask=noise_mask), lam)
+
+    def finish(self, passes: Passes, out: Any, task_loss: torch.Tensor, term: Optional[torch.Tensor], lam: float,
+               extra: Optional[torch.Tensor] = None, terms: Optional[dict] = None) -> StepResult:
+        """``loss = task_loss + lam * term (+ extra)``, reported and backpropagated."""
         reg = task_loss.new_zeros((), dtype=torch.float32) if term is None else term
         loss = task_loss + lam * reg  # float32 at least
-        result = StepResult(loss.detach(), task_loss.detach(), reg.detach(), out, terms=dict(self.terms))
+        if extra is not None:
+            loss = loss + extra
+        result = StepResult(loss.detach(), task_loss.detach(), reg.detach(), out, terms={**self.terms, **(terms or {})})
         passes.backward(loss, result)
         return result
 
@@ -84,6 +90,9 @@ class Standard:
              noise_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The regulariser for the first pass's ``clean`` logits (runs more passes if it needs them)."""
         return None
+
+    def check_state(self, state: Optional[dict]) -> None:
+        """Raise ValueError if ``state`` cannot be loaded (called before anything is changed)."""
 
     def state_dict(self) -> Optional[dict]:
         return self.noise.state_dict() if self.noise is not None else None

@@ -34,8 +34,5 @@ class RDrop(Standard):
         out, task_1, logits_1 = passes.run()
         _, task_2, logits_2 = passes.run()
         task, kl = self.combine(task_1, logits_1, task_2, logits_2, mask=mask)
-        loss = task + lam * kl
-        result = StepResult(loss.detach(), task.detach(), kl.detach(), out,
-                            terms={"task_loss_1": task_1.detach(), "task_loss_2": task_2.detach()})
-        passes.backward(loss, result)
-        return result
+        return self.finish(passes, out, task, kl, lam,
+                           terms={"task_loss_1": task_1.detach(), "task_loss_2": task_2.detach()})

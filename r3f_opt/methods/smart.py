@@ -6,8 +6,15 @@
         delta   = clip(delta + step_size * g / ||g||_inf, -epsilon, epsilon)     (||.||_inf per token)
     L = L_task(f(x)) + lam * KL_S(f(x) || f(x + delta))       gradient through both passes
 
-Defaults are the paper's (sigma = eps = 1e-5, step_size = 1e-3, epsilon = 1e-5, one ascent step). The
-Bregman proximal point term (SMART's momentum teacher) is not implemented.
+Optionally (``proximal = mu > 0``; off by default) the momentum Bregman proximal point term of SMART:
+
+    L += mu * KL_S(f(x; theta) || f(x; theta_tilde)),   theta_tilde <- beta * theta_tilde + (1 - beta) * theta
+
+with the teacher ``theta_tilde`` (a copy of the trainable parameters, saved in ``state_dict``) moved
+towards the current parameters at the start of every step, before its no-grad pass. The paper uses
+mu = 1, beta = 0.99.
+
+Defaults are the paper's (sigma = eps = 1e-5, step_size = 1e-3, epsilon = 1e-5, one ascent step).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import torch
 from torch import nn
 
 from ..kl import symmetric_kl
-from .base import Passes, Standard, check_noise_reached, check_same_shape
+from .base import Passes, Standard, StepResult, check_noise_reached, check_same_shape
 from .r3f import embedding_noise
 
 __all__ = ["SMART"]
@@ -29,11 +36,63 @@ class SMART(Standard):
 
     def __init__(self, model: nn.Module, *, sigma: float, noisy_grad: bool, reduction: str, seed: int,
                  embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False, adv_steps: int = 1,
-                 step_size: float = 1e-3, epsilon: Optional[float] = 1e-5) -> None:
+                 step_size: float = 1e-3, epsilon: Optional[float] = 1e-5, proximal: float = 0.0,
+                 proximal_momentum: float = 0.99) -> None:
+        if not proximal_momentum <= 1:
+            raise ValueError(f"method_kwargs['proximal_momentum'] must be in [0, 1], got {proximal_momentum!r}")
         self.noise = embedding_noise(model, embeddings, sigma, "normal", not noisy_embed_grad, seed)
         self.noisy_grad, self.reduction = noisy_grad, reduction
         self.adv_steps, self.step_size, self.epsilon = adv_steps, step_size, epsilon
+        self.proximal, self.momentum = proximal, proximal_momentum
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.teacher: Optional[list[torch.Tensor]] = None
         self.terms: dict = {}
+
+    def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> StepResult:
+        teacher = self._teacher_logits(passes) if self.proximal > 0 else None  # before any graph exists
+        out, task_loss, logits = passes.run()
+        adv = self.term(passes, logits, mask=mask, noise_mask=noise_mask)
+        if teacher is None:
+            return self.finish(passes, out, task_loss, adv, lam)
+        check_same_shape(logits, teacher)
+        prox = symmetric_kl(logits, teacher, mask=mask, reduction=self.reduction)
+        return self.finish(passes, out, task_loss, adv, lam, extra=self.proximal * prox,
+                           terms={"kl_proximal": prox.detach()})
+
+    @torch.no_grad()
+    def _teacher_logits(self, passes: Passes) -> torch.Tensor:
+        """Move the teacher towards the parameters, then run the closure with the teacher's values."""
+        if self.teacher is None:
+            self.teacher = [p.detach().clone() for p in self.params]
+        else:
+            for t, p in zip(self.teacher, self.params):
+                t.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+        current = [p.detach().clone() for p in self.params]
+        for p, t in zip(self.params, self.teacher):
+            p.copy_(t)
+        try:
+            return passes.run()[2].detach()
+        finally:
+            for p, c in zip(self.params, current):
+                p.copy_(c)
+
+    def check_state(self, state: Optional[dict]) -> None:
+        teacher = (state or {}).get("teacher")
+        if teacher is not None and (not isinstance(teacher, (list, tuple)) or len(teacher) != len(self.params) or any(
+                not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(teacher, self.params))):
+            raise ValueError("state_dict['r3f']['noise']['teacher'] does not match this model's trainable parameters")
+
+    def state_dict(self) -> dict:
+        return {**self.noise.state_dict(), "teacher": self.teacher}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state is None:
+            return
+        self.noise.load_state_dict(state)
+        teacher = state.get("teacher")
+        self.teacher = None if teacher is None else [
+            t.detach().to(device=p.device, dtype=p.dtype).clone() for t, p in zip(teacher, self.params)]
 
     def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
              noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -302,3 +302,62 @@ def test_same_dropout_is_refused_where_it_means_nothing():
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="same_dropout applies to r3f and r4f"):
         RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method="rdrop", same_dropout=True)
+
+
+def test_smart_proximal_term_matches_a_hand_written_reference():
+    """mu * KL_S(f(x; theta) || f(x; theta_tilde)), the teacher moved by momentum before each step."""
+    mu, beta = 2.0, 0.5
+    model = bert64()
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, method="smart", lam=0.0,
+                               eps=1e-3, method_kwargs=dict(proximal=mu, proximal_momentum=beta))
+    b1, b2 = toy_batch("bert", seed=1), toy_batch("bert", seed=2)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(lambda: model(**b1))  # the teacher starts as theta0; the step moves theta
+    theta1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    res = opt.backward(lambda: model(**b2))
+    got = grads(model)
+
+    ref, teacher = bert64(), bert64()
+    ref.load_state_dict(theta1, strict=False)
+    teacher.load_state_dict({n: beta * theta0[n] + (1 - beta) * theta1[n] for n in theta0}, strict=False)
+    out = ref(**b2)
+    prox = kl_reference(out.logits, teacher(**b2).logits.detach())
+    (out.loss + mu * prox).backward()
+    assert_grads_close(got, grads(ref), rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(res.terms["kl_proximal"], prox.detach(), rtol=1e-6, atol=0)
+    for t, (n, p) in zip(opt.regularizer.teacher, model.named_parameters()):
+        torch.testing.assert_close(t, beta * theta0[n] + (1 - beta) * theta1[n], msg=n)
+
+
+def test_smart_proximal_teacher_resumes_and_is_checked():
+    batches = [toy_batch("bert", seed=s) for s in range(4)]
+
+    def build():
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.1)
+        return model, RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method="smart",
+                                           eps=1e-3, seed=5, method_kwargs={"proximal": 1.0})
+
+    def train(model, opt, part):
+        for b in part:
+            opt.zero_grad()
+            opt.step(lambda: model(**b))
+
+    model, opt = build()
+    train(model, opt, batches[:2])
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()})
+    assert len(saved["opt"]["r3f"]["noise"]["teacher"]) == len(list(model.parameters()))
+    train(model, opt, batches[2:])
+    again, again_opt = build()
+    bad = copy.deepcopy(saved["opt"])
+    bad["r3f"]["noise"]["teacher"] = bad["r3f"]["noise"]["teacher"][:-1]
+    with pytest.raises(ValueError, match="teacher"):
+        again_opt.load_state_dict(bad)
+    assert again_opt.regularizer.teacher is None and len(again_opt.state) == 0  # nothing half-loaded
+    again.load_state_dict(saved["model"])
+    again_opt.load_state_dict(saved["opt"])
+    torch.set_rng_state(saved["rng"])
+    train(again, again_opt, batches[2:])
+    for (n, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), n
