@@ -274,7 +274,8 @@ def plot(result: dict, path: Path) -> Path | None:
     ax2.legend(fontsize=8)
     env = result["meta"]
     fig.suptitle(f"one training step, {result['config']['model_name']}, batch {result['config']['batch_size']}, "
-                 f"{env['cpu_model']} ({env['torch_num_threads']} threads), {env['date_utc'][:10]}", fontsize=10)
+                 f"{env['cpu_model']} ({env['torch_num_threads']} thread{'s' * (env['torch_num_threads'] != 1)}), "
+                 f"{env['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -310,6 +311,7 @@ def main(argv=None) -> dict:
         setups[name] = build(base, args.seed, args.lr, method=method, **kw)
         counters[name] = PassCounter(setups[name][0])
     del base
+    env = environment(command)  # the code measured is the one at the start (a checkout may move meanwhile)
     print(f"[setup] {len(names)} models of {model_path} in {time.perf_counter() - t0:.1f}s; {args.warmup} "
           f"warm-up round(s), 1 memory round, {args.rounds} timed round(s) x {len(tasks)} task(s)",
           file=sys.stderr, flush=True)
@@ -377,6 +379,7 @@ def main(argv=None) -> dict:
             "padding": "longest in the batch", "mean_padded_length": tokens,
             "rounds": args.rounds, "warmup": args.warmup, "seed": args.seed,
             "defaults": "lam=1.0, eps=1e-5, each method's method_kwargs defaults except adv_steps",
+            "noise_mask": "not passed: every position is perturbed (the cost does not depend on it)",
             "schedule": "per round: for each task one batch, every method steps on it, the method order rotated "
                         "every round; warm-up round(s), then one untimed memory round, then the timed rounds",
             "memory": "torch.profiler memory events (CPU allocator): the peak of allocated minus freed bytes "
@@ -388,7 +391,7 @@ def main(argv=None) -> dict:
                         "received a gradient (a tensor hook on each pass's logits)",
             "data": {t: str(glue_file(args.data_dir, t)) for t in tasks},
         },
-        "meta": {**environment(command), "total_wall_s": run["total_s"],
+        "meta": {**env, "total_wall_s": run["total_s"],
                  "loadavg_before": run["loadavg_before"], "loadavg_after": run["loadavg_after"]},
         "records": records,
         "raw_times_s": times,
@@ -401,9 +404,9 @@ def main(argv=None) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    env = result["meta"]
+    env, threads = result["meta"], result["meta"]["torch_num_threads"]
     print(f"\nOne training step, {result['config']['model_name']}, batch {args.batch_size}, max length "
-          f"{args.max_length}, train mode; {env['cpu_model']}, {env['torch_num_threads']} threads, torch "
+          f"{args.max_length}, train mode; {env['cpu_model']}, {threads} thread{'s' * (threads != 1)}, torch "
           f"{env['torch']}, {env['date_utc'][:10]}; {args.rounds} timed rounds x {len(tasks)} tasks "
           f"after {args.warmup} warm-up\n`{command}`\n")
     print(table(result))
