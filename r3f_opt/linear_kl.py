@@ -420,7 +420,7 @@ def linear_symmetric_kl(
     elif reduction == "batchmean":
         scale = torch.full((), 1.0 / max(lead[0] if len(lead) > 0 else 1, 1), dtype=math, device=device)
     else:
-        counted = kmask.sum() if kmask is not None else torch.tensor(rows, device=device)
+        counted = kmask.sum() if kmask is not None else torch.full((), rows, device=device)
         scale = 1.0 / counted.clamp(min=1).to(math)
     total, _, _ = _LinearR3F.apply(hp, hq, weight, bias, None, kmask, spec, 1.0, scale.new_zeros(()), scale, need)
     return total

