@@ -10,7 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..noise import EmbeddingNoise
 
-__all__ = ["StepResult", "Passes", "Standard", "is_distributed_wrapper", "check_same_shape", "check_noise_reached"]
+__all__ = ["StepResult", "Passes", "Standard", "is_distributed_wrapper", "check_same_shape", "check_noise_reached",
+           "global_rng", "set_global_rng"]
 
 
 @dataclass
@@ -44,6 +45,18 @@ def is_distributed_wrapper(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped for data parallelism (DDP, FSDP1 or FSDP2)."""
     return isinstance(model, DistributedDataParallel) or callable(getattr(model, "set_requires_gradient_sync", None)) \
         or type(model).__name__ == "FullyShardedDataParallel"
+
+
+def global_rng() -> dict:
+    """The global RNG states dropout draws from: CPU, and every initialised CUDA device."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_global_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_same_shape(clean: torch.Tensor, other: torch.Tensor) -> None:

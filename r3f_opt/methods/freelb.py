@@ -7,7 +7,9 @@
         delta_k = delta_k * min(1, max_norm / ||delta_k||_F)                        (if max_norm > 0)
 
 There is no clean pass and no KL term: every pass is perturbed, and the embedding table trains through
-all of them (the lookup is not detached). ``lam`` and ``eps`` are unused.
+all of them (the lookup is not detached). As in the authors' code, the K passes share one set of dropout
+masks (the global RNG is replayed for passes 2..K and left where the first pass left it), so they differ
+only by delta. ``lam`` and ``eps`` are unused.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Passes, Standard, StepResult, check_noise_reached
+from .base import Passes, Standard, StepResult, check_noise_reached, global_rng, set_global_rng
 from .r3f import embedding_noise
 
 __all__ = ["FreeLB"]
@@ -51,18 +53,25 @@ class FreeLB(Standard):
             return delta
 
         first, losses, result = None, [], None
+        before, after = global_rng(), None
         for k in range(self.adv_steps):
             last = k == self.adv_steps - 1
+            if k > 0:
+                set_global_rng(before)  # the first pass's dropout masks again
             with passes.grad_sync(last):
                 with self.noise.active(noise_mask, perturbation):
                     out, task, _ = passes.run()
+                after = global_rng() if k == 0 else after
                 check_noise_reached(self.noise)
                 first = out if first is None else first
                 losses.append(task.detach())
                 mean = torch.stack(losses).mean()
                 result = StepResult(mean, mean, mean.new_zeros(()), first, terms={
                     "task_losses": list(losses), "delta_norm": _per_example_norm(delta.detach()).max()})
-                passes.backward(task / self.adv_steps, result)  # parameters and delta get their gradients
+                try:
+                    passes.backward(task / self.adv_steps, result)  # parameters and delta get their gradients
+                finally:
+                    set_global_rng(after)  # the global RNG ends where one forward leaves it
             if last:
                 break
             g = delta.grad

@@ -14,21 +14,12 @@ from torch import nn
 from ..kl import symmetric_kl
 from ..noise import EmbeddingNoise, find_embeddings, refuse_other_noise
 from ..r4f import _is_normalised, apply_r4f, find_head
-from .base import Passes, Standard, StepResult, check_noise_reached, check_same_shape, is_distributed_wrapper
+from .base import (Passes, Standard, StepResult, check_noise_reached, check_same_shape, global_rng,
+                   is_distributed_wrapper, set_global_rng)
 
 __all__ = ["R3F", "R4F", "embedding_noise"]
 
 
-def _global_rng() -> dict:
-    """The global RNG states dropout draws from: CPU, and every initialised CUDA device."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
-
-
-def _set_global_rng(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def embedding_noise(model: nn.Module, embeddings: Optional[nn.Module], eps: float, noise: str, detach: bool,
@@ -63,7 +54,7 @@ class R3F(Standard):
         self._before_clean: Optional[dict] = None
 
     def step(self, passes: Passes, **kwargs) -> StepResult:
-        self._before_clean = _global_rng() if self.same_dropout else None
+        self._before_clean = global_rng() if self.same_dropout else None
         try:
             return super().step(passes, **kwargs)
         finally:
@@ -73,15 +64,15 @@ class R3F(Standard):
              noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         after_clean = None
         if self._before_clean is not None:  # same_dropout: replay the clean pass's dropout masks
-            after_clean = _global_rng()
-            _set_global_rng(self._before_clean)
+            after_clean = global_rng()
+            set_global_rng(self._before_clean)
         try:
             with self.noise.active(noise_mask), \
                     torch.set_grad_enabled(self.noisy_grad and torch.is_grad_enabled()):
                 noisy = passes.run()[2]
         finally:
             if after_clean is not None:  # the global RNG ends where one standard forward leaves it
-                _set_global_rng(after_clean)
+                set_global_rng(after_clean)
         check_noise_reached(self.noise)
         check_same_shape(clean, noisy)
         return symmetric_kl(clean, noisy, mask=mask, reduction=self.reduction)

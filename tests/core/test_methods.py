@@ -361,3 +361,20 @@ def test_smart_proximal_teacher_resumes_and_is_checked():
     train(again, again_opt, batches[2:])
     for (n, p), q in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_freelb_passes_share_one_set_of_dropout_masks():
+    """With delta held at 0 the K passes are identical even with dropout on, as in the authors' code; the
+    global RNG ends where one forward leaves it."""
+    batch = toy_batch("bert")
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.3)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="freelb",
+                               method_kwargs=dict(adv_steps=3, adv_lr=0.0, init_mag=0.0))
+    torch.manual_seed(5)
+    losses = opt.step(lambda: model(**batch)).terms["task_losses"]
+    after = torch.get_rng_state()
+    assert losses[0] == losses[1] == losses[2]
+    torch.manual_seed(5)
+    plain = model(**batch).loss
+    assert torch.equal(after, torch.get_rng_state()) and plain == losses[0]
