@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -51,6 +50,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile otherwi
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from .common import device_name, peak_extra_bytes, pyplot, save, sync  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -174,31 +175,6 @@ class Setup:
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_extra_bytes(device, fn: Callable[[], object]) -> int:
-    """Peak bytes allocated while ``fn`` runs, above what was allocated when it started."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def objective_inputs(args, device, dtype, rows: int, seed: int):
@@ -309,13 +285,13 @@ def time_steps(args, device, dtype) -> dict:
         busy0, own0 = busy_cpu_s(), own_cpu_s()
         first = {}
         for n in order:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             if n in setups:
                 ce, kl = setups[n].step(batch)
             else:
                 objectives[n](*obj_in)
-            _sync(device)
+            sync(device)
             dt = time.perf_counter() - t0
             if n in setups:
                 first[n] = (float(ce), float(kl) if kl is not None else 0.0)
@@ -382,12 +358,7 @@ def environment(device, command: str) -> dict:
 
     import r3f_opt
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    if device.type == "cpu":
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+    name = device_name(device)
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
@@ -471,13 +442,8 @@ def print_tables(result: dict) -> None:
 
 
 def plot(result: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     mem = result.get("memory", {})
     summ = result.get("time", {}).get("summary", {})
@@ -532,11 +498,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     out = RESULTS / f"lm_step_{device.type}.json" if args.save else args.out
     print_tables(result)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {out}")
-        if not args.no_plot and (png := plot(result, out.with_suffix(".png"))):
-            print(f"wrote {png}")
+        print()
+        save(result, out, None if args.no_plot else plot)
     return result
 
 

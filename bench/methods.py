@@ -34,7 +34,6 @@ ETA go to stderr. By default the files go to a temporary folder; ``--save`` writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -44,6 +43,7 @@ import time
 from itertools import accumulate
 from pathlib import Path
 
+from .common import pyplot, save
 from .step_cost import REPO, build, check_counts, environment, round_robin, summarise, timed_step
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile otherwise logs every start/stop
@@ -244,13 +244,8 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> Path | None:
     """Measured ratio (median, min-max) beside the paper's predicted one; peak memory per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     recs, tasks = result["records"], result["config"]["tasks"]
     names = [r["method"] for r in recs]
@@ -401,9 +396,6 @@ def main(argv=None) -> dict:
         "regulariser": regs,
         "terms": terms,
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     env, threads = result["meta"], result["meta"]["torch_num_threads"]
     print(f"\nOne training step, {result['config']['model_name']}, batch {args.batch_size}, max length "
           f"{args.max_length}, train mode; {env['cpu_model']}, {threads} thread{'s' * (threads != 1)}, torch "
@@ -413,9 +405,8 @@ def main(argv=None) -> dict:
     other = run["other_cpu"]
     if other and all(x is not None for x in other):
         print(f"\nother processes' CPU during the timed rounds: {sum(other):.0f} CPU-s in {len(other)} rounds")
-    print(f"\nwrote {out}  (total {run['total_s']:.0f}s)")
-    if not args.no_plot and (png := plot(result, out.with_suffix(".png"))):
-        print(f"wrote {png}")
+    print(f"\ntotal {run['total_s']:.0f}s")
+    save(result, out, None if args.no_plot else plot)
     return result
 
 

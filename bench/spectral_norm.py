@@ -46,6 +46,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from r3f_opt.spectral_norm import spectral_norm as fused_spectral_norm  # noqa: E402
 
+from .common import sync  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = ((2, 768), (3, 1024), (1000, 4096), (32000, 4096))
 CPU_MAX_ELEMENTS = 2**23  # heads above this are left out of the CPU default (torch alone takes seconds)
@@ -85,11 +87,6 @@ def step(head: nn.Module, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w.detach(), original.grad
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def latency_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median milliseconds per call."""
     if device.type == "cuda":
@@ -113,7 +110,7 @@ def launches(fn: Callable[[], object], device: torch.device) -> dict[str, int]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        sync(device)
     events = prof.events()
     out = {"triton_launches": sum((Counter(K.LAUNCHES) - before).values())}
     if device.type == "cuda":

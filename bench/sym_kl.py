@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import platform
 import statistics
 import sys
@@ -28,6 +27,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile otherwi
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from .common import device_name, peak_extra_bytes, pyplot, save, sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCABS = (2, 3, 1024, 32000, 50265, 128256, 256000)
@@ -93,18 +94,13 @@ def implementations(device: torch.device) -> dict[str, tuple[Optional[Callable],
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(device: torch.device, setup: Callable, fn: Callable, budget_s: float, min_reps: int = 5,
            max_reps: int = 100) -> list[float]:
     """Seconds per call of ``fn(setup())``, ``setup`` untimed; L2 flushed before each call on CUDA."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
     for _ in range(2):  # warm-up (and compilation)
         fn(setup())
-    _sync(device)
+    sync(device)
     times: list[float] = []
     while len(times) < max_reps and (len(times) < min_reps or sum(times) < budget_s):
         state = setup()
@@ -132,26 +128,6 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n / statistics.median(times)
 
 
-def peak_extra_bytes(device: torch.device, fn: Callable, a: torch.Tensor, b: torch.Tensor) -> int:
-    """Peak memory allocated during forward+backward beyond what existed before (gradients included)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.autograd.grad(fn(a, b), (a, b))
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch.autograd.grad(fn(a, b), (a, b))
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def measure(device: torch.device, fn: Callable, rows: int, vocab: int, dtype: torch.dtype, mode: str,
@@ -215,7 +191,7 @@ def sweep(device: torch.device, dtypes: list[str], vocabs: list[int], rows_list:
                                              f"differ) at {rows}x{vocab} {dtype_name}")
                     timings = {mode: measure(device, fn, rows, vocab, dtype, mode, budget_s) for mode in modes}
                     # After the timings' warm-up, so compilation does not count as the op's memory.
-                    peak = peak_extra_bytes(device, fn, a.clone().requires_grad_(), b.clone().requires_grad_())
+                    peak = fwd_bwd_peak_bytes(device, fn, a.clone().requires_grad_(), b.clone().requires_grad_())
                     for mode, times in timings.items():
                         med = statistics.median(times)
                         q = statistics.quantiles(times, n=5) if len(times) >= 2 else [med] * 4
@@ -238,12 +214,7 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    if device.type == "cpu":
-        try:
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+    name = device_name(device)
     return dict(device=str(device), device_name=name, threads=torch.get_num_threads(), torch=torch.__version__,
                 triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -253,6 +224,11 @@ def environment(device: torch.device) -> dict:
 HEADER = f"{'impl':<11} {'dtype':<8} {'rows':>7} {'V':>7} {'mode':<8} {'median ms':>10} {'GB/s':>8} {'%copy':>6} {'peak/input':>10}"
 
 
+def fwd_bwd_peak_bytes(device: torch.device, fn: Callable, a: torch.Tensor, b: torch.Tensor) -> int:
+    """Peak memory allocated during forward+backward beyond what existed before (gradients included)."""
+    return peak_extra_bytes(device, lambda: torch.autograd.grad(fn(a, b), (a, b)))
+
+
 def _row(r: dict) -> str:
     return (f"{r['impl']:<11} {r['dtype']:<8} {r['rows']:>7} {r['vocab']:>7} {r['mode']:<8} {r['median_ms']:>10.3f} "
             f"{r['gbps']:>8.2f} {r['pct_copy_bw']:>6.1f} {r['peak_extra_over_input']:>10.2f}")
@@ -260,13 +236,8 @@ def _row(r: dict) -> str:
 
 def plot(result: dict, path: Path) -> Optional[Path]:
     """Effective bandwidth of forward+backward vs elements per input, one panel per dtype."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     recs = [r for r in result["records"] if r["mode"] == "fwd+bwd"]
     dtypes = sorted({r["dtype"] for r in recs})
@@ -311,12 +282,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name, why in result["not_run"].items():
         print(f"not run: {name}: {why}")
     print(f"copy bandwidth: {result['copy_bandwidth_gbps']:.1f} GB/s on {result['env']['device_name']}")
-    out = args.out or RESULTS / f"sym_kl_{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    if not args.no_plot and (png := plot(result, out.with_suffix(".png"))):
-        print(f"wrote {png}")
+    save(result, args.out or RESULTS / f"sym_kl_{kind}.json", None if args.no_plot else plot)
     return result
 
 

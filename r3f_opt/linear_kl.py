@@ -219,22 +219,16 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
                     x.sub_(wc * (eps / vocab))
         if grad_q:  # dB = w_kl (q (E_q - d' + 1) - p), in d's buffer
             torch.addcmul(wk * (e_q + 1.0), d, wk, value=-1.0, out=d).mul_(q).addcmul_(p, wk, value=-1.0)
-        if grad_p:
-            da = x if sc is None else sc.copy_(x)
-            if need[0]:
-                _gemm_into(dhp[s0:s1], da, w, None)
+        for wanted, grad, dh, h, need_h in ((grad_p, x, dhp, hpc, need[0]), (grad_q, d, dhq, hqc, need[1])):
+            if not wanted:
+                continue
+            g = grad if sc is None else sc.copy_(grad)  # in the GEMM dtype
+            if need_h:
+                _gemm_into(dh[s0:s1], g, w, None)
             if need[2]:
-                _accumulate(dw, da.t(), hpc)
+                _accumulate(dw, g.t(), h)
             if need[3]:
-                db.add_(x.sum(0))
-        if grad_q:
-            dq = d if sc is None else sc.copy_(d)
-            if need[1]:
-                _gemm_into(dhq[s0:s1], dq, w, None)
-            if need[2]:
-                _accumulate(dw, dq.t(), hqc)
-            if need[3]:
-                db.add_(d.sum(0))
+                db.add_(grad.sum(0))
     if dw is not None:
         dw = dw.to(weight.dtype)
     if db is not None:

@@ -307,7 +307,7 @@ def test_no_host_sync_in_the_step():
 def test_peak_memory_is_bounded_by_the_chunk_not_the_rows():
     """V = 128,256, tiny hidden: the extra memory of forward + backward is four chunk x V float32 blocks
     (the default-chunk rule) plus the dW accumulator, at 16 rows as at 128."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.common import peak_extra_bytes
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     vocab, hidden, chunk = 128256, 4, 8
@@ -317,16 +317,12 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_rows():
     def peak(rows):
         hp, hq = torch.randn(rows, hidden, requires_grad=True), torch.randn(rows, hidden, requires_grad=True)
         labels = torch.randint(0, vocab, (rows,))
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+        def step():
             total, _, _ = linear_r3f_loss(hp, hq, w, labels, chunk_size=chunk)
             torch.autograd.grad(total, (hp, hq, w))
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())
-        live = top = 0
-        for e in events:
-            live += e.nbytes()
-            top = max(top, live)
-        return top
+
+        return peak_extra_bytes(torch.device("cpu"), step)  # the profiler's memory events, as bench/ measures
 
     small, large = peak(2 * chunk), peak(16 * chunk)
     dw = vocab * hidden * 4

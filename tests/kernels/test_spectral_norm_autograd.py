@@ -17,65 +17,22 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
-from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
+from spectral_norm_cases import impl_fixture, on_device  # noqa: F401 (on_device: a fixture)
+
 from r3f_opt.kernels import spectral_norm as K
-from r3f_opt.spectral_norm import FusedSpectralNorm
 from r3f_opt.spectral_norm import spectral_norm as our_spectral_norm
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run in Triton's interpreter
 WEIGHT = "parametrizations.weight.original"
 U, V = "parametrizations.weight.0._u", "parametrizations.weight.0._v"
-REL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # torch's forward-mode AD loads its decompositions with torch.jit.script, deprecated in recent torch
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("on_device")]
 
 
-@pytest.fixture(autouse=True)
-def device():
-    """Every tensor and module of these tests on DEVICE."""
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(None)
-
-
-class Impl:
-    def __init__(self, name: str, dtype: torch.dtype):
-        self.name, self.dtype = name, dtype
-        self.sn = torch_spectral_norm if name == "torch" else our_spectral_norm
-        self.kernel = name == "ours"
-        self.rel = REL[dtype]
-
-
-def _impl_fixture(cases):
-    @pytest.fixture(params=cases, ids=[f"{n}-{str(d)[6:]}" for n, d in cases])
-    def fixture(request, monkeypatch):
-        monkeypatch.setenv("R3F_KERNELS", "triton")
-        case = Impl(*request.param)
-        real_forward = _SpectralNorm.forward
-
-        def trapped(self, weight):
-            if (type(self) is FusedSpectralNorm and weight.ndim > 1 and self.dim == 0
-                    and weight.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling()):
-                raise AssertionError("FusedSpectralNorm fell back to torch's forward where the kernel must run")
-            return real_forward(self, weight)
-
-        monkeypatch.setattr(_SpectralNorm, "forward", trapped)
-        before = Counter(K.LAUNCHES)
-        yield case
-        launched = Counter(K.LAUNCHES) - before
-        if case.kernel:
-            assert sum(launched.values()) > 0, "the kernel did not run"
-        else:
-            assert not launched
-
-    return fixture
-
-
-impl = _impl_fixture([("torch", torch.float32), ("ours", torch.float32)])
-impl_half = _impl_fixture([("torch", torch.float32), ("ours", torch.float32), ("torch", torch.bfloat16),
+impl = impl_fixture([("torch", torch.float32), ("ours", torch.float32)])
+impl_half = impl_fixture([("torch", torch.float32), ("ours", torch.float32), ("torch", torch.bfloat16),
                            ("ours", torch.bfloat16)])
 
 

@@ -15,7 +15,6 @@ gradcheck needs float64 inputs: in float32 the function under test casts them do
 and the tolerances are loosened for float32 rounding (the same loosened check on torch's float32 path).
 """
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -23,55 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _SpectralNorm
-from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
-from r3f_opt.kernels import spectral_norm as K
-from r3f_opt.spectral_norm import FusedSpectralNorm
-from r3f_opt.spectral_norm import spectral_norm as our_spectral_norm
+from spectral_norm_cases import impl_fixture, on_device  # noqa: F401 (on_device: a fixture)
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run in Triton's interpreter
 WEIGHT = "parametrizations.weight.original"
+pytestmark = pytest.mark.usefixtures("on_device")
 
-
-@pytest.fixture(autouse=True)
-def device():
-    """Every tensor and module of these tests on DEVICE."""
-    torch.set_default_device(DEVICE)
-    yield
-    torch.set_default_device(None)
-
-
-class Impl:
-    """One implementation in one dtype; ``kernel``: whether ours must run the Triton kernels."""
-
-    def __init__(self, name: str, dtype: torch.dtype):
-        self.name, self.dtype = name, dtype
-        self.sn = torch_spectral_norm if name == "torch" else our_spectral_norm
-        self.kernel = name == "ours" and dtype in KERNEL_DTYPES
-        self.expect_launches = self.kernel  # a test of a case outside the kernel's reach sets it False
-
-
-@pytest.fixture(params=[("torch", torch.float64), ("ours", torch.float64), ("torch", torch.float32),
-                        ("ours", torch.float32)], ids=["torch-f64", "ours-f64", "torch-f32", "ours-f32"])
-def impl(request, monkeypatch):
-    monkeypatch.setenv("R3F_KERNELS", "triton")
-    torch.manual_seed(0)
-    case = Impl(*request.param)
-    real_forward = _SpectralNorm.forward
-
-    def trapped(self, weight):
-        if (case.kernel and type(self) is FusedSpectralNorm and weight.ndim > 1 and self.dim == 0
-                and weight.dtype in KERNEL_DTYPES):
-            raise AssertionError("FusedSpectralNorm fell back to torch's forward where the kernel must run")
-        return real_forward(self, weight)
-
-    monkeypatch.setattr(_SpectralNorm, "forward", trapped)
-    before = Counter(K.LAUNCHES)
-    yield case
-    launched = sum((Counter(K.LAUNCHES) - before).values())
-    assert (launched > 0) == case.expect_launches, f"{launched} kernel launches in {case.name}/{case.dtype}"
+impl = impl_fixture([("torch", torch.float64), ("ours", torch.float64), ("torch", torch.float32),
+                     ("ours", torch.float32)], ids=["torch-f64", "ours-f64", "torch-f32", "ours-f32"], seed=0)
 
 
 def gradcheck(dtype, fn, inputs, **kwargs):

@@ -42,5 +42,5 @@ def test_sym_kl_sweep_refuses_a_wrong_implementation(monkeypatch, tmp_path):
 def test_cpu_memory_profile_sees_the_gradients():
     a = torch.randn(8, 1000, requires_grad=True)
     b = torch.randn(8, 1000, requires_grad=True)
-    peak = sym_kl.peak_extra_bytes(torch.device("cpu"), sym_kl.r3f_torch, a, b)
+    peak = sym_kl.fwd_bwd_peak_bytes(torch.device("cpu"), sym_kl.r3f_torch, a, b)
     assert peak >= 2 * a.numel() * 4  # at least the two float32 gradients
