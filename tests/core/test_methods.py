@@ -366,3 +366,21 @@ def test_freelb_passes_share_one_set_of_dropout_masks():
     torch.manual_seed(5)
     plain = model(**batch).loss
     assert torch.equal(after, torch.get_rng_state()) and plain == losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_grad_scaler_gives_the_unscaled_step(method):
+    """A GradScaler's power-of-two scale is undone exactly: every method steps as it does without one."""
+    batch = toy_batch("bert")
+    params = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.0)
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, method=method, eps=1e-2,
+                                   seed=1, grad_scaler=scaler, max_grad_norm=1.0)
+        for _ in range(2):
+            opt.zero_grad()
+            assert not opt.step(lambda: model(**batch), noise_mask=batch["attention_mask"]).skipped
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
