@@ -15,10 +15,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import stats
 from .data import atomic_write
 from .glue import TASKS
 
-__all__ = ["main", "load_runs", "summarize", "markdown_table", "plot"]
+__all__ = ["main", "load_runs", "summarize", "compare", "comparison_markdown", "markdown_table", "plot"]
 
 METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 # Hyper-parameters that make up a run's budget: the paper's rule is that every method gets the same.
@@ -116,6 +117,49 @@ def summarize(runs: list[dict], which: str = "final") -> list[dict]:
     return rows
 
 
+def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
+    """Every method against ``baseline`` on each task's primary metric: the difference of means, Welch's t,
+    a 95 % bootstrap interval, Holm's correction over the tasks (per method), and the seeds per arm needed
+    to detect the paper's effect (:data:`stats.PAPER_EFFECT`) at the measured seed spread."""
+    primary = {}
+    for r in rows:
+        primary.setdefault(r["task"], r["metric"])  # summarize() lists each task's primary metric first
+    by = {(r["task"], r["metric"], r["method"]): r for r in rows}
+    out = []
+    for (task, metric, method), r in by.items():
+        base = by.get((task, metric, baseline))
+        if method == baseline or metric != primary[task] or base is None:
+            continue
+        test = stats.welch(base["values"], r["values"])
+        if test is None:
+            continue
+        sd = statistics.fmean([statistics.stdev(base["values"]), statistics.stdev(r["values"])])
+        effect = stats.PAPER_EFFECT.get(task)
+        need = stats.seeds_needed(sd, effect) if effect else None
+        out.append({"task": task, "metric": metric, "method": method, "baseline": baseline,
+                    "n": [base["n"], r["n"]], **test, "ci95": stats.bootstrap_ci(base["values"], r["values"]),
+                    "paper_effect": effect, "seeds_needed": need,
+                    "underpowered": need is not None and min(base["n"], r["n"]) < need})
+    for method in {c["method"] for c in out}:  # Holm over the tasks of this report, per comparison
+        group = [c for c in out if c["method"] == method]
+        for c, adjusted in zip(group, stats.holm([c["p"] for c in group])):
+            c["p_holm"] = adjusted
+    return out
+
+
+def comparison_markdown(comparisons: list[dict]) -> str:
+    lines = ["| task | metric | method − baseline | Δ mean | 95 % bootstrap CI | Welch t (df) | p | p, Holm | "
+             "seeds/arm for the paper's effect |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        df = "–" if c["df"] is None else f"{c['df']:.1f}"
+        need = "–" if c["seeds_needed"] is None else (
+            f"{c['seeds_needed']} (Δ {c['paper_effect']:.3f})" + (" ⚠ n too small" if c["underpowered"] else ""))
+        lines.append(f"| {c['task']} | {c['metric']} | {c['method']} − {c['baseline']} | {c['diff']:+.4f} | "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['t']:.2f} ({df}) | {c['p']:.3f} | "
+                     f"{c['p_holm']:.3f} | {need} |")
+    return "\n".join(lines)
+
+
 def budget_mismatches(runs: list[dict]) -> list[str]:
     """Runs that should not be compared, as messages: a task whose runs differ in budget (lr, steps, data,
     ...), or a task and method whose seeds differ in the method's own settings (lam, eps, ...)."""
@@ -199,10 +243,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = (f"{len(runs)} runs, {args.metric} metrics; median, mean ± sample std and max over seeds.\n\n"
             + markdown_table(rows) + "\n")
+    comparisons = compare(rows)
+    if comparisons:
+        text += ("\n**Each method against standard** (primary metric; Welch's t, 95 % bootstrap interval of the "
+                 "difference of means; Holm over the tasks of this report):\n\n" + comparison_markdown(comparisons)
+                 + "\n")
+        if any(c["underpowered"] for c in comparisons):
+            text += ("\n⚠ Too few seeds to detect the paper's effect at this seed spread (80 % power, α = 0.05): "
+                     "a non-significant difference here says little.\n")
     if warnings:
         text += "\n**Not comparable: settings differ**\n" + "".join(f"- {w}\n" for w in warnings)
     atomic_write(out / "report.md", lambda p: p.write_text(text))
     atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(rows, indent=2)))
+    atomic_write(out / "comparison.json", lambda p: p.write_text(json.dumps(comparisons, indent=2)))
     if not args.no_plot:
         try:
             atomic_write(out / "report.png", lambda p: plot(rows, p, f"{args.metric} metrics: points = seeds, "

@@ -91,3 +91,26 @@ def test_errors(tmp_path):
     (a / "results.json").write_text(json.dumps({"task": "rte"}))
     with pytest.raises(SystemExit, match=r"lacks \['method', 'seed'"):
         report.main([str(a)])
+
+
+def test_methods_are_compared_with_welch_bootstrap_and_holm(tmp_path):
+    """Two tasks, standard vs r3f: the printed comparison matches the statistics computed by hand, Holm runs
+    over the two tasks, and n = 3 is flagged as too small for the paper's effect."""
+    from r3f_opt.experiments import stats
+
+    vals = {("mrpc", "standard"): [0.60, 0.70, 0.65], ("mrpc", "r3f"): [0.62, 0.66, 0.80],
+            ("rte", "standard"): [0.50, 0.52, 0.51], ("rte", "r3f"): [0.56, 0.58, 0.57]}
+    for (task, method), vs in vals.items():
+        for seed, v in enumerate(vs, 1):
+            fake_run(tmp_path / "runs", task, method, seed, v, f1=v)
+    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    comps = {c["task"]: c for c in json.loads((tmp_path / "rep" / "comparison.json").read_text())}
+    for task in ("mrpc", "rte"):
+        want = stats.welch(vals[task, "standard"], vals[task, "r3f"])
+        assert comps[task]["p"] == pytest.approx(want["p"]) and comps[task]["diff"] == pytest.approx(want["diff"])
+        assert comps[task]["underpowered"] and comps[task]["seeds_needed"] > 3
+    holm = stats.holm([comps["mrpc"]["p"], comps["rte"]["p"]])
+    assert [comps["mrpc"]["p_holm"], comps["rte"]["p_holm"]] == pytest.approx(holm)
+    assert comps["rte"]["p"] < 0.01 < comps["mrpc"]["p"]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| rte | accuracy | r3f − standard | +0.0600 |" in text and "n too small" in text

@@ -145,7 +145,7 @@ def test_report_outputs_are_replaced_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         report.main([str(tmp_path / "runs"), "--output-dir", str(out)])
     assert (out / "report.png").read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "report.json", "report.md", "report.png"]
 
 
 @pytest.mark.parametrize("poison", [b"garbage, not a torch file", "pickle", "wrong shape"])

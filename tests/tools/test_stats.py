@@ -1,0 +1,47 @@
+"""r3f-report's statistics against values worked out independently."""
+import math
+import statistics
+
+import pytest
+
+from r3f_opt.experiments import stats
+
+
+@pytest.mark.parametrize("t, df, p", [(2.0, 10, 0.0733880347), (2.228138852, 10, 0.05), (1.0, 1, 0.5),
+                                      (0.0, 5, 1.0), (12.706204736, 1, 0.05)])
+def test_t_two_sided_p(t, df, p):
+    assert stats.t_two_sided_p(t, df) == pytest.approx(p, rel=1e-6)
+
+
+def test_t_tends_to_the_normal():
+    assert stats.t_two_sided_p(1.959963985, 1e7) == pytest.approx(0.05, rel=1e-5)
+
+
+def test_welch_by_hand():
+    a, b = [0.50, 0.52, 0.55, 0.51], [0.56, 0.60, 0.58, 0.61, 0.57]
+    va, vb = statistics.variance(a) / 4, statistics.variance(b) / 5
+    t = (statistics.fmean(b) - statistics.fmean(a)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 4)
+    got = stats.welch(a, b)
+    assert got["t"] == pytest.approx(t) and got["df"] == pytest.approx(df)
+    assert got["p"] == pytest.approx(stats.t_two_sided_p(t, df)) and 0 < got["p"] < 0.01
+    assert stats.welch([0.5], b) is None
+
+
+def test_holm():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_bootstrap_ci_is_deterministic_and_covers_the_difference():
+    a, b = [0.50, 0.52, 0.55, 0.51], [0.56, 0.60, 0.58, 0.61, 0.57]
+    lo, hi = stats.bootstrap_ci(a, b)
+    assert (lo, hi) == stats.bootstrap_ci(a, b)
+    assert lo < statistics.fmean(b) - statistics.fmean(a) < hi and lo > 0
+
+
+def test_seeds_needed():
+    # 2 (1.96 + 0.8416)^2 sd^2 / effect^2: one sd of effect needs 16 per arm
+    assert stats.seeds_needed(0.01, 0.01) == 16
+    assert stats.seeds_needed(0.02, 0.01) == 63
+    assert stats.seeds_needed(0.0, 0.01) is None  # no measured spread (e.g. every seed at MCC 0)
