@@ -104,8 +104,9 @@ _REFERENCE: dict = {}
 
 
 def param_distance(model_dir: str, reference_dir: str) -> dict:
-    """``||θ − θ₀||₂`` over the encoder's weights (the pooler excluded: all-MiniLM-L6-v2 ships none, so
-    it is randomly initialised on load), and the same relative to ``||θ₀||₂``."""
+    """``||θ − θ₀||₂`` over the encoder's weights (the pooler excluded: all-MiniLM-L6-v2's ``pooler.dense``
+    was never trained, zero bias and a random-like weight, and mean pooling does not use it), and the same
+    relative to ``||θ₀||₂``."""
     key = model_digest(reference_dir)  # the reference (the pretrained model) is loaded once, not per checkpoint
     if key not in _REFERENCE:
         _REFERENCE.clear()
