@@ -46,12 +46,13 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .._dispatch import device_context
 
 __all__ = ["spectral_normalize", "SpectralNormFunction", "fits_one_program", "LAUNCHES", "MAX_FUSED_ELEMENTS",
            "SUPPORTED_DTYPES"]
@@ -506,10 +507,6 @@ def _kernel_can_read(*tensors: torch.Tensor) -> bool:
                and not functorch.is_legacy_batchedtensor(t) for t in tensors)
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
 class SpectralNormFunction(torch.autograd.Function):
     """``W / sigma`` with the power iteration (in place on u, v) in forward; u, v constant in derivatives.
 
@@ -533,7 +530,7 @@ class SpectralNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_iters: int, eps: float, fused: bool):
-        with _device(weight):
+        with device_context(weight):
             out, u_save, v_save, sigma = _kernel_forward(weight, u, v, n_iters, eps, fused)
         if n_iters > 0:  # the buffers changed: let autograd catch any stale saved copy of them
             for buf in (u, v):
@@ -559,7 +556,7 @@ class SpectralNormFunction(torch.autograd.Function):
         if (_kernel_can_read(grad, weight, u_save, v_save, sigma)
                 and not (torch.is_grad_enabled() and (grad.requires_grad or weight.requires_grad))):
             # (a result that must be differentiable, double backward, takes the PyTorch formula)
-            with _device(weight):
+            with device_context(weight):
                 dw = _kernel_backward(grad, weight, u_save, v_save, sigma, ctx.fused)
         else:
             dw = _backward_torch(grad, weight, u_save, v_save)

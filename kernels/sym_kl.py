@@ -51,12 +51,13 @@ Edge cases follow ``r3f_opt.symmetric_kl`` (the PyTorch path computes the same e
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .._dispatch import device_context as _device_context  # the name the tests wrap
 
 __all__ = ["symmetric_kl_rows", "Config", "launches"]
 
@@ -307,15 +308,6 @@ def _rows_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int
         n_rows *= size
     (n0, s0), (n1, s1) = ([[1, 0]] * (2 - len(groups)) + groups)[-2:]
     return x, n_rows, n1, s0, s1, x.stride(-1)
-
-
-def _device_context(t: torch.Tensor):
-    """``torch.cuda.device(t.device)`` for a CUDA tensor, else a no-op context.
-
-    Triton launches on the current device (and its current stream): logits on cuda:1 while cuda:0 is
-    current must switch to cuda:1 first, as the spectral-norm launcher does.
-    """
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 class SymmetricKLRows(torch.autograd.Function):

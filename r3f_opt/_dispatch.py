@@ -12,12 +12,13 @@ When Triton is wanted but cannot be imported, the PyTorch path runs after a one-
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 import os
 import warnings
 
 import torch
 
-__all__ = ["use_triton", "triton_available", "kernel_mode"]
+__all__ = ["use_triton", "triton_available", "kernel_mode", "device_context"]
 
 _MODES = ("auto", "torch", "triton")
 
@@ -72,3 +73,10 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
             "only in its interpreter: set TRITON_INTERPRET=1 before importing triton, or unset R3F_KERNELS."
         )
     return True
+
+
+def device_context(t: torch.Tensor):
+    """``torch.cuda.device(t.device)`` for a CUDA tensor, else a no-op context. Triton launches on the
+    current device (and its current stream): a kernel on tensors of cuda:1 while cuda:0 is current must
+    switch to cuda:1 first."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()

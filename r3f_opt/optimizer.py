@@ -244,7 +244,8 @@ class RegularizedOptimizer(Optimizer):
                                         method_kwargs=method_kwargs, same_dropout=same_dropout)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
-        self.reduction, self.max_grad_norm, self.on_nonfinite = reduction, max_grad_norm, on_nonfinite
+        self.reduction = getattr(self.regularizer, "reduction", reduction)  # None resolved by the method
+        self.max_grad_norm, self.on_nonfinite = max_grad_norm, on_nonfinite
         self.grad_scaler, self._backward = grad_scaler, backward
         self.nonfinite_steps = 0
         self._skip_pending = False  # a micro-batch since zero_grad() had a non-finite loss
@@ -399,9 +400,12 @@ class RegularizedOptimizer(Optimizer):
         if not bool(torch.isfinite(full)):
             return f"{full.item()}"
         if max_norm is not None:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
-            for p in params:
-                p.grad.mul_(coef.to(p.grad.device))
+            if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6: foreach, one kernel per device
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            else:  # as torch.nn.utils.clip_grad_norm_ scales
+                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                for p in params:
+                    p.grad.mul_(coef.to(p.grad.device))
         return None
 
     def _nonfinite(self, result: Optional[StepResult], what: str, gradient: bool = False) -> Optional[StepResult]:

@@ -354,9 +354,11 @@ class FineTune:
         if res.skipped:  # a non-finite loss: nothing changed (RegularizedOptimizer warns)
             self.sums["nonfinite"] += 1
         else:
-            self.sums["task_loss"] += res.task_loss.item()
-            self.sums["sym_kl"] += res.sym_kl.item()
-            self.sums["kl_share"] += (self.opt.lam * res.sym_kl / res.loss).item() if res.loss != 0 else 0.0
+            task, kl = res.task_loss.item(), res.sym_kl.item()
+            self.sums["task_loss"] += task
+            self.sums["sym_kl"] += kl
+            total = task + self.opt.lam * kl  # res.loss, without another device sync
+            self.sums["kl_share"] += self.opt.lam * kl / total if total else 0.0
             self.sums["n"] += 1
 
     def evaluate_now(self) -> None:
