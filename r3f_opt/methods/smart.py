@@ -100,8 +100,8 @@ class SMART(Standard):
 
         def perturbation(x: torch.Tensor) -> torch.Tensor:  # delta_0 has the lookup output's shape
             nonlocal delta
-            if delta is None:
-                delta = self.noise.sample(x.shape, x.device)
+            if delta is None:  # the ascent's leaf
+                delta = self.noise.sample(x.shape, x.device).requires_grad_(True)
             return delta
 
         target, kl_start = clean.detach(), None
@@ -109,8 +109,7 @@ class SMART(Standard):
             if delta is not None:
                 delta = delta.detach().requires_grad_(True)
             # No parameter gets a gradient from the ascent: DDP must not expect (and wait for) one.
-            with passes.grad_sync(last=False), self.noise.active(noise_mask, self._leaf(perturbation)), \
-                    torch.enable_grad():
+            with passes.grad_sync(last=False), self.noise.active(noise_mask, perturbation), torch.enable_grad():
                 adv = passes.run()[2]
             check_noise_reached(self.noise)
             check_same_shape(clean, adv)
@@ -129,10 +128,3 @@ class SMART(Standard):
         kl = symmetric_kl(clean, adv, mask=mask, reduction=self.reduction)
         self.terms = {"kl_start": kl_start, "delta_max": delta.abs().max()}
         return kl
-
-    @staticmethod
-    def _leaf(perturbation):
-        def add(x: torch.Tensor) -> torch.Tensor:
-            d = perturbation(x)
-            return d if d.requires_grad else d.requires_grad_(True)  # the first draw becomes the leaf
-        return add
