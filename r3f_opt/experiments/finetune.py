@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--max-train-examples", type=int, help="a random subset of this size (the same for all seeds)")
     p.add_argument("--max-eval-examples", type=int, help="as --max-train-examples, for the eval set")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate (and checkpoint) every N steps; "
-                   "0: at the end only")
+    p.add_argument("--eval-every", type=_every, default=0, help="evaluate (and checkpoint) every N steps, or "
+                   "'epoch': at the end of every epoch; 0: at the end only")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (a Ctrl-C between "
                    "steps checkpoints too)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer to <output-dir>/model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _every(text: str):
+    """``--eval-every``: a number of steps >= 0, or ``epoch``."""
+    if text == "epoch":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'epoch', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'epoch', got {value}")
+    return value
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -114,7 +127,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         value = getattr(a, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("lam", "eps", "weight_decay", "max_grad_norm", "eval_every", "save_every"):
+    for name in ("lam", "eps", "weight_decay", "max_grad_norm", "save_every"):
         if not getattr(a, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if not 0 <= a.warmup_ratio < 1:
@@ -281,6 +294,7 @@ class FineTune:
             seed=args.seed, max_grad_norm=args.max_grad_norm or None)
         self.steps_per_epoch = math.ceil(len(self.train_f) / args.batch_size)
         self.total = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
+        self.eval_every = self.steps_per_epoch if args.eval_every == "epoch" else args.eval_every
         self.sched = get_linear_schedule_with_warmup(self.opt.optimizer, round(args.warmup_ratio * self.total),
                                                      self.total)
         self.step, self.history, self.train_seconds = 0, [], 0.0
@@ -390,7 +404,7 @@ class FineTune:
         consistent = True  # False while a step is half done: an interrupt then cannot be checkpointed
         with _deferred_sigint() as interrupted:
             try:
-                if self._due(a.eval_every) and (not self.history or self.history[-1]["step"] != self.step):
+                if self._due(self.eval_every) and (not self.history or self.history[-1]["step"] != self.step):
                     self.evaluate_now()  # the run was interrupted during this evaluation
                 while self.step < self.total:
                     consistent = False
@@ -400,9 +414,9 @@ class FineTune:
                     n = max(self.sums["n"], 1)
                     self.bar.set_postfix(task_loss=f"{self.sums['task_loss'] / n:.4f}",
                                          sym_kl=f"{self.sums['sym_kl'] / n:.2e}")
-                    if self._due(a.eval_every):
+                    if self._due(self.eval_every):
                         self.evaluate_now()
-                    if self._due(a.eval_every) or self._due(a.save_every):
+                    if self._due(self.eval_every) or self._due(a.save_every):
                         self.save_checkpoint()
                     if interrupted() and self.step < self.total:
                         raise KeyboardInterrupt

@@ -155,6 +155,18 @@ def test_epochs_overwrite_and_options(glue_dir, tiny_model_dir, tmp_path):
     assert run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", model=tiny_model_dir)["steps"] == 1
 
 
+def test_eval_every_epoch(glue_dir, tiny_model_dir, tmp_path):
+    # 24 examples at batch 4: 6 steps per epoch; 2.5 epochs = 15 steps; evaluations after epochs 1, 2 and at the end
+    res = run(glue_dir, tmp_path / "run", "--task", "rte", "--epochs", "2.5", "--eval-every", "epoch",
+              model=tiny_model_dir)
+    assert [e["step"] for e in res["evaluations"]] == [6, 12, 15]
+    assert [e["epoch"] for e in res["evaluations"]] == [1.0, 2.0, 2.5]
+    assert res["settings"]["eval_every"] == "epoch"
+    for bad in ("-1", "epochs", "2.5"):
+        with pytest.raises(SystemExit):
+            run(glue_dir, tmp_path / f"bad{bad}", "--task", "rte", "--eval-every", bad, model=tiny_model_dir)
+
+
 def test_not_a_model_folder(glue_dir, tmp_path):
     with pytest.raises(SystemExit, match="not a Hugging Face model folder"):
         run(glue_dir, tmp_path / "run", "--task", "rte", "--max-steps", "1", model=str(tmp_path))
