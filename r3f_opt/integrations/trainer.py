@@ -88,11 +88,24 @@ def _logits(outputs: Any) -> torch.Tensor:
     return logits
 
 
+def _noisy_inputs(model: torch.nn.Module, inputs: dict) -> dict:
+    """The inputs of a pass whose only use is its logits: without ``labels`` where the model needs them for
+    nothing but its loss (every model but an encoder-decoder without ``decoder_input_ids``, which builds its
+    decoder inputs from the labels). The model then computes no loss: no cross-entropy, no float32
+    log-softmax of the logits, not even transiently."""
+    if "labels" not in inputs:
+        return inputs
+    config = getattr(unwrap_model(model), "config", None)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "labels"}
+
+
 class _ModelPasses:
-    """One more pass of the model on the Trainer's inputs, for a method's term."""
+    """One more pass of the model on the Trainer's inputs, for a method's term (its logits only)."""
 
     def __init__(self, model: torch.nn.Module, inputs: dict) -> None:
-        self.model, self.inputs = model, inputs
+        self.model, self.inputs = model, _noisy_inputs(model, inputs)
 
     def run(self) -> tuple[Any, Optional[torch.Tensor], torch.Tensor]:
         out = self.model(**self.inputs)

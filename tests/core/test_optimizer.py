@@ -271,3 +271,68 @@ def test_default_seed_follows_manual_seed_without_consuming_the_global_rng():
     torch.manual_seed(4)
     c = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     assert a.noise.seed == b.noise.seed != c.noise.seed
+
+
+def _live_bytes_at_backward(monkeypatch, step) -> tuple[int, int]:
+    """(bytes alive when the step's backward starts, peak bytes of the step) above those alive before it, from
+    the torch profiler's memory events; the backward start is marked by a small allocation of a unique size."""
+    import r3f_opt.optimizer as optimizer_module
+    from torch.profiler import ProfilerActivity, profile
+
+    marker = 1_234_567
+    backward = optimizer_module._Passes.backward
+
+    def marked(self, loss, result):
+        torch.empty(marker, dtype=torch.uint8)
+        return backward(self, loss, result)
+
+    if not getattr(backward, "marked", False):
+        marked.marked = True
+        monkeypatch.setattr(optimizer_module._Passes, "backward", marked)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    at_backward = None
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+        if at_backward is None and e.nbytes() == marker:
+            at_backward = live - marker
+    return at_backward, peak
+
+
+def test_logits_path_holds_nothing_of_the_noisy_loss_at_the_backward(monkeypatch):
+    """The noisy pass's model output (its loss, the loss's float32 log-softmax) is freed before the KL and the
+    backward: what is alive when the backward starts is the same whether the noisy pass computed a loss or not."""
+    import transformers
+
+    vocab, rows = 16_384, 2 * 32
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, eps=1e-3)
+    ids = torch.randint(0, vocab, (2, 32))
+    logits_bytes = rows * vocab * 4
+
+    def step(noisy_labels: bool):
+        calls = []
+
+        def closure():  # the clean pass always computes the loss; the noisy one only if noisy_labels
+            calls.append(1)
+            return model(input_ids=ids, labels=ids) if len(calls) == 1 or noisy_labels else (
+                torch.zeros(()), model(input_ids=ids).logits)
+
+        opt.zero_grad()
+        opt.step(closure)
+
+    step(True)  # warm up (lazy initialisations)
+    with_loss = _live_bytes_at_backward(monkeypatch, lambda: step(True))[0]
+    step(False)  # what the previous step leaves behind (and this one frees) must be the same in both
+    without = _live_bytes_at_backward(monkeypatch, lambda: step(False))[0]
+    # At least the clean logits, the clean loss's log-softmax and the noisy logits are alive; a kept noisy loss
+    # graph would add one more logits-sized tensor (its log-softmax).
+    assert with_loss >= 3 * logits_bytes
+    assert abs(with_loss - without) < 0.05 * logits_bytes, (with_loss - without) / logits_bytes

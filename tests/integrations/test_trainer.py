@@ -128,3 +128,15 @@ def test_find_unused_parameters_and_neftune_are_refused(tmp_path):
         R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, neftune_noise_alpha=5.0))
     with pytest.raises(ValueError, match="r3f_method"):
         args(tmp_path, r3f_method="r5f")
+
+
+@pytest.mark.parametrize("kind, noisy_has_labels", [("gpt2-lm", False), ("bert", False), ("bart-seq2seq", True)])
+def test_the_noisy_pass_computes_no_loss(tmp_path, kind, noisy_has_labels):
+    """Only the noisy pass's logits are used: it runs without labels (no cross-entropy, no float32 log-softmax),
+    except for an encoder-decoder model, which builds its decoder inputs from them."""
+    torch.manual_seed(0)
+    model = tiny_model(kind, dropout=0.0)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append("labels" in kw), with_kwargs=True)
+    R3FTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=Rows(4, kind=kind)).train()
+    assert seen == [True, noisy_has_labels]
