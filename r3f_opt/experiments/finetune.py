@@ -28,7 +28,7 @@ from ..methods import METHODS, check_method_kwargs
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
 from .data import atomic_write, collate, default_model, encode, load_examples
-from .glue import TASKS, GlueDataError, compute_metrics, resolve
+from .glue import TASKS, GlueDataError, compute_metrics, majority_baseline, resolve
 
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
@@ -447,7 +447,8 @@ class FineTune:
             "settings": {"eval_every": a.eval_every, "eval_batch_size": a.eval_batch_size,
                          "device": str(a.device), "command": ["r3f-finetune", *getattr(a, "argv", [])]},
             "data": {"train_file": a.train_file, "eval_file": a.eval_file, "n_train": len(self.train_f),
-                     "n_eval": len(self.eval_f), "eval_is_full_official_dev": self.official_eval},
+                     "n_eval": len(self.eval_f), "eval_is_full_official_dev": self.official_eval,
+                     "majority_baseline": majority_baseline(task, self.train_y, self.eval_y)},
             "steps": self.step, "steps_per_epoch": self.steps_per_epoch, "nonfinite_steps": self.opt.nonfinite_steps,
             "train_seconds": self.train_seconds, "seconds_per_step": self.train_seconds / self.step,
             "steps_per_second": self.step / self.train_seconds, "wall_clock_seconds": self._wall(),

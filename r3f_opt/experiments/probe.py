@@ -403,20 +403,29 @@ def plot(result: dict, path: Path) -> None:
     stages = sorted({(r["stage"], r["after"]) for r in rows if r["method"] != "pretrained"})
     panels = [(t, lambda r, t=t: _primary(r, t), f"probe: {t} ({TASKS[t].primary_metric})") for t in tasks]
     panels.append(("cka", lambda r: r["cka_to_pretrained"], "CKA to pretrained features"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
-    for ax, (key, value, title) in zip(axes[0], panels):
+    ncols = len(panels) if len(panels) <= 4 else -(-len(panels) // 2)  # two rows: readable at page width
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.1 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, value, title) in zip(axes.flat, panels):
         for j, method in enumerate(methods):
             group = [r for r in rows if r["method"] == method and (key == "cka" or key in r["probes"])]
-            if chain:
+            if chain:  # mean over seeds per stage, ± sample std as a band; points = single seeds
                 xs = [s for s, _ in stages]
-                med = [statistics.median([value(r) for r in group if r["stage"] == s]) for s in xs]
-                ax.plot(xs, med, "-o", ms=3, color=f"C{j}", label=method)
+                per = [[value(r) for r in group if r["stage"] == s] for s in xs]
+                mean = [statistics.fmean(v) for v in per]
+                std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per]
+                ax.plot(xs, mean, "-o", ms=3, color=f"C{j}", label=method)
+                ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=f"C{j}", alpha=0.12, lw=0)
                 ax.scatter([r["stage"] + (j - (len(methods) - 1) / 2) * 0.08 for r in group],
                            [value(r) for r in group], s=8, color=f"C{j}", alpha=0.5)
             else:
-                ax.bar(j, statistics.median(value(r) for r in group), width=0.7, color=f"C{j}", alpha=0.7,
-                       label=method)
-                ax.scatter([j] * len(group), [value(r) for r in group], s=10, color="k", zorder=3)
+                vals = [value(r) for r in group]
+                ax.bar(j, statistics.fmean(vals), width=0.7, color=f"C{j}", alpha=0.7, label=method,
+                       yerr=statistics.stdev(vals) if len(vals) > 1 else None, capsize=3)
+                ax.scatter([j] * len(group), vals, s=10, color="k", zorder=3)
         if key == "cka" or key in base["probes"]:
             ax.axhline(value(base), color="gray", ls="--", lw=1, label="pretrained")
         if chain:
@@ -429,8 +438,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"r3f-probe {result['command']}: " + ("median per method, points = seeds" if chain else
-                                                        "bars = median, points = seeds"), fontsize=10)
+    fig.suptitle(f"r3f-probe {result['command']}: " + ("mean over seeds per method (band ± std), points = seeds"
+                                                        if chain else "bars = mean over seeds ± std, points = seeds"),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

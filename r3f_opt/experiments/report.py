@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 
 from . import stats
 from .data import atomic_write
-from .glue import TASKS
+from .glue import TASKS, majority_baseline
 
-__all__ = ["main", "load_runs", "summarize", "compare", "comparison_markdown", "markdown_table", "plot"]
+__all__ = ["main", "load_runs", "summarize", "compare", "comparison_markdown", "markdown_table", "baselines",
+           "plot"]
 
 METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 # Hyper-parameters that make up a run's budget: the paper's rule is that every method gets the same.
@@ -67,7 +68,8 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
 
 
 def _check_metrics(f: Path, run: dict) -> None:
-    """Every metric of the run's task, under ``final`` and ``best``, is a finite number."""
+    """Under ``final`` and ``best``, the task's primary metric is a finite number, and so is every other metric
+    the run has (runs written before a secondary metric was added, e.g. CoLA's accuracy, lack it)."""
     task = TASKS.get(run["task"])
     if task is None:
         raise ReportError(f"{f}: unknown task {run['task']!r}; expected one of {sorted(TASKS)}")
@@ -75,7 +77,7 @@ def _check_metrics(f: Path, run: dict) -> None:
         metrics = run[which].get("metrics") if isinstance(run[which], dict) else None
         if not isinstance(metrics, dict):
             raise ReportError(f"{f}: '{which}' has no 'metrics'; is it a results.json written by r3f-finetune?")
-        for name in task.metrics:
+        for name in dict.fromkeys([task.primary_metric, *metrics]):
             value = metrics.get(name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ReportError(f"{f}: {which} metric {name!r} is {value!r}, not a finite number; re-run that "
@@ -196,29 +198,72 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Per task (primary metric): each seed's value as a point, the median per method as a bar."""
+def baselines(runs: list[dict]) -> dict:
+    """Per task, the majority-class baseline's metrics on the eval set (``{task: {metric: value}}``): from
+    the runs' ``data.majority_baseline``, or, for runs written before it was recorded, from their train and
+    eval files (the same subsets) where those files are readable here; tasks with neither are left out."""
+    out: dict = {}
+    for r in runs:
+        if r["task"] in out:
+            continue
+        data = r.get("data", {})
+        base = data.get("majority_baseline")
+        if base is None:
+            try:
+                from .data import load_examples
+                _, train_y = load_examples(data["train_file"], r["task"], data.get("n_train"))
+                _, eval_y = load_examples(data["eval_file"], r["task"], data.get("n_eval"))
+            except (KeyError, TypeError, OSError, ValueError):
+                continue
+            base = majority_baseline(r["task"], train_y, eval_y)
+        out[r["task"]] = {k: v for k, v in base.items() if k != "label"}
+    return out
+
+
+def baselines_markdown(base: dict) -> str:
+    return "Majority-class baseline on the eval set: " + "; ".join(
+        f"{task} " + ", ".join(f"{m} {v:.4f}" for m, v in sorted(metrics.items())) for task, metrics in sorted(base.items()))
+
+
+def plot(rows: list[dict], path: Path, title: str = "", base: Optional[dict] = None) -> None:
+    """One panel per task and metric: each seed's value as a point, the mean per method as a bar with ± one
+    sample std; the y-axis starts at the majority-class baseline (drawn dashed) where ``base`` has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        first = next(r for r in rows if r["task"] == task)
-        group = [r for r in rows if r["task"] == task and r["metric"] == first["metric"]]
+    base = base or {}
+    panels = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (task, metric) in zip(axes.flat, panels):
+        group = [r for r in rows if r["task"] == task and r["metric"] == metric]
         for x, r in enumerate(group):
             n = len(r["values"])
-            xs = [x + (i - (n - 1) / 2) * 0.08 for i in range(n)]
-            ax.scatter(xs, r["values"], s=18, color=f"C{x}", alpha=0.8, zorder=3)
-            ax.hlines(r["median"], x - 0.3, x + 0.3, color=f"C{x}", lw=2.5)
+            xs = [x + (i - (n - 1) / 2) * 0.6 / max(n, 1) for i in range(n)]
+            ax.scatter(xs, r["values"], s=14, color=f"C{x}", alpha=0.8, zorder=3)
+            ax.hlines(r["mean"], x - 0.35, x + 0.35, color=f"C{x}", lw=2.5)
+            if r["std"]:
+                ax.errorbar(x, r["mean"], yerr=r["std"], color=f"C{x}", capsize=4, lw=1)
+        floor = base.get(task, {}).get(metric)
+        if floor is not None:
+            ax.axhline(floor, color="gray", ls="--", lw=1, label="majority class")
+            values = [v for r in group for v in r["values"]]
+            lo, hi = min([floor, *values]), max([floor, *values])
+            pad = 0.08 * (hi - lo) or 0.01
+            ax.set_ylim(lo - pad, hi + pad)
         ax.set_xticks(range(len(group)), [r["method"] for r in group])
         ax.set_xlim(-0.6, len(group) - 0.4)
-        ax.set_title(task)
-        ax.set_ylabel(first["metric"])
+        ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title or "points: seeds; bars: median")
+    handles = [h for ax in axes.flat for h in ax.get_lines() if h.get_label() == "majority class"][:1]
+    if handles:
+        fig.legend(handles=handles, loc="upper right", fontsize=8)
+    fig.suptitle(title or "points: seeds; bars: mean ± std")
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -241,8 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     warnings = budget_mismatches(runs)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    base = baselines(runs)
     text = (f"{len(runs)} runs, {args.metric} metrics; median, mean ± sample std and max over seeds.\n\n"
-            + markdown_table(rows) + "\n")
+            + markdown_table(rows) + "\n" + (f"\n{baselines_markdown(base)}.\n" if base else ""))
     comparisons = compare(rows)
     if comparisons:
         text += ("\n**Each method against standard** (primary metric; Welch's t, 95 % bootstrap interval of the "
@@ -259,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.no_plot:
         try:
             atomic_write(out / "report.png", lambda p: plot(rows, p, f"{args.metric} metrics: points = seeds, "
-                                                                    "bars = median"))
+                                                                    "bars = mean ± std, dashed = majority class",
+                                                                 base))
         except ImportError:
             raise SystemExit("r3f-report: the plot needs matplotlib: `pip install matplotlib`, or pass --no-plot")
     print(text, end="")

@@ -28,6 +28,7 @@ def test_every_task_and_method(glue_dir, tiny_model_dir, tmp_path, capsys, task,
               model=tiny_model_dir)
     assert (res["task"], res["method"], res["seed"], res["steps"]) == (task, method, 3, 2)
     assert res["data"]["n_train"] == 24 and res["data"]["n_eval"] == 16
+    assert set(res["data"]["majority_baseline"]) == set(TASKS[task].metrics) | {"label"}
     final = res["final"]["metrics"]
     assert set(final) == set(TASKS[task].metrics) | {"loss"}
     for name, value in final.items():

@@ -114,3 +114,57 @@ def test_methods_are_compared_with_welch_bootstrap_and_holm(tmp_path):
     assert comps["rte"]["p"] < 0.01 < comps["mrpc"]["p"]
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| rte | accuracy | r3f − standard | +0.0600 |" in text and "n too small" in text
+
+
+def test_majority_baseline_recorded_or_from_files(tmp_path, glue_dir):
+    from r3f_opt.experiments.data import load_examples
+    from r3f_opt.experiments.glue import majority_baseline
+
+    d = fake_run(tmp_path / "a", "mrpc", "standard", 1, 0.7, f1=0.8)
+    run = json.loads((d / "results.json").read_text())
+    run["data"]["majority_baseline"] = {"label": 1, "accuracy": 0.684, "f1": 0.812}
+    (d / "results.json").write_text(json.dumps(run))
+    assert report.baselines(report.load_runs([str(d)])) == {"mrpc": {"accuracy": 0.684, "f1": 0.812}}
+    # An older run without the field: recomputed from its train and eval files (the same subsets)
+    train, dev = glue_dir / "RTE" / "train.tsv", glue_dir / "RTE" / "dev.tsv"
+    d = fake_run(tmp_path / "b", "rte", "standard", 1, 0.5)
+    run = json.loads((d / "results.json").read_text())
+    run["data"].update(train_file=str(train), eval_file=str(dev), n_train=20, n_eval=10)
+    (d / "results.json").write_text(json.dumps(run))
+    _, ty = load_examples(train, "rte", 20)
+    _, ey = load_examples(dev, "rte", 10)
+    expected = majority_baseline("rte", ty, ey)
+    assert report.baselines(report.load_runs([str(d)])) == {"rte": {"accuracy": expected["accuracy"]}}
+    report.main([str(tmp_path / "b"), "--output-dir", str(tmp_path / "rep")])
+    assert f"Majority-class baseline on the eval set: rte accuracy {expected['accuracy']:.4f}" in \
+        (tmp_path / "rep" / "report.md").read_text()
+    # Files that are gone: no baseline, and the report still works
+    run["data"].update(train_file=str(tmp_path / "gone.tsv"))
+    (d / "results.json").write_text(json.dumps(run))
+    assert report.baselines(report.load_runs([str(d)])) == {}
+
+
+def test_majority_baseline_picks_the_train_majority():
+    from r3f_opt.experiments.glue import majority_baseline
+
+    base = majority_baseline("cola", [1, 1, 0], [0, 0, 1, 1, 1])
+    assert base == {"label": 1, "mcc": 0.0, "accuracy": 0.6}
+    assert majority_baseline("mrpc", [0, 1], [1, 1])["label"] == 0  # a tie: the lower id
+
+
+def test_older_runs_without_a_secondary_metric(tmp_path):
+    for seed, metrics in [(1, {"mcc": 0.3, "accuracy": 0.7}), (2, {"mcc": 0.2})]:  # seed 2 predates accuracy
+        d = tmp_path / f"cola-{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "task": "cola", "method": "standard", "seed": seed, "primary_metric": "mcc",
+            "final": {"metrics": metrics}, "best": {"metrics": metrics}}))
+    rows = report.summarize(report.load_runs([str(tmp_path)]))
+    assert [(r["metric"], r["n"]) for r in rows] == [("mcc", 2), ("accuracy", 1)]
+    d = tmp_path / "cola-3"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({
+        "task": "cola", "method": "standard", "seed": 3, "primary_metric": "mcc",
+        "final": {"metrics": {"accuracy": 0.7}}, "best": {"metrics": {"mcc": 0.1}}}))
+    with pytest.raises(report.ReportError, match="final metric 'mcc' is None"):
+        report.load_runs([str(d)])
