@@ -81,9 +81,31 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def t_quantile(q: float, df: float) -> float:
+    """The upper-tail quantile of Student's t: ``t`` with ``P(T >= t) = q``, for ``0 < q <= 0.5``."""
+    if not 0 < q <= 0.5:
+        raise ValueError(f"q must be in (0, 0.5], got {q}")
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 2 * q:  # P(|T| >= t) = 2 P(T >= t)
+        hi *= 2
+    for _ in range(100):  # bisection: t_two_sided_p falls monotonically in t
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 2 * q else (lo, mid)
+    return (lo + hi) / 2
+
+
 def seeds_needed(sd: float, effect: float, alpha: float = 0.05, power: float = 0.8) -> Optional[int]:
-    """Seeds per arm for a two-sided test at ``alpha`` to detect ``effect`` with ``power`` (normal approx.)."""
+    """Seeds per arm (at least 2) for a two-sided two-sample t-test at ``alpha`` to detect ``effect`` with
+    ``power``: n = 2 (t_{1-alpha/2} + t_{power})^2 sd^2 / effect^2 with t on 2n - 2 degrees of freedom,
+    iterated from the normal approximation (which underestimates small n)."""
     if not effect or not sd:  # no spread measured: nothing to size the test with
         return None
     z = statistics.NormalDist()
-    return math.ceil(2 * (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) ** 2 * sd ** 2 / effect ** 2)
+    ratio = 2 * sd ** 2 / effect ** 2
+    n = max(2, math.ceil(ratio * (z.inv_cdf(1 - alpha / 2) + z.inv_cdf(power)) ** 2))
+    while True:
+        df = 2 * n - 2
+        need = max(2, math.ceil(ratio * (t_quantile(alpha / 2, df) + t_quantile(1 - power, df)) ** 2))
+        if need <= n:
+            return n
+        n = need

@@ -41,7 +41,16 @@ def test_bootstrap_ci_is_deterministic_and_covers_the_difference():
 
 
 def test_seeds_needed():
-    # 2 (1.96 + 0.8416)^2 sd^2 / effect^2: one sd of effect needs 16 per arm
-    assert stats.seeds_needed(0.01, 0.01) == 16
-    assert stats.seeds_needed(0.02, 0.01) == 63
+    # The two-sample t-test's textbook sample sizes (80 % power, alpha 0.05, two-sided; e.g. G*Power, Cohen's
+    # tables): d = 1 needs 17 per arm, d = 0.5 needs 64, d = 2 needs 6; the normal approximation said 16, 63, 4.
+    assert stats.seeds_needed(0.01, 0.01) == 17
+    assert stats.seeds_needed(0.02, 0.01) == 64
+    assert stats.seeds_needed(0.005, 0.01) == 6
+    assert stats.seeds_needed(0.0001, 0.01) == 2  # never fewer than two seeds per arm
+    # t quantiles against tables: t_{0.975, 10} = 2.228, t_{0.8, 10} = 0.879, t_{0.995, 3} = 5.841
+    assert stats.t_quantile(0.025, 10) == pytest.approx(2.2281, abs=1e-4)
+    assert stats.t_quantile(0.2, 10) == pytest.approx(0.8791, abs=1e-4)
+    assert stats.t_quantile(0.005, 3) == pytest.approx(5.8409, abs=1e-4)
+    with pytest.raises(ValueError, match="q must be"):
+        stats.t_quantile(0.7, 3)
     assert stats.seeds_needed(0.0, 0.01) is None  # no measured spread (e.g. every seed at MCC 0)
