@@ -89,19 +89,24 @@ def _methods(runs: list[dict]) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
 
 
-def summarize(runs: list[dict], which: str = "final") -> list[dict]:
+def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = None) -> list[dict]:
     """One row per (task, metric, method): n, seeds, values, median, mean, std (sample; None for n=1), max,
-    and the mean seconds per step. ``which``: "final" (end of training) or "best" (best evaluation)."""
+    and the mean seconds per step. ``which``: "final" (end of training) or "best" (best evaluation).
+    Each task's primary metric comes first (the task's own, or ``primary[task]``, e.g. ``{"mrpc": "f1"}``)."""
     if which not in ("final", "best"):
         raise ValueError(f"which must be 'final' or 'best', got {which!r}")
+    primary = primary or {}
+    for task, metric in primary.items():
+        if task in TASKS and metric not in TASKS[task].metrics:
+            raise ValueError(f"{task} has no metric {metric!r}; it has {list(TASKS[task].metrics)}")
     groups: dict = defaultdict(list)
     for r in runs:
         groups[r["task"], r["method"]].append(r)
     rows = []
     for task in sorted({r["task"] for r in runs}):
         task_runs = [r for r in runs if r["task"] == task]
-        primary = task_runs[0]["primary_metric"]
-        metrics = [primary] + sorted({k for r in task_runs for k in r[which]["metrics"]} - {primary, "loss"})
+        first = primary.get(task, task_runs[0]["primary_metric"])
+        metrics = [first] + sorted({k for r in task_runs for k in r[which]["metrics"]} - {first, "loss"})
         for metric in metrics:
             for method in _methods(task_runs):
                 group = sorted(groups[task, method], key=lambda r: r["seed"])
@@ -276,13 +281,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--metric", choices=("final", "best"), default="final",
                    help="final: the metrics at the end of training; best: the best evaluation of each run "
                    "(chosen on the eval set, so optimistic)")
+    p.add_argument("--primary", action="append", default=[], metavar="TASK=METRIC",
+                   help="the metric the comparison tests for TASK, e.g. mrpc=f1 (default: the task's first GLUE "
+                   "metric); repeatable")
     p.add_argument("--no-plot", action="store_true", help="write the table only (no matplotlib needed)")
     args = p.parse_args(argv)
+    primary = {}
+    for item in args.primary:
+        task, _, metric = item.partition("=")
+        if task not in TASKS or metric not in TASKS[task].metrics:
+            p.error(f"--primary {item!r}: expected TASK=METRIC with a GLUE task and one of its metrics, e.g. "
+                    "mrpc=f1 or cola=mcc")
+        primary[task] = metric
     try:
         runs = load_runs(args.runs)
     except ReportError as e:
         raise SystemExit(f"r3f-report: {e}")
-    rows = summarize(runs, args.metric)
+    rows = summarize(runs, args.metric, primary)
     warnings = budget_mismatches(runs)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,18 @@ def test_older_runs_without_a_secondary_metric(tmp_path):
         "final": {"metrics": {"accuracy": 0.7}}, "best": {"metrics": {"mcc": 0.1}}}))
     with pytest.raises(report.ReportError, match="final metric 'mcc' is None"):
         report.load_runs([str(d)])
+
+
+def test_primary_metric_override(runs, tmp_path):
+    root, _ = runs
+    rows = report.summarize(report.load_runs([str(root)]), primary={"mrpc": "f1"})
+    assert [r["metric"] for r in rows][:2] == ["f1", "f1"]
+    assert {c["metric"] for c in report.compare(rows)} == {"f1"}  # the comparison tests F1, not accuracy
+    out = tmp_path / "rep"
+    report.main([str(root), "--output-dir", str(out), "--no-plot", "--primary", "mrpc=f1"])
+    assert "| mrpc | f1 | r3f − standard |" in (out / "report.md").read_text()
+    for bad in ("mrpc=mcc", "mrpc", "nope=f1"):
+        with pytest.raises(SystemExit):
+            report.main([str(root), "--output-dir", str(out), "--no-plot", "--primary", bad])
+    with pytest.raises(ValueError, match="mrpc has no metric 'mcc'"):
+        report.summarize(report.load_runs([str(root)]), primary={"mrpc": "mcc"})
