@@ -71,50 +71,268 @@ def _times(prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(prob == 0, torch.zeros_like(x), prob * x)
 
 
+# ------------------------------------------------------------------------------------ the PyTorch path
+# Rows are processed in chunks: per chunk, five chunk x V buffers of the compute dtype (the centred logits
+# of both sides, p, q, one temporary), reused chunk after chunk, instead of six to fifteen full-size
+# temporaries streaming through memory. CHUNK_BYTES per buffer (10 MiB in all: inside a server's L3) bounds
+# a chunk; WORKSPACE_FRACTION of one input's bytes bounds the five buffers, so that the extra memory stays
+# near the two gradients (about 2.75x one input at most, for V >= a few thousand). A row is never split: one
+# row of V = 128256 is a 0.5 MiB buffer. Measured on a 2-core Zen 3 VM (docs/benchmarks.md): larger chunks
+# win up to about 16 rows of 32000, because each chunk costs some 25 operator calls.
+CHUNK_BYTES = 2 * 2**20
+WORKSPACE_FRACTION = 0.75
+STATS = 7  # per-row statistics the forward keeps (see _fast_chunk)
+
+
+def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype = torch.float32,
+                       input_dtype: Optional[torch.dtype] = None) -> int:
+    """Rows per chunk of the PyTorch path: ``CHUNK_BYTES`` per compute-``dtype`` buffer and five buffers
+    within ``WORKSPACE_FRACTION`` of one input (of ``input_dtype``, default ``dtype``); at least one row."""
+    size = torch.empty((), dtype=dtype).element_size()
+    in_size = torch.empty((), dtype=input_dtype or dtype).element_size()
+    elements = min(CHUNK_BYTES // size, int(WORKSPACE_FRACTION * rows * vocab * in_size / (5 * size)))
+    return max(1, min(rows, elements // max(vocab, 1)))
+
+
+def _inv_z(e: torch.Tensor) -> torch.Tensor:
+    """1 / sum_j e_j per row, 1 for an empty row (Z = 0: its e, and so its p, stay 0); NaN stays NaN."""
+    z = e.sum(-1, keepdim=True)
+    return torch.where(z == 0, torch.ones_like(z), z.reciprocal())
+
+
+def _fast_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, ws: torch.Tensor,
+                stats: Optional[torch.Tensor] = None):
+    """p, q, d' and p - q of a chunk of rows (compute dtype, in the workspace ``ws``), and its statistics.
+
+    ``ws``: at least 4 x rows x V of the compute dtype, reused chunk after chunk. ``stats`` (rows x 7: m_a,
+    m_b, 1/Z_a, 1/Z_b, E_p[d'], E_q[d'], and 1 for a row the guarded formulas took) is filled when None
+    (forward), read otherwise (the backward's recomputation, which so gets bit for bit the forward's p and
+    q). Returns ``p, q, d, pq, kl, stats``. No guard for 0 * inf here: a row whose statistics come out
+    non-finite is redone by ``_exact_chunk`` (``_redo_rows``); when they are finite every product p_j d'_j
+    and q_j d'_j was finite, and the guards would not have changed a thing.
+    """
+    fresh = stats is None
+    if fresh:
+        stats = torch.zeros(x.shape[0], STATS, dtype=dtype, device=x.device)
+        stats[:, :1] = _row_max(x)
+        stats[:, 1:2] = _row_max(y)
+    m_a, m_b, inv_a, inv_b, e_p, e_q, _ = stats.split(1, -1)
+    la, lb, p, q = ws[:4]
+    torch.sub(x, m_a, out=la)  # a - m_a in the compute dtype (a bf16 input is widened exactly in the op)
+    torch.sub(y, m_b, out=lb)
+    torch.exp(la, out=p)
+    torch.exp(lb, out=q)
+    if fresh:
+        inv_a.copy_(_inv_z(p))
+        inv_b.copy_(_inv_z(q))
+    p.mul_(inv_a)  # p_j = exp(a_j - m_a) / Z_a
+    q.mul_(inv_b)
+    d = la.sub_(lb)  # d'_j = (a_j - m_a) - (b_j - m_b), in la's buffer
+    pq = torch.sub(p, q, out=lb)  # p - q, in lb's buffer
+    kl = None
+    if fresh:
+        kl = torch.linalg.vecdot(pq, d)  # sum_j (p_j - q_j) d'_j: accurate when p ~ q (not E_p - E_q)
+        e_p.copy_(torch.linalg.vecdot(p, d).unsqueeze(-1))  # E_p[d']
+        # E_q[d'] = E_p[d'] - KL_S (one pass less; it only enters d' - E_q[d'] in the gradient). Finite
+        # KL_S and E_p mean every term (p_j - q_j) d'_j and p_j d'_j was finite, so d' was, and E_q is.
+        torch.sub(e_p, kl.unsqueeze(-1), out=e_q)
+    return p, q, d, pq, kl, stats
+
+
+def _exact_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+    """The same quantities with every edge case guarded (-inf, all -inf rows, NaN): p, q, d, kl, E_p, E_q.
+
+    log p = (x - m) - log Z with m and log Z kept apart; 0 * (+-inf or NaN) := 0 where the probability
+    is 0; a term with p = q contributes 0 to KL_S (0 on both sides, or -inf in both); p > q = 0 with
+    d' = +inf (or the reverse) makes the row +inf; NaN or +inf anywhere makes the row NaN.
+    """
+    x, y = x.to(dtype), y.to(dtype)
+    m_a, m_b = _row_max(x), _row_max(y)
+    p, q, d = _probs(x, y, m_a, m_b, _log_z(x, m_a), _log_z(y, m_b))
+    kl = torch.where(p == q, torch.zeros_like(d), (p - q) * d).sum(-1)
+    e_p = _times(p, d).sum(-1, keepdim=True)
+    e_q = _times(q, d).sum(-1, keepdim=True)
+    return p, q, d, kl, e_p, e_q
+
+
+def _exact_grads(p, q, d, e_p, e_q, g):
+    """dKL_S/da = p (d' - E_p[d']) + p - q, dKL_S/db = -q (d' - E_q[d']) + q - p, times g, guarded."""
+    return g * (_times(p, d - e_p + 1.0) - q), g * (_times(q, e_q - d + 1.0) - p)
+
+
+def _write_grads(p, q, d, pq, e_p, e_q, g: Optional[torch.Tensor], out_a, out_b, tmp) -> None:
+    """out_a = g dKL_S/da = g (p (d' - E_p[d']) + p - q), out_b = g dKL_S/db = -g (q (d' - E_q[d']) + p - q),
+    unguarded (finite rows). ``g`` None (the forward of the save strategy): out_a = dKL_S/da and
+    out_b = -dKL_S/db (the sign goes with the upstream gradient in the backward: one pass less).
+    Computed in ``tmp`` (compute dtype) when an output has another dtype: rounded once, at the end.
+    d' - E_p[d'] = d - E_p[d]: the centring drops out of the gradient."""
+    for out, prob, e, sign in ((out_a, p, e_p, 1.0), (out_b, q, e_q, -1.0)):
+        if out is None:
+            continue
+        w = out if out.dtype == d.dtype else tmp
+        torch.addcmul(pq, prob, d, out=w)  # prob d' + (p - q)
+        w.addcmul_(prob, e, value=-1.0)  # prob (d' - E[d']) + (p - q)
+        if g is not None:
+            w.mul_(g if sign > 0 else -g)
+        if w is not out:
+            out.copy_(w)
+
+
+def _chunked(device: torch.device) -> bool:
+    """Whether ``device`` takes the chunked path with its data-dependent branches (CPU), or one guarded
+    chunk with nothing to wait on (CUDA with R3F_KERNELS=torch). Tests monkeypatch this."""
+    return device.type == "cpu"
+
+
+def _redo_rows(x, y, dtype, bad, kl, st, ga, gb, g) -> None:
+    """Rows ``bad`` of a chunk through the guarded formulas: in the forward (``kl`` not None) their KL_S
+    and E_p, E_q into ``kl`` and ``st``; their gradients times ``g`` (None: 1) into ``ga``/``gb``."""
+    idx = bad.nonzero().squeeze(1)
+    p, q, d, kl_x, e_p, e_q = _exact_chunk(x.index_select(0, idx), y.index_select(0, idx), dtype)
+    if kl is not None:
+        kl.index_copy_(0, idx, kl_x)
+        st[idx, 4:6] = torch.cat([e_p, e_q], -1)
+    if ga is not None or gb is not None:
+        # g None: the save strategy's forward, which keeps -dKL_S/db (see _write_grads)
+        ga_x, gb_x = _exact_grads(p, q, d, e_p, e_q, torch.ones_like(e_p) if g is None else g[idx])
+        if g is None:
+            gb_x = -gb_x
+        for out, part in ((ga, ga_x), (gb, gb_x)):
+            if out is not None:
+                out.index_copy_(0, idx, part.to(out.dtype))
+
+
+def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype, fast: bool,
+          chunk_rows: Optional[int], need_a: bool, need_b: bool, stats: Optional[torch.Tensor] = None,
+          g: Optional[torch.Tensor] = None):
+    """One pass over the rows of ``a``, ``b`` (2-D), chunk by chunk: ``(kl_rows, stats, grad_a, grad_b)``.
+
+    Forward (``stats`` None): per-row KL_S (0 where masked), the statistics, and the gradients asked for,
+    unscaled. Backward: ``stats`` from the forward, gradients times ``g`` (rows x 1, 0 where masked).
+    On CPU the masked rows are skipped (their gradients are zeros); elsewhere they are computed and
+    zeroed by ``torch.where`` (NaN-safe), as one chunk, with no data-dependent branch.
+    """
+    forward = stats is None
+    rows, vocab = a.shape
+    counted = None  # CPU: indices of the counted rows when some are masked
+    if mask is not None and fast and not bool(mask.all()):
+        counted = mask.nonzero().squeeze(1)
+    n = rows if counted is None else counted.numel()
+    smallest = min(a.dtype, b.dtype, key=lambda t: torch.empty((), dtype=t).element_size())
+    chunk = chunk_rows or (default_chunk_rows(n, vocab, dtype, smallest) if fast else max(n, 1))
+    new = torch.zeros if counted is not None else torch.empty
+    grad_a = new(a.shape, dtype=a.dtype, device=a.device) if need_a else None
+    grad_b = new(b.shape, dtype=b.dtype, device=b.device) if need_b else None
+    out = torch.zeros(rows, dtype=dtype, device=a.device) if forward else None
+    if forward:
+        stats = torch.zeros(rows, STATS, dtype=dtype, device=a.device)
+    # CPU workspace, reused chunk after chunk: la/d', lb/(p - q), p, q and a temporary (``_write_grads``).
+    ws = torch.empty(5, min(chunk, n), vocab, dtype=dtype, device=a.device) if fast and n else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        if counted is None:
+            idx: object = slice(s, e)
+            x, y = a[s:e], b[s:e]
+            ga = None if grad_a is None else grad_a[s:e]
+            gb = None if grad_b is None else grad_b[s:e]
+        else:
+            idx = counted[s:e]
+            x, y = a.index_select(0, idx), b.index_select(0, idx)
+            ga = None if grad_a is None else torch.empty(x.shape, dtype=a.dtype, device=a.device)
+            gb = None if grad_b is None else torch.empty(y.shape, dtype=b.dtype, device=b.device)
+        gg = None if g is None else g[idx]
+        if fast:
+            w = ws[:, : e - s]
+            p, q, d, pq, kl, st = _fast_chunk(x, y, dtype, w, None if forward else stats[idx])
+            if ga is not None or gb is not None:
+                _write_grads(p, q, d, pq, st[:, 4:5], st[:, 5:6], gg, ga, gb, w[4])
+            if forward:  # flag the rows whose fast statistics are not finite (kept for the backward)
+                st[:, 6] = ~(torch.isfinite(kl) & torch.isfinite(st[:, 4:6]).all(-1))
+            bad = st[:, 6] != 0
+            if bool(bad.any()):
+                _redo_rows(x, y, dtype, bad, kl, st, ga, gb, gg)
+        else:
+            p, q, d, kl, e_p, e_q = _exact_chunk(x, y, dtype)
+            if forward:
+                st = torch.cat([torch.zeros_like(e_p).expand(-1, 4), e_p, e_q, torch.ones_like(e_p)], -1)
+            if ga is not None or gb is not None:
+                ga_x, gb_x = _exact_grads(p, q, d, e_p, e_q, torch.ones_like(e_p) if gg is None else gg)
+                if gg is None:  # the save strategy's forward keeps -dKL_S/db (see _write_grads)
+                    gb_x = -gb_x
+                for part_out, part in ((ga, ga_x), (gb, gb_x)):
+                    if part_out is not None:
+                        if mask is not None:  # NaN-safe zero for masked rows (their logits may be anything)
+                            part = torch.where(mask[idx].unsqueeze(-1), part, torch.zeros_like(part))
+                        part_out.copy_(part)
+        if counted is not None:
+            if forward:
+                out.index_copy_(0, idx, kl)
+                stats.index_copy_(0, idx, st)
+            for full, part in ((grad_a, ga), (grad_b, gb)):
+                if full is not None:
+                    full.index_copy_(0, idx, part)
+        elif forward:
+            out[s:e] = kl
+            stats[s:e] = st
+    if forward and mask is not None:
+        out = torch.where(mask, out, torch.zeros_like(out))
+    return out, stats, grad_a, grad_b
+
+
 class _SymmetricKLRows(torch.autograd.Function):
-    """Per-row KL_S of 2-D logits (masked rows give 0), closed-form backward."""
+    """Per-row KL_S of 2-D logits (masked rows give 0), closed-form backward, chunked over rows.
+
+    ``apply(a, b, mask, chunk_rows=None, save_grads=None, grad_enabled=True)``. Two strategies for the
+    gradients (``save_grads``; None picks):
+
+    * save (when every input that needs a gradient is in the compute dtype, e.g. float32): the forward
+      computes the gradients chunk by chunk, unscaled, straight into full-size tensors, and the backward
+      scales them by the upstream gradient in place and hands them over (a second backward, after
+      ``retain_graph=True``, recomputes);
+    * recompute (bfloat16 / float16 inputs): the forward keeps seven floats per row, the backward
+      recomputes p, q chunk by chunk and writes the gradients already scaled, so a low-precision gradient
+      is rounded once (saved unscaled, it would be rounded twice).
+
+    ``grad_enabled=False`` (the caller ran under ``torch.no_grad()``, where ``needs_input_grad`` still
+    says True) computes no gradient. Extra memory: the gradients, and on CPU five chunk x V buffers.
+    """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor],
+                chunk_rows: Optional[int] = None, save_grads: Optional[bool] = None,
+                grad_enabled: bool = True) -> torch.Tensor:
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive number of rows, got {chunk_rows}; pass None "
+                             "for the default (CHUNK_BYTES per buffer)")
         dtype = _compute_dtype(a, b)
-        a32, b32 = a.to(dtype), b.to(dtype)
-        m_a, m_b = _row_max(a32), _row_max(b32)
-        lz_a, lz_b = _log_z(a32, m_a), _log_z(b32, m_b)
-        p, q, d = _probs(a32, b32, m_a, m_b, lz_a, lz_b)
-        # KL_S = sum (p - q) d': accurate when p ~ q (R3F's regime). A term with p = q (0 on both sides:
-        # -inf in both, or -inf against an underflowing logit) is 0; p > q = 0 with d' = +inf (or the
-        # reverse) makes the row +inf.
-        kl = torch.where(p == q, torch.zeros_like(d), (p - q) * d).sum(-1, keepdim=True)
-        e_p = _times(p, d).sum(-1, keepdim=True)  # E_p[d']
-        e_q = _times(q, d).sum(-1, keepdim=True)  # E_q[d']
-        rows = kl.squeeze(-1)
-        if mask is not None:
-            rows = torch.where(mask, rows, torch.zeros_like(rows))
-        ctx.save_for_backward(a, b, mask, m_a, m_b, lz_a, lz_b, e_p, e_q)
-        return rows
+        fast = _chunked(a.device)
+        need_a = grad_enabled and ctx.needs_input_grad[0]
+        need_b = grad_enabled and ctx.needs_input_grad[1]
+        if save_grads is None:
+            save_grads = all(x.dtype == dtype for x, need in ((a, need_a), (b, need_b)) if need)
+        save = bool(save_grads) and (need_a or need_b)
+        out, stats, grad_a, grad_b = _pass(a, b, mask, dtype, fast, chunk_rows, save and need_a, save and need_b)
+        ctx.save_for_backward(a, b, mask, stats)
+        ctx.grads = (grad_a, grad_b) if save else None
+        ctx.chunk_rows, ctx.fast = chunk_rows, fast
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the closed form treats the row statistics as constants
     def backward(ctx, grad_rows: torch.Tensor):
-        a, b, mask, m_a, m_b, lz_a, lz_b, e_p, e_q = ctx.saved_tensors
-        dtype = lz_a.dtype
-        p, q, d = _probs(a.to(dtype), b.to(dtype), m_a, m_b, lz_a, lz_b)
-        g = grad_rows.to(dtype).unsqueeze(-1)
-        if mask is not None:
+        a, b, mask, stats = ctx.saved_tensors
+        g = grad_rows.to(stats.dtype).unsqueeze(-1)
+        if mask is not None:  # masked rows: zero gradient whatever the upstream gradient (NaN included)
             g = torch.where(mask.unsqueeze(-1), g, torch.zeros_like(g))
-        grad_a = grad_b = None
-        # d - E_p[d] = d' - E_p[d']: the centring drops out of the gradient.
-        if ctx.needs_input_grad[0]:
-            grad_a = g * (_times(p, d - e_p + 1.0) - q)
-            if mask is not None:  # NaN-safe zero for masked rows (their logits may be anything)
-                grad_a = torch.where(mask.unsqueeze(-1), grad_a, torch.zeros_like(grad_a))
-            grad_a = grad_a.to(a.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_b = g * (_times(q, e_q - d + 1.0) - p)
-            if mask is not None:
-                grad_b = torch.where(mask.unsqueeze(-1), grad_b, torch.zeros_like(grad_b))
-            grad_b = grad_b.to(b.dtype)
-        return grad_a, grad_b, None
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        saved, ctx.grads = ctx.grads, None  # handed over once: a second backward recomputes
+        if saved is not None and (saved[0] is not None or not need_a) and (saved[1] is not None or not need_b):
+            # g dKL_S/da, and g dKL_S/db = -g (-dKL_S/db): the forward kept -dKL_S/db (see _write_grads)
+            grad_a = saved[0].mul_(g) if saved[0] is not None else None
+            grad_b = saved[1].mul_(-g) if saved[1] is not None else None
+        else:
+            _, _, grad_a, grad_b = _pass(a, b, mask, stats.dtype, ctx.fast, ctx.chunk_rows, need_a, need_b, stats, g)
+        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None
 
 
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -213,7 +431,10 @@ def symmetric_kl(
         rows = symmetric_kl_rows(p_logits, q_logits, mask)
     else:
         vocab = p_logits.shape[-1]
-        rows = _SymmetricKLRows.apply(p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab), mask)
+        a, b = p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)
+        if not torch.is_grad_enabled():  # needs_input_grad would still say True: compute no gradient
+            a, b = a.detach(), b.detach()
+        rows = _SymmetricKLRows.apply(a, b, mask)
     if reduction == "none":
         return rows.reshape(lead)
     total = rows.sum()
