@@ -9,9 +9,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "NOISE_TYPES"]
+__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "NOISE_TYPES", "NOISE_SCALES"]
 
 NOISE_TYPES = ("uniform", "normal")
+#: What ``eps`` is measured in: ``"absolute"`` (the embeddings' units, the paper's sigma) or ``"relative"``
+#: (a fraction of each token's embedding RMS, so that the noise survives 16-bit embeddings).
+NOISE_SCALES = ("absolute", "relative")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -81,11 +84,19 @@ class EmbeddingNoise:
     added in (at least) float32 before casting back to the output's dtype. A module with an
     ``embed_scale`` (BART's scaled embeddings) gets ``embed_scale * z``, which equals adding ``z``
     before the scaling, as the reference does.
+
+    With ``scale="relative"``, each token's noise is multiplied by the RMS of its own embedding vector
+    (``sqrt(mean_i x_i^2)`` over the hidden dimension, from the detached output, in float32): ``eps`` is then
+    a fraction of the embeddings' size (``embed_scale`` is already in the RMS), and noise of ``eps >= 1e-2``
+    changes most entries of bf16 embeddings, where an absolute ``eps = 1e-5`` changes almost none.
     """
 
     def __init__(self, module: nn.Module, scope: Optional[nn.Module], eps: float, noise: str,
-                 detach: bool, seed: int) -> None:
+                 detach: bool, seed: int, scale: str = "absolute") -> None:
+        if scale not in NOISE_SCALES:
+            raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {scale!r}")
         self.module, self.scope, self.eps, self.noise, self.detach = module, scope, eps, noise, detach
+        self.scale = scale
         self.seed = seed
         self.generator: Optional[torch.Generator] = None
         self._pending_state: Optional[torch.Tensor] = None
@@ -123,10 +134,14 @@ class EmbeddingNoise:
     def _perturb(self, output: torch.Tensor, noise_mask: Optional[torch.Tensor],
                  add: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         x = output.detach() if self.detach else output
-        z = self.sample(x.shape, x.device) if add is None else add(x)
-        scale = getattr(self.module, "embed_scale", None)
-        if isinstance(scale, (int, float, torch.Tensor)):
-            z = z * scale
+        wide = torch.promote_types(x.dtype, torch.float32)
+        if add is None and self.scale == "relative":  # a fraction of each token's RMS (embed_scale included)
+            z = self.sample(x.shape, x.device) * x.detach().to(wide).pow(2).mean(-1, keepdim=True).sqrt()
+        else:
+            z = self.sample(x.shape, x.device) if add is None else add(x)
+            scale = getattr(self.module, "embed_scale", None)
+            if isinstance(scale, (int, float, torch.Tensor)):
+                z = z * scale
         if noise_mask is not None:
             if noise_mask.shape != x.shape[:-1]:
                 raise ValueError(
@@ -134,17 +149,20 @@ class EmbeddingNoise:
                     f"shape {tuple(x.shape)}; pass the (batch, seq) attention mask of the perturbed input"
                 )
             z = z * noise_mask.to(device=z.device, dtype=z.dtype).unsqueeze(-1)
-        wide = torch.promote_types(x.dtype, torch.float32)
         noisy = (x.to(wide) + z.to(wide)).to(x.dtype)
         if x.dtype != wide and x.dtype not in self._checked_dtypes and self.eps > 0:
             self._checked_dtypes.add(x.dtype)
             perturbed = z != 0  # positions that noise_mask left out do not count
             kept = (noisy != x)[perturbed].float().mean().item() if bool(perturbed.any()) else 1.0
             if kept < 0.5:
+                hint = ("raise eps (with 16-bit embeddings, relative eps >= 1e-2 for bfloat16, >= 1e-3 for float16)"
+                        if self.scale == "relative" else
+                        "scale the noise to the embeddings: noise_scale='relative' (R3FTrainingArguments."
+                        "r3f_noise_scale) with eps >= 1e-2 for bfloat16, >= 1e-3 for float16")
                 warnings.warn(
-                    f"the embeddings' output is {x.dtype}, which cannot represent noise of scale "
-                    f"eps={self.eps:g}: only {kept:.0%} of entries changed. Keep the embeddings in "
-                    "float32 (use torch.autocast for mixed precision) or raise eps.",
+                    f"the embeddings' output is {x.dtype}, which cannot represent {self.scale} noise of scale "
+                    f"eps={self.eps:g}: only {kept:.0%} of entries changed. Keep the embeddings in float32 (use "
+                    f"torch.autocast for mixed precision), or {hint}.",
                     stacklevel=2,
                 )
         if torch.is_grad_enabled() and not noisy.requires_grad:

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .kl import REDUCTIONS
 from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
-from .noise import NOISE_TYPES, EmbeddingNoise, default_seed
+from .noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
 
@@ -157,6 +157,8 @@ class RegularizedOptimizer(Optimizer):
         lam: weight lambda of the KL term (>= 0).
         eps: noise scale sigma (>= 0): half-width for ``"uniform"``, std for ``"normal"``.
         noise: ``"uniform"`` or ``"normal"``.
+        noise_scale: ``"absolute"`` (``eps`` in the embeddings' units, the paper's) or ``"relative"`` (``eps``
+            times each token's embedding RMS: noise that survives bf16 embeddings at ``eps >= 1e-2``).
         noisy_grad: if True (the paper), the KL gradient flows through both passes (cost ~2x a
             standard step); if False, the noisy pass runs without a graph (~4/3x, less memory).
         embeddings: the module whose output is perturbed, if it cannot be found automatically.
@@ -204,6 +206,7 @@ class RegularizedOptimizer(Optimizer):
         r4f_kwargs: Optional[dict] = None,
         method_kwargs: Optional[dict] = None,
         same_dropout: bool = False,
+        noise_scale: str = "absolute",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -216,6 +219,8 @@ class RegularizedOptimizer(Optimizer):
         lam, eps = check_number("lam", lam), check_number("eps", eps)
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+        if noise_scale not in NOISE_SCALES:
+            raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
         if reduction is not None and (reduction not in REDUCTIONS or reduction == "none"):
             raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]}, got {reduction!r}")
         if max_grad_norm is not None:
@@ -241,7 +246,8 @@ class RegularizedOptimizer(Optimizer):
         self.regularizer: Standard = build_method(method, model, eps=eps, noise=noise, noisy_grad=noisy_grad,
                                         reduction=reduction, seed=seed, embeddings=embeddings,
                                         noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
-                                        method_kwargs=method_kwargs, same_dropout=same_dropout)
+                                        method_kwargs=method_kwargs, same_dropout=same_dropout,
+                                        noise_scale=noise_scale)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self.reduction = getattr(self.regularizer, "reduction", reduction)  # None resolved by the method

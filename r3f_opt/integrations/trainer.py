@@ -16,7 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..kl import REDUCTIONS
 from ..methods import METHODS, RDrop, Standard, build_method
-from ..noise import NOISE_TYPES, EmbeddingNoise, unwrap_model
+from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, unwrap_model
 from ..optimizer import check_number
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"]
@@ -34,6 +34,9 @@ class R3FTrainingArguments(TrainingArguments):
     r3f_lambda: float = field(default=1.0, metadata={"help": "weight of the symmetric KL term"})
     r3f_eps: float = field(default=1e-5, metadata={"help": "noise scale sigma"})
     r3f_noise: str = field(default="uniform", metadata={"help": f"one of {NOISE_TYPES}"})
+    r3f_noise_scale: str = field(default="absolute", metadata={
+        "help": f"one of {NOISE_SCALES}: eps in the embeddings' units, or a fraction of each token's embedding RMS "
+                "(noise that survives bf16 embeddings at eps >= 1e-2)"})
     r3f_noisy_grad: bool = field(default=True, metadata={"help": "KL gradient through the noisy pass too"})
     r3f_reduction: Optional[str] = field(default=None, metadata={
         "help": f"KL reduction, one of {REDUCTIONS[:-1]} (default: 'sum' for rdrop, else 'batchmean')"})
@@ -48,6 +51,8 @@ class R3FTrainingArguments(TrainingArguments):
             raise ValueError(f"r3f_method must be one of {METHODS}, got {self.r3f_method!r}")
         if self.r3f_noise not in NOISE_TYPES:
             raise ValueError(f"r3f_noise must be one of {NOISE_TYPES}, got {self.r3f_noise!r}")
+        if self.r3f_noise_scale not in NOISE_SCALES:
+            raise ValueError(f"r3f_noise_scale must be one of {NOISE_SCALES}, got {self.r3f_noise_scale!r}")
         if self.r3f_method == "freelb":
             raise ValueError("r3f_method='freelb' runs its own backward for each of its ascent steps, which the "
                              "Trainer's compute_loss cannot; use RegularizedOptimizer (or r3f-finetune --method freelb)")
@@ -165,7 +170,8 @@ class R3FTrainerMixin:
         self.r3f_regularizer = build_method(
             self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
             noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
-            method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False))
+            method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False),
+            noise_scale=getattr(a, "r3f_noise_scale", "absolute"))
         self.r3f_noise = self.r3f_regularizer.noise
 
     def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Optional
 
 from torch import nn
 
+from ..noise import NOISE_SCALES
 from .base import Passes, Standard, StepResult, is_distributed_wrapper
 from .freelb import FreeLB
 from .r3f import R3F, R4F
@@ -65,7 +66,8 @@ def check_method_kwargs(method: str, kwargs: Optional[dict]) -> dict:
 def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool,
                  reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
                  noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
-                 method_kwargs: Optional[dict] = None, same_dropout: bool = False) -> Standard:
+                 method_kwargs: Optional[dict] = None, same_dropout: bool = False,
+                 noise_scale: str = "absolute") -> Standard:
     """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -76,12 +78,18 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     if same_dropout and method not in ("r3f", "r4f"):
         raise ValueError(f"same_dropout applies to r3f and r4f (a noisy pass replaying the clean pass's dropout), "
                          f"not to method={method!r}")
+    if noise_scale not in NOISE_SCALES:
+        raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
+    if noise_scale != "absolute" and method not in ("r3f", "r4f"):
+        raise ValueError(f"noise_scale={noise_scale!r} applies to r3f and r4f (their random noise), not to "
+                         f"method={method!r}, whose perturbation scales are its own hyper-parameters")
     if method == "standard":
         return Standard()
     if method == "r3f":
-        return R3F(model, eps=eps, noise=noise, same_dropout=same_dropout, **common)
+        return R3F(model, eps=eps, noise=noise, same_dropout=same_dropout, noise_scale=noise_scale, **common)
     if method == "r4f":
-        return R4F(model, r4f_kwargs=r4f_kwargs, eps=eps, noise=noise, same_dropout=same_dropout, **common)
+        return R4F(model, r4f_kwargs=r4f_kwargs, eps=eps, noise=noise, same_dropout=same_dropout,
+                   noise_scale=noise_scale, **common)
     if method == "rdrop":
         return RDrop(reduction=reduction)
     if method == "smart":

@@ -23,11 +23,11 @@ __all__ = ["R3F", "R4F", "embedding_noise"]
 
 
 def embedding_noise(model: nn.Module, embeddings: Optional[nn.Module], eps: float, noise: str, detach: bool,
-                    seed: int) -> EmbeddingNoise:
+                    seed: int, scale: str = "absolute") -> EmbeddingNoise:
     """The perturbation source on ``model``'s input token embeddings (found unless ``embeddings`` is given)."""
     emb, scope = (embeddings, None) if embeddings is not None else find_embeddings(model)
     refuse_other_noise(emb)
-    return EmbeddingNoise(emb, scope, eps, noise, detach, seed)
+    return EmbeddingNoise(emb, scope, eps, noise, detach, seed, scale)
 
 
 class R3F(Standard):
@@ -44,12 +44,14 @@ class R3F(Standard):
         same_dropout: replay the clean pass's dropout masks in the noisy pass (the global RNG is restored to
             its state before the clean pass, then to where the clean pass left it), so the KL measures the
             noise alone; with ``eps=0`` it is exactly 0.
+        noise_scale: ``"absolute"`` (``eps`` in the embeddings' units) or ``"relative"`` (a fraction of each
+            token's embedding RMS; see :class:`~r3f_opt.noise.EmbeddingNoise`).
     """
 
     def __init__(self, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool, reduction: str, seed: int,
                  embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False,
-                 same_dropout: bool = False) -> None:
-        self.noise = embedding_noise(model, embeddings, eps, noise, not noisy_embed_grad, seed)
+                 same_dropout: bool = False, noise_scale: str = "absolute") -> None:
+        self.noise = embedding_noise(model, embeddings, eps, noise, not noisy_embed_grad, seed, noise_scale)
         self.noisy_grad, self.reduction, self.same_dropout = noisy_grad, reduction, same_dropout
         self._before_clean: Optional[dict] = None
 

@@ -189,3 +189,96 @@ def test_an_active_neftune_hook_is_refused():
     with pytest.raises(RuntimeError, match="NEFTune"):
         opt.step(lambda: model(**batch))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- noise_scale="relative": eps times each token's embedding RMS ---------------------------------------------
+def _perturbation(emb: nn.Module, ids: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean embeddings, noisy - clean) of one pass through EmbeddingNoise on ``emb``."""
+    from r3f_opt.noise import EmbeddingNoise
+
+    noise = EmbeddingNoise(emb, None, detach=True, seed=7, **kw)
+    clean = emb(ids).detach()
+    with noise.active():
+        noisy = emb(ids).detach()
+    return clean, noisy - clean
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal"])
+def test_relative_noise_is_eps_times_each_rows_rms(kind):
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 8).double()
+    with torch.no_grad():
+        emb.weight.mul_(torch.logspace(-3, 1, 20, dtype=torch.float64)[:, None])  # rows of very different sizes
+    ids = torch.arange(20).reshape(4, 5)
+    clean, z_rel = _perturbation(emb, ids, eps=0.1, noise=kind, scale="relative")
+    _, z_abs = _perturbation(emb, ids, eps=0.1, noise=kind)  # the same draw, seed 7
+    rms = clean.pow(2).mean(-1, keepdim=True).sqrt()  # float64 reference
+    torch.testing.assert_close(z_rel, z_abs * rms, rtol=1e-12, atol=0)
+    # so the noise-to-signal ratio is the same for every token, whatever its size
+    ratio = (z_rel.pow(2).mean(-1).sqrt() / rms.squeeze(-1)).flatten()
+    assert ratio.max() / ratio.min() < 3
+
+
+def test_relative_noise_ignores_embed_scale_which_is_in_the_rms():
+    emb = nn.Embedding(10, 16)
+    ids = torch.arange(10)[None]
+    clean, z = _perturbation(emb, ids, eps=0.1, noise="uniform", scale="relative")
+    emb.embed_scale = 4.0  # as BART's scaled embeddings: a module whose output is scaled would be 4x larger
+    _, z_flagged = _perturbation(emb, ids, eps=0.1, noise="uniform", scale="relative")
+    torch.testing.assert_close(z_flagged, z)  # the RMS of the output already carries the scale
+
+
+@pytest.mark.parametrize("dtype, std, eps, least", [(torch.bfloat16, 0.02, 1e-2, 0.7),
+                                                    (torch.float16, 1.0, 1e-3, 0.65)])
+def test_relative_noise_survives_16bit_embeddings_where_absolute_noise_does_not(dtype, std, eps, least):
+    import warnings
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(1000, 64)
+    nn.init.normal_(emb.weight, std=std)  # bf16: a typical LLM embedding table
+    emb.to(dtype)
+    ids = torch.randint(0, 1000, (8, 32))
+    with pytest.warns(UserWarning, match="noise_scale='relative'") as caught:
+        _, z = _perturbation(emb, ids, eps=1e-5, noise="uniform")
+    assert (z != 0).float().mean() < 0.15 and "r3f_noise_scale" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the noise is representable
+        _, z = _perturbation(emb, ids, eps=eps, noise="uniform", scale="relative")
+    assert (z != 0).float().mean() > least
+    with pytest.warns(UserWarning, match="raise eps"):  # relative but too small: the hint says what to do
+        _perturbation(emb, ids, eps=1e-5, noise="uniform", scale="relative")
+
+
+def test_relative_noise_through_the_optimizer_on_a_bf16_model():
+    """A bf16 GPT-2: absolute eps=1e-5 changes few of the entries the first block receives (token + position
+    embeddings), relative eps=1e-2 most of them."""
+    import warnings
+
+    def changed(**kw):
+        torch.manual_seed(0)
+        model = tiny_model("gpt2-lm", dropout=0.0).to(torch.bfloat16)
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, **kw)
+        batch = toy_batch("gpt2-lm")
+        seen = []
+        h = model.transformer.drop.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = opt.backward(lambda: model(**batch), mask=kl_mask("gpt2-lm", batch))
+        h.remove()
+        return (seen[1] != seen[0]).float().mean().item(), res.sym_kl.item()
+
+    few, kl_absolute = changed(eps=1e-5)
+    most, kl_relative = changed(eps=1e-2, noise_scale="relative")
+    assert few < 0.15 and most > 0.5, (few, most)  # measured: 2 % and 63 %
+    assert kl_relative > 10 * kl_absolute
+
+
+def test_noise_scale_errors():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="noise_scale must be one of"):
+        RegularizedOptimizer(torch.optim.SGD(model.parameters()), model, noise_scale="rms")
+    for method in ("smart", "freelb", "rdrop"):
+        with pytest.raises(ValueError, match="applies to r3f and r4f"):
+            RegularizedOptimizer(torch.optim.SGD(model.parameters()), model, method=method, noise_scale="relative")
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters()), model, noise_scale="relative")
+    assert opt.noise.scale == "relative"

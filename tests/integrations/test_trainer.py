@@ -140,3 +140,11 @@ def test_the_noisy_pass_computes_no_loss(tmp_path, kind, noisy_has_labels):
     model.register_forward_pre_hook(lambda m, a, kw: seen.append("labels" in kw), with_kwargs=True)
     R3FTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=Rows(4, kind=kind)).train()
     assert seen == [True, noisy_has_labels]
+
+
+def test_relative_noise_scale_argument(tmp_path):
+    with pytest.raises(ValueError, match="r3f_noise_scale must be one of"):
+        args(tmp_path, r3f_noise_scale="rms")
+    trainer = R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, r3f_noise_scale="relative"),
+                         train_dataset=Rows(4))
+    assert trainer.r3f_noise.scale == "relative"
