@@ -273,10 +273,17 @@ def _fused_warps(C: int, H: int) -> int:
     return 4 if bc * bh <= 2048 else 8 if bc * bh <= 4096 else 16
 
 
-def _target_programs(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter on CPU). The only place
+    the launchers ask the device: ``bench.sm90`` replaces it to plan launches for a GPU it does not have."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: programs run one after another; a few still exercise the split logic
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
+def _target_programs(device: torch.device) -> int:
+    sms = _sm_count(device)
+    return 4 * sms if sms else 4  # interpreter: programs run one after another; a few still exercise splits
 
 
 def _matvec(w: torch.Tensor, x: torch.Tensor, transpose: bool, x_copy: Optional[torch.Tensor] = None
@@ -309,7 +316,7 @@ def _reduce(parts: torch.Tensor, eps: float, out: torch.Tensor, *, buf: Optional
 
 def _elementwise_grid(N: int, device: torch.device) -> tuple[int, int, int]:
     """(programs, tiles per program, block) of the chunked elementwise kernels."""
-    on_cuda = device.type == "cuda"
+    on_cuda = _sm_count(device) is not None
     block = ELEMENTWISE_BLOCK if on_cuda else 16 * ELEMENTWISE_BLOCK
     tiles = _cdiv(N, block)
     cap = MAX_ELEMENTWISE_PROGRAMS if on_cuda else _target_programs(device)

@@ -8,24 +8,34 @@ Centring. E_p[d] - E_q[d] is unchanged by d -> d - r for any per-row constant r 
 but computed as it stands it cancels catastrophically when b = a + c: both terms are ~ -c and their
 difference is ~ the rounding of c (a negative KL at c = 1e6). So the kernel never forms a - b. It uses
 
-    d'_j = (a_j - m_a) - (b_j - m_b) = d_j - (m_a - m_b)          (m_a, m_b: the rows' maxima)
+    d'_j = (a_j - m_a) - (b_j - m_b) = d_j - (m_a - m_b)          (m_a, m_b: maxima of the entries seen)
 
 whose two differences are exact or nearly so whatever the offset (x - m for x near m is exact in
 floating point); d' is O(the spread of the two rows), not O(c), and so are E_p[d'], E_q[d'].
 
-Forward streams each row once, keeping online statistics per side (as in an online softmax)::
+Forward: per-lane streaming statistics. A program owns one row (or one part of a row, below) and
+reads it in tiles of LANES x VEC columns: each lane (a thread holds one or a few) owns VEC consecutive
+columns of every tile, and keeps its own online statistics for each side, as in an online softmax::
 
-    m = running max        Z = sum exp(x - m)        S = sum exp(x - m) * d'   (d' with the running maxima)
+    m = running max        Z = sum exp(x - m)        S = sum exp(x - m) * d'   (d' with the lane's maxima)
 
-When a tile raises the maxima from (m_a, m_b) to (m_a', m_b'), Z is rescaled by alpha = exp(m - m') as
-usual, and the d' of the entries already summed moves by -delta, delta = (m_a' - m_a) - (m_b' - m_b)::
+Per tile a lane takes the max of its VEC columns (no communication), and when that raises its maxima from
+(m_a, m_b) to (m_a', m_b') rescales with alpha = exp(m - m') and re-centres: the d' of the entries already
+summed moves by -delta, delta = (m_a' - m_a) - (m_b' - m_b)::
 
-    S  ->  alpha * (S - delta * Z)
+    Z  ->  alpha * Z        S  ->  alpha * (S - delta * Z)
 
-Then E_p[d'] = S_a / Z_a, E_q[d'] = S_b / Z_b, KL_S = E_p[d'] - E_q[d']. Six floats per row are saved
-(m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d']), plus the inputs: the maxima and log Z are kept apart,
-because lse = m + log Z rounded to float32 at |m| ~ 1e6 is off by up to 0.03 and would scale p by 3 %.
-Backward reads a, b once more and writes both gradients (g = upstream gradient of the row)::
+then adds exp(x - m') and exp(x - m') * d' of its VEC columns. There is no cross-thread reduction (no
+barrier, no shuffle) inside the loop: the lanes are merged once, after it, with the same algebra (lane i
+with maxima m_i, M = max_i m_i, w_i = exp(m_i - M), delta_i = (M_a - m_a,i) - (M_b - m_b,i))::
+
+    Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
+
+Then E_p[d'] = S_a / Z_a, E_q[d'] = S_b / Z_b (d' now with the row's maxima), KL_S = E_p[d'] - E_q[d'].
+Six floats per row are saved (m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d']), plus the inputs: the maxima
+and log Z are kept apart, because lse = m + log Z rounded to float32 at |m| ~ 1e6 is off by up to 0.03
+and would scale p by 3 %. Backward reads a, b once more and writes both gradients (g = upstream
+gradient of the row)::
 
     p_j = exp((a_j - m_a) - log Z_a)        q_j = exp((b_j - m_b) - log Z_b)
     dKL_S/da_j = g * (p_j (d'_j - E_p[d'] + 1) - q_j)
@@ -35,9 +45,22 @@ Backward reads a, b once more and writes both gradients (g = upstream gradient o
 Traffic for forward + backward: two reads of (a, b) and one write of (da, db), the minimum.
 Arithmetic is float32 whatever the input dtype; only the stored gradients are rounded.
 
+Tiling paths (chosen by :func:`plan`, a pure function of the shapes, dtypes and SM count that the
+launcher itself calls and ``bench.sm90`` inspects):
+
+* columns, aligned (ALIGN > 1: both inputs contiguous, so row r starts at element r * V of a, b and both
+  gradients). The columns of a row (part) split into an aligned body [body_lo, body_hi), whose ends are
+  multiples of ALIGN elements (16 bytes of the narrower dtype), and the edges before and after it (fewer
+  than ALIGN columns each). The body is read through pointers the compiler can prove 16-byte aligned,
+  with masks constant over each vector, so every load and store is 128-bit whatever V is (V = 50257
+  included); the edges (< 2 ALIGN columns per row) are gathered into one masked tile;
+* columns, strided (any other layout): the same loop with the row's strides and no alignment claim;
+* rows (tiny V, padded V <= ``ROWS_MAX_V``): ROWS rows per program in one [ROWS, V] tile, so a V = 2
+  classification head uses the threads it launches; forward and backward without loops.
+
 Rows with few programs and a long vocabulary are split over SPLIT programs (grid axis 1), whose partial
-(m, Z, S) are merged by a second small kernel (with the same re-centring); backward is split the same way
-with no merge needed.
+(m, Z, S) are merged by a second small kernel (the lane-merge algebra again); backward is split the same
+way with no merge needed.
 
 Edge cases follow ``r3f_opt.symmetric_kl`` (the PyTorch path computes the same expressions):
 
@@ -51,6 +74,7 @@ Edge cases follow ``r3f_opt.symmetric_kl`` (the PyTorch path computes the same e
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple, Optional
 
 import torch
@@ -59,112 +83,210 @@ import triton.language as tl
 
 from .._dispatch import device_context as _device_context  # the name the tests wrap
 
-__all__ = ["symmetric_kl_rows", "Config", "launches"]
+__all__ = ["symmetric_kl_rows", "Plan", "plan", "launches", "kernel_launches"]
 
 # Finite "minus infinity" for running maxima: -inf - -inf would be NaN.
 _NEG_BIG = tl.constexpr(-3.4028234663852886e38)
 
 launches = {"forward": 0, "merge": 0, "backward": 0}  # kernel launches, so tests can prove the kernel ran
+kernel_launches: Counter[str] = Counter()  # the same by kernel name (which tiling path ran)
 
 
+# ------------------------------------------------------------------------------------------------- helpers
 @triton.jit
-def _load_row_tile(a_row, b_row, cols, sav, sbv, col_ok):
-    # Out-of-range (and masked-row) entries read as -inf on both sides, which contribute exactly 0.
-    a = tl.load(a_row + cols * sav, mask=col_ok, other=float("-inf")).to(tl.float32)
-    b = tl.load(b_row + cols * sbv, mask=col_ok, other=float("-inf")).to(tl.float32)
-    return a, b
-
-
-@triton.jit
-def _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1, HAS_MASK: tl.constexpr):
-    # Program (row, part) handles columns [part * chunk, min((part + 1) * chunk, V)) of one row.
-    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride overflows int32 at large N * V
-    part = tl.program_id(1).to(tl.int64)
+def _row_start(ptr, row, n1, s0, s1):
     # Row r of x starts at (r // n1) * s0 + (r % n1) * s1: leading dims as up to two strided groups.
-    a_row = a_ptr + (row // n1a) * sa0 + (row % n1a) * sa1
-    b_row = b_ptr + (row // n1b) * sb0 + (row % n1b) * sb1
-    valid = True
+    return ptr + (row // n1) * s0 + (row % n1) * s1
+
+
+@triton.jit
+def _row_valid(mask_ptr, row, HAS_MASK: tl.constexpr):
+    valid = row >= 0  # True, of row's shape
     if HAS_MASK:
         valid = tl.load(mask_ptr + row) != 0
-    return row, a_row, b_row, valid, part * chunk
+    return valid
 
 
 @triton.jit
 def _recentre(s, z, delta, alpha):
     # S = sum exp(x - m) d' after the maxima moved: d' -> d' - delta and exp(x - m) -> alpha exp(x - m),
-    # so S -> alpha (S - delta Z). Z == 0 (nothing summed on this side yet; m may still be the -3.4e38
-    # sentinel, so delta may be huge or inf): S stays 0. S = +-inf (an entry that is -inf on the other
-    # side only: the row is +inf) stays as it is rather than inf * 0 = NaN. A NaN Z or S stays NaN.
+    # so S -> alpha (S - delta Z). Z == 0 (nothing summed yet; m may still be the -3.4e38 sentinel, so
+    # delta may be huge or inf): S stays 0. S = +-inf (an entry that is -inf on the other side only: the
+    # row is +inf) stays as it is rather than inf * 0 = NaN. A NaN Z or S stays NaN.
     return tl.where((z == 0) | (tl.abs(s) == float("inf")), s, (s - delta * z) * alpha)
 
 
 @triton.jit
-def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid):
+def _exp(x):
+    # exp(x) = 2^(x log2 e) with tl.exp2, which is one MUFU.EX2 on the GPU (ex2.approx.ftz: results below
+    # 2^-126 flush to 0); tl.exp adds a range check and two multiplies per call for the subnormal results,
+    # a quarter of the forward's instruction budget. A probability below 1.2e-38 of the row's largest is 0.
+    return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE: tl.constexpr):
+    # One tile [LANES, VEC] (float32, -inf where not read) into the per-lane statistics [LANES] of both
+    # sides. Every reduction is along axis 1, which one thread holds: no communication.
+    new_m_a = tl.maximum(m_a, tl.max(a, axis=1))
+    new_m_b = tl.maximum(m_b, tl.max(b, axis=1))
+    delta = (new_m_a - m_a) - (new_m_b - m_b)  # d' = (a - m_a) - (b - m_b) moves by -delta
+    alpha_a = _exp(m_a - new_m_a)
+    alpha_b = _exp(m_b - new_m_b)
+    s_a = _recentre(s_a, z_a, delta, alpha_a)
+    s_b = _recentre(s_b, z_b, delta, alpha_b)
+    la = a - new_m_a[:, None]  # x - m: exact for x near m, whatever the offset of the row
+    lb = b - new_m_b[:, None]
+    e_a = _exp(la)
+    e_b = _exp(lb)
+    d = la - lb  # d'; +-inf where one side only is -inf; NaN where both are
+    if SAFE:
+        # exp(x - m) * d' with 0 * (+-inf or NaN) := 0: a zero probability contributes nothing. A NaN exp
+        # (NaN or +inf in the row) is not 0 and reaches Z.
+        d_a = tl.where(e_a == 0, 0.0, d)
+        d_b = tl.where(e_b == 0, 0.0, d)
+    else:
+        # Fast pass: no guard, so 0 * inf makes S NaN; the caller sees that and redoes the row SAFE.
+        d_a = d
+        d_b = d
+    s_a = s_a + tl.sum(e_a * d_a, axis=1)  # a chain of FMAs in one thread
+    s_b = s_b + tl.sum(e_b * d_b, axis=1)
+    z_a = z_a * alpha_a + tl.sum(e_a, axis=1)
+    z_b = z_b * alpha_b + tl.sum(e_b, axis=1)
+    return new_m_a, z_a, s_a, new_m_b, z_b, s_b
+
+
+@triton.jit
+def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv, V,
+              LANES: tl.constexpr, VEC: tl.constexpr, ALIGN: tl.constexpr, SAFE: tl.constexpr):
+    # Per-lane statistics [LANES] of columns [lo, hi) of one row, then the lanes merged: (m, Z, S) per side.
+    # pos[l, k] = l * VEC + k: lane l owns VEC consecutive columns of each tile
+    pos = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m_a = tl.full([LANES], _NEG_BIG, tl.float32)
+    m_b = tl.full([LANES], _NEG_BIG, tl.float32)
+    z_a = tl.zeros([LANES], tl.float32)
+    z_b = tl.zeros([LANES], tl.float32)
+    s_a = tl.zeros([LANES], tl.float32)
+    s_b = tl.zeros([LANES], tl.float32)
+    if ALIGN > 1:
+        start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row, V, lo, hi, valid, ALIGN)
+        if n_head + n_tail > 0:  # the < 2 ALIGN unaligned columns: one masked gather (scalar loads)
+            idx, ok = _edge_index(pos, start, body_hi, n_head, n_tail)
+            a = tl.load(a_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            b = tl.load(b_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE)
+        a_body = a_ptr + body_lo  # 16-byte aligned, provably: loads below are 128-bit
+        b_body = b_ptr + body_lo
+        for t in range(0, body_len, LANES * VEC):
+            cols = t + pos
+            ok = cols < read_len  # constant over each vector: read_len is a multiple of ALIGN
+            a = tl.load(a_body + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            b = tl.load(b_body + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE)
+    else:
+        a_row = _row_start(a_ptr, row, n1a, sa0, sa1)
+        b_row = _row_start(b_ptr, row, n1b, sb0, sb1)
+        hi_read = tl.where(valid, hi, lo)  # a masked row is never read
+        for t in range(lo, hi_read, LANES * VEC):
+            cols = t + pos
+            ok = cols < hi_read
+            # Out-of-range entries read as -inf on both sides, which contribute exactly 0.
+            a = tl.load(a_row + cols * sav, mask=ok, other=float("-inf")).to(tl.float32)
+            b = tl.load(b_row + cols * sbv, mask=ok, other=float("-inf")).to(tl.float32)
+            m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE)
+    # The one cross-thread reduction of the program: merge the lanes.
+    return _merge(m_a, z_a, s_a, m_b, z_b, s_b)
+
+
+@triton.jit
+def _merge(m_ai, z_ai, s_ai, m_bi, z_bi, s_bi):
+    # Statistics i (lanes, or parts of a row) each with their own maxima m_i, merged along axis 0 with the
+    # overall maxima M = max_i m_i, w_i = exp(m_i - M), delta_i = (M_a - m_a,i) - (M_b - m_b,i):
+    #     Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
+    # (lanes that read nothing: m = sentinel, Z = S = 0, add nothing).
+    m_a = tl.max(m_ai, axis=0)
+    m_b = tl.max(m_bi, axis=0)
+    w_a = _exp(m_ai - m_a)
+    w_b = _exp(m_bi - m_b)
+    delta = (m_a - m_ai) - (m_b - m_bi)
+    z_a = tl.sum(z_ai * w_a, axis=0)
+    z_b = tl.sum(z_bi * w_b, axis=0)
+    s_a = tl.sum(_recentre(s_ai, z_ai, delta, w_a), axis=0)
+    s_b = tl.sum(_recentre(s_bi, z_bi, delta, w_b), axis=0)
+    return m_a, z_a, s_a, m_b, z_b, s_b
+
+
+@triton.jit
+def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, ok):
     # A row that is -inf everywhere on one side has Z = 0 there: log Z := 0 (so p = exp(-inf) = 0 in
     # backward) and E[d'] := 0. Only Z == 0 means empty: a NaN Z (NaN or +inf in the row) stays NaN and
-    # makes the value and every gradient of the row NaN.
+    # makes the value and every gradient of the row NaN. Scalars or vectors of rows (``ok``: store mask).
     lz_a = tl.where(z_a == 0, 0.0, tl.log(z_a))
     lz_b = tl.where(z_b == 0, 0.0, tl.log(z_b))
     e_p = tl.where(z_a == 0, 0.0, s_a / z_a)  # E_p[d']
     e_q = tl.where(z_b == 0, 0.0, s_b / z_b)  # E_q[d']
     kl = tl.where(valid, e_p - e_q, 0.0)  # KL_S = E_p[d'] - E_q[d'] (= E_p[d] - E_q[d])
-    tl.store(out_ptr + row, kl)
-    tl.store(stats_ptr + row, m_a)
-    tl.store(stats_ptr + n_rows + row, m_b)
-    tl.store(stats_ptr + 2 * n_rows + row, lz_a)
-    tl.store(stats_ptr + 3 * n_rows + row, lz_b)
-    tl.store(stats_ptr + 4 * n_rows + row, e_p)
-    tl.store(stats_ptr + 5 * n_rows + row, e_q)
+    tl.store(out_ptr + row, kl, mask=ok)
+    tl.store(stats_ptr + row, m_a, mask=ok)
+    tl.store(stats_ptr + n_rows + row, m_b, mask=ok)
+    tl.store(stats_ptr + 2 * n_rows + row, lz_a, mask=ok)
+    tl.store(stats_ptr + 3 * n_rows + row, lz_b, mask=ok)
+    tl.store(stats_ptr + 4 * n_rows + row, e_p, mask=ok)
+    tl.store(stats_ptr + 5 * n_rows + row, e_q, mask=ok)
 
 
+@triton.jit
+def _aligned_bounds(row, V, lo, hi, valid, ALIGN: tl.constexpr):
+    # Columns [lo, hi) of row `row` of contiguous (n_rows, V) tensors are elements [start, end) with
+    # start = row * V + lo. The body [body_lo, body_hi) has both ends multiples of ALIGN (written as
+    # x // ALIGN * ALIGN, which the compiler's alignment analysis can follow), the edges are
+    # [start, head_end) and [body_hi, end), each shorter than ALIGN. A masked row reads nothing.
+    start = row * V + lo
+    end = row * V + hi
+    body_lo = (start + ALIGN - 1) // ALIGN * ALIGN
+    body_hi = tl.maximum(end // ALIGN * ALIGN, body_lo)
+    n_head = tl.minimum(body_lo, end) - start
+    n_tail = tl.maximum(end - body_hi, 0)
+    body_len = (body_hi - body_lo).to(tl.int32)
+    n_head = tl.where(valid, n_head, 0).to(tl.int32)
+    n_tail = tl.where(valid, n_tail, 0).to(tl.int32)
+    read_len = tl.where(valid, body_len, 0)
+    return start, body_lo, body_hi, body_len, read_len, n_head, n_tail
+
+
+@triton.jit
+def _edge_index(pos, start, body_hi, n_head, n_tail):
+    # Position pos of the edge tile: head entries first, then the tail; ok where there is an entry.
+    idx = tl.where(pos < n_head, start + pos, body_hi + (pos - n_head))
+    return idx, pos < n_head + n_tail
+
+
+# ------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _sym_kl_fwd_kernel(
     a_ptr, b_ptr, mask_ptr, out_ptr, stats_ptr, part_ptr,
     n_rows, V, chunk, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    row, a_row, b_row, valid, lo = _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1,
-                                                HAS_MASK)
-    hi = tl.where(valid, tl.minimum(lo + chunk, V), lo)  # a masked row is never read
-    m_a = _NEG_BIG
-    m_b = _NEG_BIG
-    z_a = 0.0
-    z_b = 0.0
-    s_a = 0.0
-    s_b = 0.0
-    offs = tl.arange(0, BLOCK)
-    for start in range(lo, hi, BLOCK):
-        cols = start + offs
-        a, b = _load_row_tile(a_row, b_row, cols, sav, sbv, cols < hi)
-        # Online update of (m, Z, S) for each side.
-        new_m_a = tl.maximum(m_a, tl.max(a, axis=0))
-        new_m_b = tl.maximum(m_b, tl.max(b, axis=0))
-        alpha_a = tl.exp(m_a - new_m_a)
-        alpha_b = tl.exp(m_b - new_m_b)
-        # Re-centre what is summed so far: d' = (a - m_a) - (b - m_b) moves by -delta.
-        delta = (new_m_a - m_a) - (new_m_b - m_b)
-        s_a = _recentre(s_a, z_a, delta, alpha_a)
-        s_b = _recentre(s_b, z_b, delta, alpha_b)
-        la = a - new_m_a  # x - m: exact for x near m, whatever the offset of the row
-        lb = b - new_m_b
-        e_a = tl.exp(la)
-        e_b = tl.exp(lb)
-        d = la - lb  # d' = d - (m_a - m_b); +-inf where one side only is -inf; NaN where both are
-        # exp(x - m) * d' with 0 * (+-inf or NaN) := 0: a zero probability contributes nothing. A NaN
-        # exp (NaN or +inf in the row) is not 0 and reaches Z below.
-        t_a = tl.where(e_a == 0, 0.0, e_a * d)
-        t_b = tl.where(e_b == 0, 0.0, e_b * d)
-        z_a = z_a * alpha_a + tl.sum(e_a, axis=0)
-        z_b = z_b * alpha_b + tl.sum(e_b, axis=0)
-        s_a = s_a + tl.sum(t_a, axis=0)
-        s_b = s_b + tl.sum(t_b, axis=0)
-        m_a = new_m_a
-        m_b = new_m_b
+    # Program (row, part): columns [part * chunk, min((part + 1) * chunk, V)) of one row.
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride overflows int32 at large N * V
+    part = tl.program_id(1).to(tl.int64)
+    valid = _row_valid(mask_ptr, row, HAS_MASK)
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, V)
+    m_a, z_a, s_a, m_b, z_b, s_b = _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0,
+                                             sb1, sbv, V, LANES, VEC, ALIGN, False)
+    # S is NaN while Z is not only where the fast pass multiplied a zero probability by an infinite d'
+    # (-inf entries): redo those rows with the guard (rare; a NaN Z makes the row NaN either way).
+    if ((s_a != s_a) | (s_b != s_b)) & (z_a == z_a) & (z_b == z_b):
+        m_a, z_a, s_a, m_b, z_b, s_b = _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0,
+                                                 sb1, sbv, V, LANES, VEC, ALIGN, True)
     if SPLIT:
         # Partial statistics, layout (6, n_rows, n_parts); merged by _sym_kl_merge_kernel.
         n_parts = tl.num_programs(1).to(tl.int64)
         plane = n_rows * n_parts
-        base = part_ptr + row * n_parts + tl.program_id(1)
+        base = part_ptr + row * n_parts + part
         tl.store(base, m_a)
         tl.store(base + plane, z_a)
         tl.store(base + 2 * plane, s_a)
@@ -172,39 +294,76 @@ def _sym_kl_fwd_kernel(
         tl.store(base + 4 * plane, z_b)
         tl.store(base + 5 * plane, s_b)
     else:
-        _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid)
+        _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, True)
 
 
 @triton.jit
 def _sym_kl_merge_kernel(part_ptr, mask_ptr, out_ptr, stats_ptr, n_rows, n_parts,
                          HAS_MASK: tl.constexpr, PARTS: tl.constexpr):
-    # Part i summed d'_i = (a - m_a,i) - (b - m_b,i) with its own maxima. With the row's maxima
-    # M = max_i m_i, d' = d'_i - delta_i, delta_i = (M_a - m_a,i) - (M_b - m_b,i), and w_i = exp(m_i - M):
-    #     Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
+    # Part i summed d'_i with its own maxima: merged like the lanes of one program (_merge).
     row = tl.program_id(0).to(tl.int64)
-    valid = True
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + row) != 0
+    valid = _row_valid(mask_ptr, row, HAS_MASK)
     plane = n_rows * n_parts
     p = tl.arange(0, PARTS)
     idx = row * n_parts + p
     ok = p < n_parts  # padding lanes: m = sentinel, Z = S = 0, so they add nothing
-    m_ai = tl.load(part_ptr + idx, mask=ok, other=_NEG_BIG)
-    z_ai = tl.load(part_ptr + plane + idx, mask=ok, other=0.0)
-    s_ai = tl.load(part_ptr + 2 * plane + idx, mask=ok, other=0.0)
-    m_bi = tl.load(part_ptr + 3 * plane + idx, mask=ok, other=_NEG_BIG)
-    z_bi = tl.load(part_ptr + 4 * plane + idx, mask=ok, other=0.0)
-    s_bi = tl.load(part_ptr + 5 * plane + idx, mask=ok, other=0.0)
-    m_a = tl.max(m_ai, axis=0)
-    m_b = tl.max(m_bi, axis=0)
-    w_a = tl.exp(m_ai - m_a)
-    w_b = tl.exp(m_bi - m_b)
-    delta = (m_a - m_ai) - (m_b - m_bi)
-    z_a = tl.sum(z_ai * w_a, axis=0)
-    z_b = tl.sum(z_bi * w_b, axis=0)
-    s_a = tl.sum(_recentre(s_ai, z_ai, delta, w_a), axis=0)
-    s_b = tl.sum(_recentre(s_bi, z_bi, delta, w_b), axis=0)
-    _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid)
+    m_a, z_a, s_a, m_b, z_b, s_b = _merge(
+        tl.load(part_ptr + idx, mask=ok, other=_NEG_BIG), tl.load(part_ptr + plane + idx, mask=ok, other=0.0),
+        tl.load(part_ptr + 2 * plane + idx, mask=ok, other=0.0),
+        tl.load(part_ptr + 3 * plane + idx, mask=ok, other=_NEG_BIG),
+        tl.load(part_ptr + 4 * plane + idx, mask=ok, other=0.0),
+        tl.load(part_ptr + 5 * plane + idx, mask=ok, other=0.0))
+    _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, True)
+
+
+@triton.jit
+def _sym_kl_fwd_rows_kernel(
+    a_ptr, b_ptr, mask_ptr, out_ptr, stats_ptr,
+    n_rows, V, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
+    HAS_MASK: tl.constexpr, ROWS: tl.constexpr, BV: tl.constexpr,
+):
+    # Tiny V: ROWS whole rows per program in one [ROWS, BV] tile; the statistics directly, no loop.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    valid = _row_valid(mask_ptr, tl.where(row_ok, rows, 0), HAS_MASK) & row_ok
+    cols = tl.arange(0, BV)
+    ok = valid[:, None] & (cols < V)[None, :]  # masked rows and padding read as -inf: they add 0
+    a_rows = _row_start(a_ptr, rows, n1a, sa0, sa1)
+    b_rows = _row_start(b_ptr, rows, n1b, sb0, sb1)
+    a = tl.load(a_rows[:, None] + cols[None, :] * sav, mask=ok, other=float("-inf")).to(tl.float32)
+    b = tl.load(b_rows[:, None] + cols[None, :] * sbv, mask=ok, other=float("-inf")).to(tl.float32)
+    m_a = tl.full([ROWS], _NEG_BIG, tl.float32)
+    m_b = tl.full([ROWS], _NEG_BIG, tl.float32)
+    zero = tl.zeros([ROWS], tl.float32)
+    m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, zero, zero, m_b, zero, zero, True)
+    _finish(out_ptr, stats_ptr, rows, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, row_ok)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+@triton.jit
+def _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q):
+    la = a - m_a  # as in forward, with the row's maxima
+    lb = b - m_b
+    p = _exp(la - lz_a)  # p = exp(a - m_a) / Z_a
+    q = _exp(lb - lz_b)
+    d = la - lb  # d' = d - (m_a - m_b); d - E_p[d] = d' - E_p[d']
+    # g (p (d' - E_p[d'] + 1) - q), with p * (...) := 0 where p = 0 (d' may be +-inf or NaN there)
+    ga = g * (tl.where(p == 0, 0.0, p * (d - e_p + 1.0)) - q)
+    # g (q (E_q[d'] - d' + 1) - p), with q * (...) := 0 where q = 0
+    gb = g * (tl.where(q == 0, 0.0, q * (e_q - d + 1.0)) - p)
+    return ga, gb
+
+
+@triton.jit
+def _bwd_tile(a_src, b_src, ga_dst, gb_dst, idx, read_ok, write_ok, g, m_a, m_b, lz_a, lz_b, e_p, e_q,
+              sav, sbv, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr):
+    a = tl.load(a_src + idx * sav, mask=read_ok, other=float("-inf")).to(tl.float32)
+    b = tl.load(b_src + idx * sbv, mask=read_ok, other=float("-inf")).to(tl.float32)
+    ga, gb = _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q)
+    if NEED_GA:  # g = 0 and p = q = 0 on a masked row: zeros
+        tl.store(ga_dst + idx, ga.to(ga_dst.dtype.element_ty), mask=write_ok)
+    if NEED_GB:
+        tl.store(gb_dst + idx, gb.to(gb_dst.dtype.element_ty), mask=write_ok)
 
 
 @triton.jit
@@ -212,9 +371,11 @@ def _sym_kl_bwd_kernel(
     a_ptr, b_ptr, mask_ptr, stats_ptr, g_ptr, ga_ptr, gb_ptr,
     n_rows, V, chunk, sg, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
     HAS_MASK: tl.constexpr, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    row, a_row, b_row, valid, lo = _program_row(a_ptr, b_ptr, mask_ptr, chunk, n1a, sa0, sa1, n1b, sb0, sb1,
-                                                HAS_MASK)
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1).to(tl.int64)
+    valid = _row_valid(mask_ptr, row, HAS_MASK)
     g = tl.load(g_ptr + row * sg).to(tl.float32)  # upstream gradient of this row (stride 0: a scalar)
     g = tl.where(valid, g, 0.0)
     m_a = tl.load(stats_ptr + row)
@@ -223,67 +384,152 @@ def _sym_kl_bwd_kernel(
     lz_b = tl.load(stats_ptr + 3 * n_rows + row)
     e_p = tl.load(stats_ptr + 4 * n_rows + row)  # E_p[d']
     e_q = tl.load(stats_ptr + 5 * n_rows + row)  # E_q[d']
+    lo = part * chunk
     hi = tl.minimum(lo + chunk, V)
-    hi_read = tl.where(valid, hi, lo)  # a masked row is never read, only written with zeros
     offs = tl.arange(0, BLOCK)
-    for start in range(lo, hi, BLOCK):
-        cols = start + offs
-        in_row = cols < hi
-        a, b = _load_row_tile(a_row, b_row, cols, sav, sbv, cols < hi_read)
-        la = a - m_a  # as in forward, with the final maxima
-        lb = b - m_b
-        p = tl.exp(la - lz_a)  # p = exp(a - m_a) / Z_a
-        q = tl.exp(lb - lz_b)
-        d = la - lb  # d' = d - (m_a - m_b); d - E_p[d] = d' - E_p[d']
-        out = row * V + cols  # gradients are contiguous (n_rows, V)
-        if NEED_GA:
-            # g (p (d' - E_p[d'] + 1) - q), with p * (...) := 0 where p = 0 (d' may be +-inf or NaN there)
-            ga = g * (tl.where(p == 0, 0.0, p * (d - e_p + 1.0)) - q)
-            tl.store(ga_ptr + out, ga, mask=in_row)  # g = 0 and p = q = 0 on a masked row
-        if NEED_GB:
-            # g (q (E_q[d'] - d' + 1) - p), with q * (...) := 0 where q = 0
-            gb = g * (tl.where(q == 0, 0.0, q * (e_q - d + 1.0)) - p)
-            tl.store(gb_ptr + out, gb, mask=in_row)
+    if ALIGN > 1:
+        # Gradients are contiguous (n_rows, V) like the inputs here: one set of aligned bounds for all four.
+        start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row, V, lo, hi, True, ALIGN)
+        if n_head + n_tail > 0:
+            epos = tl.arange(0, 2 * ALIGN)
+            idx, ok = _edge_index(epos, start, body_hi, n_head, n_tail)
+            read_ok = epos < tl.where(valid, n_head + n_tail, 0)  # a masked row is only written
+            _bwd_tile(a_ptr, b_ptr, ga_ptr, gb_ptr, idx, read_ok, ok, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1,
+                      NEED_GA, NEED_GB)
+        read_len = tl.where(valid, body_len, 0)
+        for t in range(0, body_len, BLOCK):
+            cols = t + offs
+            _bwd_tile(a_ptr + body_lo, b_ptr + body_lo, ga_ptr + body_lo, gb_ptr + body_lo, cols,
+                      cols < read_len, cols < body_len, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1, NEED_GA, NEED_GB)
+    else:
+        a_row = _row_start(a_ptr, row, n1a, sa0, sa1)
+        b_row = _row_start(b_ptr, row, n1b, sb0, sb1)
+        hi_read = tl.where(valid, hi, lo)  # a masked row is never read, only written with zeros
+        for t in range(lo, hi, BLOCK):
+            cols = t + offs
+            # gradients are contiguous (n_rows, V)
+            _bwd_tile(a_row, b_row, ga_ptr + row * V, gb_ptr + row * V, cols, cols < hi_read, cols < hi, g,
+                      m_a, m_b, lz_a, lz_b, e_p, e_q, sav, sbv, NEED_GA, NEED_GB)
 
 
-class Config(NamedTuple):
-    block: int  # columns per loop iteration (a power of two)
-    chunk: int  # columns per program (a multiple of block)
+@triton.jit
+def _sym_kl_bwd_rows_kernel(
+    a_ptr, b_ptr, mask_ptr, stats_ptr, g_ptr, ga_ptr, gb_ptr,
+    n_rows, V, sg, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
+    HAS_MASK: tl.constexpr, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr, ROWS: tl.constexpr,
+    BV: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    r = tl.where(row_ok, rows, 0)
+    valid = _row_valid(mask_ptr, r, HAS_MASK) & row_ok
+    g = tl.where(valid, tl.load(g_ptr + r * sg).to(tl.float32), 0.0)[:, None]
+    m_a = tl.load(stats_ptr + r)[:, None]
+    m_b = tl.load(stats_ptr + n_rows + r)[:, None]
+    lz_a = tl.load(stats_ptr + 2 * n_rows + r)[:, None]
+    lz_b = tl.load(stats_ptr + 3 * n_rows + r)[:, None]
+    e_p = tl.load(stats_ptr + 4 * n_rows + r)[:, None]
+    e_q = tl.load(stats_ptr + 5 * n_rows + r)[:, None]
+    cols = tl.arange(0, BV)[None, :]
+    in_row = cols < V
+    a = tl.load(_row_start(a_ptr, r, n1a, sa0, sa1)[:, None] + cols * sav, mask=valid[:, None] & in_row,
+                other=float("-inf")).to(tl.float32)
+    b = tl.load(_row_start(b_ptr, r, n1b, sb0, sb1)[:, None] + cols * sbv, mask=valid[:, None] & in_row,
+                other=float("-inf")).to(tl.float32)
+    ga, gb = _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q)
+    out = rows[:, None] * V + cols  # gradients are contiguous (n_rows, V)
+    ok = row_ok[:, None] & in_row
+    if NEED_GA:
+        tl.store(ga_ptr + out, ga.to(ga_ptr.dtype.element_ty), mask=ok)
+    if NEED_GB:
+        tl.store(gb_ptr + out, gb.to(gb_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+ROWS_MAX_V = 32  # padded V up to which programs take whole rows (the rows path)
+
+
+class Plan(NamedTuple):
+    """How the launcher tiles one call; :func:`plan` makes it, ``bench.sm90`` inspects it.
+
+    ``rows > 0``: the rows path (``rows`` rows of padded width ``bv`` per program, forward and backward).
+    Otherwise the columns path: the forward reads tiles of ``lanes x vec`` columns (a lane owns ``vec``
+    consecutive columns), ``chunk`` columns per program (a multiple of both tiles; fewer than V splits
+    rows over programs and adds the merge kernel), the backward tiles of ``bwd_block`` columns; ``align``
+    > 1 is the aligned body + edges path (elements per 16 bytes of the narrower input).
+    """
+
+    rows: int
+    bv: int
+    lanes: int
+    vec: int
+    chunk: int
     num_warps: int
+    bwd_block: int
+    bwd_warps: int
+    align: int
+
+
+def plan(n_rows: int, vocab: int, elem_sizes: tuple[int, int], contiguous: bool, sm_count: int) -> Plan:
+    """The launch plan for ``n_rows`` rows of ``vocab`` logits (inputs of ``elem_sizes`` bytes) on a device
+    with ``sm_count`` SMs (1: the interpreter).
+
+    * tiny V (padded V <= ROWS_MAX_V): whole rows, 2 warps, enough rows per program for every thread to
+      hold an entry and at most 8 entries per thread, fewer rows per program when that leaves SMs idle;
+    * otherwise one vector of 16 bytes (of the narrower input) per lane and 2 lanes per thread, 4 warps:
+      2048 bf16 / 1024 fp32 columns per forward tile, the same columns per backward tile. Moderate tiles
+      (DESIGN.md §3); the per-lane statistics keep the forward loop free of cross-thread reductions, so
+      small CTAs (many per SM) hide the memory latency;
+    * rows that cannot fill the GPU (fewer than 4 programs per SM) are split over programs;
+    * both inputs contiguous: the aligned body + edges path (128-bit loads and stores for every V).
+    """
+    narrow = min(elem_sizes)
+    bv = triton.next_power_of_2(max(vocab, 1))
+    if bv <= ROWS_MAX_V:
+        num_warps = 2
+        threads = 32 * num_warps
+        rows_max = max(1, 8 * threads // bv)  # 8 entries per thread
+        rows_min = max(1, threads // bv)  # every thread holds one
+        want = triton.next_power_of_2(max(triton.cdiv(n_rows, max(sm_count, 1)), 1)) // 2 or 1  # ~2 per SM
+        rows = max(rows_min, min(rows_max, want))
+        return Plan(rows=rows, bv=bv, lanes=0, vec=0, chunk=vocab, num_warps=num_warps, bwd_block=0,
+                    bwd_warps=num_warps, align=1)
+    num_warps = 4
+    vec = 16 // narrow
+    lanes = 2 * 32 * num_warps
+    tile = lanes * vec
+    tiles = triton.cdiv(vocab, tile)
+    target = 4 * sm_count  # programs wanted in flight
+    split = 1
+    if n_rows < target and tiles > 1:
+        split = min(tiles, triton.cdiv(target, max(n_rows, 1)), 256)
+    chunk = triton.cdiv(tiles, split) * tile
+    return Plan(rows=0, bv=bv, lanes=lanes, vec=vec, chunk=chunk, num_warps=num_warps, bwd_block=tile,
+                bwd_warps=num_warps, align=vec if contiguous else 1)
 
 
 def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device, 1 elsewhere (the interpreter). ``bench.sm90`` replaces it to plan for an H200."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
-def _config(n_rows: int, vocab: int, elem_size: int, device: torch.device) -> Config:
-    """Tile per V and dtype; split rows over several programs when rows alone cannot fill the GPU.
-
-    Moderate tiles (DESIGN.md §3): very wide ones spill registers. 16-bit inputs get twice the columns
-    per tile for the same bytes in flight.
-    """
-    cap = 8192 if elem_size <= 2 else 4096
-    block = max(16, min(triton.next_power_of_2(max(vocab, 1)), cap))
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    tiles = triton.cdiv(max(vocab, 1), block)
-    target = 4 * _sm_count(device)  # programs wanted in flight
-    split = 1
-    if n_rows < target and tiles > 1:
-        split = min(tiles, triton.cdiv(target, max(n_rows, 1)), 256)
-    chunk = triton.cdiv(tiles, split) * block
-    return Config(block=block, chunk=chunk, num_warps=num_warps)
+def _plan(n_rows: int, vocab: int, a: torch.Tensor, b: torch.Tensor) -> Plan:
+    """:func:`plan` for these inputs (tests replace this to force tiles and paths)."""
+    return plan(n_rows, vocab, (a.element_size(), b.element_size()), a.is_contiguous() and b.is_contiguous(),
+                _sm_count(a.device))
 
 
-def _backward_tile(cfg: Config, elem_size: int) -> tuple[int, int]:
-    """Backward keeps more live values per column (p, q, d, two gradients): halve the widest tiles.
+_KEYS = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_fwd_rows_kernel": "forward", "_sym_kl_merge_kernel": "merge",
+         "_sym_kl_bwd_kernel": "backward", "_sym_kl_bwd_rows_kernel": "backward"}
 
-    Compiled for sm_90 (no GPU run yet), the forward's 8192-column bf16 / 4096-column fp32 tiles spilled
-    or used 170+ registers in backward; a power of two <= block still divides the chunk.
-    """
-    block = min(cfg.block, 4096 if elem_size <= 2 else 2048)
-    return block, (4 if block <= 1024 else 8)
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Every launch goes through here: counted in ``launches``; ``bench.sm90`` records instead of launching."""
+    launches[_KEYS[kernel.fn.__name__]] += 1
+    kernel_launches[kernel.fn.__name__] += 1
+    kernel[grid](*args, **meta)
 
 
 def _rows_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
@@ -322,48 +568,49 @@ class SymmetricKLRows(torch.autograd.Function):
         out = torch.empty(n_rows, dtype=torch.float32, device=a.device)
         # Per row: m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d'] (see the module docstring).
         stats = torch.empty(6, n_rows, dtype=torch.float32, device=a.device)
-        cfg = _config(n_rows, vocab, max(a.element_size(), b.element_size()), a.device)
-        n_parts = triton.cdiv(max(vocab, 1), cfg.chunk)
+        p = _plan(n_rows, vocab, a, b)
         mask_arg = mask if mask is not None else out  # never read when HAS_MASK is False
+        has_mask = mask is not None
         if n_rows > 0:
-            split = n_parts > 1
-            part = torch.empty(6, n_rows, n_parts, dtype=torch.float32, device=a.device) if split else out
             with _device_context(a):
-                _sym_kl_fwd_kernel[(n_rows, n_parts)](
-                    a, b, mask_arg, out, stats, part, n_rows, vocab, cfg.chunk, *lay_a, *lay_b,
-                    HAS_MASK=mask is not None, SPLIT=split, BLOCK=cfg.block, num_warps=cfg.num_warps,
-                )
-                launches["forward"] += 1
-                if split:
-                    _sym_kl_merge_kernel[(n_rows,)](
-                        part, mask_arg, out, stats, n_rows, n_parts,
-                        HAS_MASK=mask is not None, PARTS=triton.next_power_of_2(n_parts),
-                    )
-                    launches["merge"] += 1
+                if p.rows:
+                    _launch(_sym_kl_fwd_rows_kernel, (triton.cdiv(n_rows, p.rows),), a, b, mask_arg, out, stats,
+                            n_rows, vocab, *lay_a, *lay_b, HAS_MASK=has_mask, ROWS=p.rows, BV=p.bv,
+                            num_warps=p.num_warps)
+                else:
+                    n_parts = triton.cdiv(vocab, p.chunk)
+                    split = n_parts > 1
+                    part = torch.empty(6, n_rows, n_parts, dtype=torch.float32, device=a.device) if split else out
+                    _launch(_sym_kl_fwd_kernel, (n_rows, n_parts), a, b, mask_arg, out, stats, part, n_rows, vocab,
+                            p.chunk, *lay_a, *lay_b, HAS_MASK=has_mask, SPLIT=split, LANES=p.lanes, VEC=p.vec,
+                            ALIGN=p.align, num_warps=p.num_warps)
+                    if split:
+                        _launch(_sym_kl_merge_kernel, (n_rows,), part, mask_arg, out, stats, n_rows, n_parts,
+                                HAS_MASK=has_mask, PARTS=triton.next_power_of_2(n_parts))
         ctx.save_for_backward(a, b, mask, stats)
-        ctx.layout = (shape, n_rows, lay_a, lay_b, cfg)
+        ctx.layout = (shape, n_rows, lay_a, lay_b, p)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows: torch.Tensor):
         a, b, mask, stats = ctx.saved_tensors
-        shape, n_rows, lay_a, lay_b, cfg = ctx.layout
+        shape, n_rows, lay_a, lay_b, p = ctx.layout
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         vocab = shape[-1]
         ga = torch.empty(shape, dtype=a.dtype, device=a.device) if need_a else None  # contiguous
         gb = torch.empty(shape, dtype=b.dtype, device=b.device) if need_b else None
         if n_rows > 0 and vocab > 0 and (need_a or need_b):
-            n_parts = triton.cdiv(vocab, cfg.chunk)
-            block, warps = _backward_tile(cfg, max(a.element_size(), b.element_size()))
+            args = (a, b, mask if mask is not None else stats, stats, grad_rows, ga if need_a else stats,
+                    gb if need_b else stats)
+            flags = dict(HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, num_warps=p.bwd_warps)
             with _device_context(a):
-                _sym_kl_bwd_kernel[(n_rows, n_parts)](
-                    a, b, mask if mask is not None else stats, stats, grad_rows,
-                    ga if need_a else stats, gb if need_b else stats,
-                    n_rows, vocab, cfg.chunk, grad_rows.stride(0), *lay_a, *lay_b,
-                    HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, BLOCK=block, num_warps=warps,
-                )
-                launches["backward"] += 1
+                if p.rows:
+                    _launch(_sym_kl_bwd_rows_kernel, (triton.cdiv(n_rows, p.rows),), *args, n_rows, vocab,
+                            grad_rows.stride(0), *lay_a, *lay_b, ROWS=p.rows, BV=p.bv, **flags)
+                else:
+                    _launch(_sym_kl_bwd_kernel, (n_rows, triton.cdiv(vocab, p.chunk)), *args, n_rows, vocab,
+                            p.chunk, grad_rows.stride(0), *lay_a, *lay_b, BLOCK=p.bwd_block, ALIGN=p.align, **flags)
         return ga, gb, None
 
 

@@ -11,6 +11,7 @@ import torch
 from helpers import kl_mask, tiny_model, toy_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kl_plans import rows_path, small_tiles
 from kl_reference import check, reference_rows
 
 import r3f_opt._dispatch
@@ -19,6 +20,9 @@ from r3f_opt import RegularizedOptimizer, symmetric_kl
 from r3f_opt.kernels import sym_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# NumPy noise from the interpreter: exp2((m_old - m_new) * log2 e) with m_old = -3.4e38 (nothing read yet)
+# overflows to -inf in the multiply, and exp2(-inf) = 0 is what the kernel means.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
 
 
 @pytest.fixture
@@ -30,11 +34,6 @@ def triton_only(monkeypatch):
         raise AssertionError("the PyTorch path ran under R3F_KERNELS=triton")
 
     monkeypatch.setattr(r3f_opt.kl._SymmetricKLRows, "apply", trap)
-
-
-def small_tiles(monkeypatch, block=16, chunk=32):
-    """Force tiny tiles (many loop iterations) and a split of each row over programs (the merge path)."""
-    monkeypatch.setattr(sym_kl, "_config", lambda *args: sym_kl.Config(block=block, chunk=chunk, num_warps=4))
 
 
 def randn(*shape, dtype=torch.float32, scale=3.0):
@@ -228,3 +227,116 @@ def test_optimizer_steps_match_the_pytorch_path(monkeypatch, kind):
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-7)
     for k, v in results["torch"][1].items():
         torch.testing.assert_close(results["triton"][1][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------------------------------ tiling paths
+def test_plan_paths_for_an_h200():
+    """The launcher's plan (a pure function, the one bench.sm90 inspects) for realistic shapes."""
+    p = sym_kl.plan(8192, 50257, (2, 2), True, 132)
+    assert (p.rows, p.vec, p.align, p.lanes * p.vec, p.chunk) == (0, 8, 8, 2048, 51200)  # aligned body + edges
+    assert sym_kl.plan(8192, 50257, (2, 2), False, 132).align == 1  # strided inputs: no alignment claim
+    assert sym_kl.plan(8192, 32000, (4, 4), True, 132).vec == 4  # 16 bytes of float32 per lane
+    assert sym_kl.plan(8192, 32000, (4, 2), True, 132).vec == 8  # mixed: 16 bytes of the narrower
+    few = sym_kl.plan(4, 262144, (2, 2), True, 132)
+    assert 262144 // few.chunk >= 64  # few rows: each split over programs (merge kernel)
+    tiny = sym_kl.plan(8192, 2, (2, 2), True, 132)
+    assert tiny.rows * tiny.bv >= 32 * tiny.num_warps  # every thread of a program holds an entry
+    assert triton_cdiv(8192, tiny.rows) >= 132  # and every SM gets a program
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("vocab", [2, 3])
+def test_tiny_vocabularies_take_the_rows_path_by_default(triton_only, vocab):
+    before = dict(sym_kl.kernel_launches)
+    check(randn(300, vocab), randn(300, vocab), rtol=1e-4, atol=1e-5)
+    assert sym_kl.kernel_launches["_sym_kl_fwd_rows_kernel"] == before.get("_sym_kl_fwd_rows_kernel", 0) + 1
+    assert sym_kl.kernel_launches["_sym_kl_bwd_rows_kernel"] == before.get("_sym_kl_bwd_rows_kernel", 0) + 1
+    assert sym_kl.kernel_launches["_sym_kl_fwd_kernel"] == before.get("_sym_kl_fwd_kernel", 0)
+
+
+@pytest.mark.parametrize("vocab, dtype", [(1, torch.float32), (2, torch.bfloat16), (3, torch.float32),
+                                          (5, torch.bfloat16), (17, torch.float32)])
+def test_rows_path_forced(monkeypatch, triton_only, vocab, dtype):
+    """Several rows per program (4 here, 7 rows: a partial last program) and masks (edge values: below)."""
+    rows_path(monkeypatch, rows=4)
+    a, b = randn(7, vocab, dtype=dtype), randn(7, vocab, dtype=dtype)
+    mask = torch.tensor([True, True, True, False, True, False, True], device=DEVICE)
+    a[3] = float("nan")  # masked: never read
+    before = sym_kl.kernel_launches["_sym_kl_fwd_rows_kernel"]
+    check(a, b, mask=mask, reduction="none", rtol=1e-4, atol=1e-5)
+    assert sym_kl.kernel_launches["_sym_kl_fwd_rows_kernel"] == before + 1
+
+
+def test_rows_path_strided_views(monkeypatch, triton_only):
+    rows_path(monkeypatch, rows=2)
+    base = randn(3, 5, 6)
+    x = base.transpose(0, 1)[:, :, ::2]  # (5, 3, 3), non-contiguous rows and columns
+    y = randn(5, 3, 3)
+    check(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab, dtype", [(3, torch.float32), (16, torch.float16), (45, torch.float32),
+                                          (61, torch.float16)])
+def test_aligned_body_and_edges_forced(monkeypatch, triton_only, vocab, dtype):
+    """Odd V: row r starts at r * V, so rows have heads and tails of 1-3 columns around a body whose ends
+    are multiples of 4 (V = 3: no body at all; V = 16: no edges), with tiles of 16 and parts of 32 (V = 45,
+    61: rows split over programs, each part with its own head and tail)."""
+    small_tiles(monkeypatch, 16, 32, aligned=True)
+    a, b = randn(5, vocab, dtype=dtype), randn(5, vocab, dtype=dtype)
+    mask = torch.tensor([True, False, True, True, True], device=DEVICE)
+    a[1] = float("nan")  # masked: never read (it would make the row NaN)
+    before = sym_kl.kernel_launches["_sym_kl_fwd_kernel"]
+    check(a, b, mask=mask, reduction="none", rtol=1e-4, atol=1e-5)
+    assert sym_kl.kernel_launches["_sym_kl_fwd_kernel"] == before + 1
+
+
+def test_aligned_and_strided_paths_agree(monkeypatch, triton_only):
+    """The same rows through the aligned path and the strided path: the same statistics and value (the
+    lanes see the columns in other groupings, so only up to float32 rounding)."""
+    a, b = randn(4, 53), randn(4, 53)
+    got = {}
+    for aligned in (True, False):
+        small_tiles(monkeypatch, 16, 64, aligned=aligned)
+        got[aligned] = symmetric_kl(a, b, reduction="none")
+    torch.testing.assert_close(got[True], got[False], rtol=1e-6, atol=1e-6)
+
+
+NAN, INF = float("nan"), float("inf")
+EDGE = [  # (column, a value, b value) written into one row each; V = 7, so rows start at 7r: with ALIGN 4
+    # a row's entries fall in its head, its body or its tail depending on the row
+    [(1, -INF, -INF)], [(5, -INF, -INF), (6, -INF, 0.5)], [(0, 1.0, -INF)], [(3, -INF, 2.0)],
+    [(6, -INF, -INF)], [(2, NAN, 0.0)], [(4, INF, INF)], [(0, 0.0, -1e30), (1, -INF, -INF)],
+    [(c, -INF, -INF) for c in range(7)], [(c, -INF, 0.0) for c in range(7)], [(3, 1e6, 1e6 + 1)],
+]
+
+
+@pytest.mark.parametrize("path", ["rows", "aligned", "strided"])
+def test_forced_paths_agree_with_pytorch_on_edge_values(monkeypatch, path):
+    """-inf on one or both sides, NaN, +inf, underflow, whole -inf rows: in heads, bodies and tails of the
+    aligned path, in the strided path and in the rows path, values and gradients as the PyTorch path
+    gives them (NaN and inf included)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(len(EDGE), 7, generator=g), torch.randn(len(EDGE), 7, generator=g)
+    for r, entries in enumerate(EDGE):
+        for c, x, y in entries:
+            a[r, c], b[r, c] = x, y
+    a, b, up = a.to(DEVICE), b.to(DEVICE), torch.linspace(0.5, 1.5, len(EDGE), device=DEVICE)
+    if path == "rows":
+        rows_path(monkeypatch, rows=4)
+    else:
+        small_tiles(monkeypatch, 8, 16, aligned=path == "aligned")
+    results = {}
+    for mode in ["torch", "triton"]:
+        monkeypatch.setenv("R3F_KERNELS", mode)
+        a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        before = sum(sym_kl.kernel_launches.values())
+        rows = symmetric_kl(a1, b1, reduction="none")
+        (rows * up).sum().backward()
+        assert (sum(sym_kl.kernel_launches.values()) > before) == (mode == "triton")
+        results[mode] = (rows.detach(), a1.grad, b1.grad)
+    for want, got in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert results["triton"][0][2] == INF and results["triton"][0][5].isnan()

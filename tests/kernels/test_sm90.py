@@ -1,0 +1,137 @@
+"""Offline sm_90a inspection (bench.sm90) of the kernels the launchers would launch on an H200.
+
+The reduced set (``--quick``) is compiled with Triton's compiler and its bundled ptxas in a subprocess
+(the interpreter, which conftest turns on, replaces the kernels in this process); no GPU is needed. It
+fails on any register spill and on regressions past the thresholds below, set from the numbers measured
+with triton 3.9.0 (docs/kernels.md has the full table). Skipped only where ptxas, cuobjdump or nvdisasm
+cannot be found.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import sm90
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Regression thresholds (measured: fwd bf16 22.3 instructions per column, 64 registers, 50 % occupancy;
+# bwd 35 registers; tiny-V rows kernels <= 32 registers).
+KL_FWD_MAX_INSTR_PER_COL_16BIT = 25.0
+KL_FWD_MAX_INSTR_PER_COL_FP32 = 36.0
+KL_FWD_MIN_OCCUPANCY = 0.5
+KL_BWD_MAX_REGISTERS = 96  # the issue's bar, for every V
+KL_BWD_MAX_INSTR_PER_COL = 32.0
+MAX_REGISTERS = {"_sym_kl_fwd_kernel": 64, "_sym_kl_bwd_kernel": 48, "_sym_kl_fwd_rows_kernel": 40,
+                 "_sym_kl_bwd_rows_kernel": 40, "_sn_fused_fwd_kernel": 56, "_sn_fused_bwd_kernel": 56}
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+def test_occupancy_model():
+    # 92 registers x 16 warps: 96 x 32 = 3072 registers per warp, 21 warps fit: one CTA, 25 %
+    assert sm90.occupancy(92, 16, 64) == (1, 0.25, "registers")
+    # 48 registers x 4 warps: 1536 per warp, 42 warps: 10 CTAs, 40 of 64 warps
+    assert sm90.occupancy(48, 4, 0) == (10, 0.625, "registers")
+    # tiny kernels hit the 16 CTAs x 4 warps = 64 warps limit
+    assert sm90.occupancy(16, 4, 0) == (16, 1.0, "warps")
+    # shared memory: (100 KB + 1 KB reserved) per CTA, 2 of them in 228 KB
+    assert sm90.occupancy(32, 4, 100 * 1024)[0] == 2
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.U16 R2, desc[UR4][R4.64] ;
+.L_x_1:
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0030*/                   LDG.E.128 R12, desc[UR4][R10.64] ;
+        /*0040*/                   FADD R3, R8, -R9 ;
+        /*0050*/                   MUFU.EX2 R3, R3 ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0070*/              @!P0 BRA `(.L_x_1) ;
+        /*0080*/                   STG.E desc[UR4][R4.64], R3 ;
+        /*0090*/                   EXIT ;
+.L_x_2:
+        /*00a0*/                   BRA `(.L_x_2);
+"""
+
+
+def test_sass_main_loop_statistics():
+    stats = sm90.analyse_sass(sm90.Sass.parse(SASS), bytes_per_column=4)
+    # 6 instructions; 2 x 16 bytes loaded = 8 bf16 columns of (a, b) per thread per iteration
+    assert stats["loop_instructions"] == 6
+    assert stats["instructions_per_column"] == 0.75
+    assert stats["loads_128"] and stats["load_widths"] == [128]
+    assert stats["stores_128"] is None and stats["barriers"] == 1 and stats["shuffles"] == 0
+
+
+def test_sass_without_loop_reports_no_instructions_per_column():
+    stats = sm90.analyse_sass(sm90.Sass.parse(SASS.replace("@!P0 BRA `(.L_x_1) ;", "NOP ;")), 4)
+    assert stats["instructions_per_column"] is None and stats["load_widths"] == [16, 128]
+    assert not stats["loads_128"] and stats["stores_128"] is False
+
+
+# -------------------------------------------------------------------------------------- compiled set
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    missing = sm90.tools_missing()
+    if missing:
+        pytest.skip(reason=f"{', '.join(missing)} not found (bundled with Triton's NVIDIA backend, or on PATH)")
+    out = tmp_path_factory.mktemp("sm90") / "quick.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.sm90", "--quick", "--quiet", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def kl(records, kernel, dtype=None):
+    found = [r for r in records if r["kernel"] == kernel and (dtype is None or r["dtype"] == dtype)]
+    assert found, f"no {kernel} {dtype or ''} record"
+    return found
+
+
+def test_record_fields(records):
+    for r in records:
+        assert {"kernel", "dtype", "shape", "registers", "spills", "occupancy", "instructions_per_column"} <= set(r)
+        assert 0 < r["occupancy"] <= 1
+
+
+def test_no_kernel_spills(records):
+    spilled = [(r["kernel"], r["dtype"], r["shape"]) for r in records if r["spills"] or r["local_bytes"]]
+    assert not spilled
+
+
+def test_kl_forward_is_issue_light_and_occupied(records):
+    for r in kl(records, "_sym_kl_fwd_kernel"):
+        limit = KL_FWD_MAX_INSTR_PER_COL_FP32 if r["dtype"] == "float32" else KL_FWD_MAX_INSTR_PER_COL_16BIT
+        where = (r["dtype"], r["shape"])
+        assert r["instructions_per_column"] is not None and r["instructions_per_column"] <= limit, where
+        assert r["occupancy"] >= KL_FWD_MIN_OCCUPANCY and r["ctas_per_sm"] >= 4, where
+        assert r["barriers"] == 0 and r["shuffles"] == 0, where  # no cross-thread reduction in the loop
+        assert r["loads_128"], where  # odd V (50257) included: the aligned body
+
+
+def test_kl_backward_registers_and_vector_access(records):
+    for r in kl(records, "_sym_kl_bwd_kernel"):
+        where = (r["dtype"], r["shape"])
+        assert r["registers"] <= KL_BWD_MAX_REGISTERS, where
+        assert r["instructions_per_column"] <= KL_BWD_MAX_INSTR_PER_COL, where
+        assert r["loads_128"] and r["stores_128"], where
+
+
+def test_tiny_vocabularies_batch_rows(records):
+    for name in ("_sym_kl_fwd_rows_kernel", "_sym_kl_bwd_rows_kernel"):
+        for r in kl(records, name):
+            n_rows = r["shape"][0]
+            rows_per_program = r["constexprs"]["ROWS"]
+            assert rows_per_program * r["constexprs"]["BV"] >= 32 * r["num_warps"]  # every thread has work
+            assert r["grid"][0] * rows_per_program >= n_rows > r["grid"][0]
+
+
+def test_register_regressions(records):
+    over = [(r["kernel"], r["dtype"], r["shape"], r["registers"]) for r in records
+            if r["registers"] > MAX_REGISTERS.get(r["kernel"], 96)]
+    assert not over
