@@ -1,12 +1,56 @@
-"""Helpers the benchmarks share: device sync, peak memory of a call, and matplotlib when it is installed."""
+"""Helpers the benchmarks share: where results go, progress with an ETA, device sync, peak memory of a call,
+and matplotlib when it is installed."""
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+import time
+from pathlib import Path
+from typing import Callable, Optional
 
-import torch
+# Kineto (torch.profiler, used by peak_extra_bytes on CPU) logs "USDT ... profiler_start/stop" for every
+# profile at any level below 6 (its levels: 0 verbose .. 4 error, 5 USDT); read when the first profile
+# starts, so setting it here, before any, is enough.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
-__all__ = ["sync", "peak_extra_bytes", "pyplot", "save", "device_name"]
+import torch  # noqa: E402
+
+__all__ = ["RESULTS", "LOCAL_RESULTS", "Progress", "sync", "peak_extra_bytes", "pyplot", "save", "device_name"]
+
+RESULTS = Path(__file__).resolve().parent / "results"  # committed results (written with --save)
+LOCAL_RESULTS = RESULTS / "local"  # the default: not tracked (.gitignore)
+
+
+class Progress:
+    """``[done/total] what, elapsed, ETA`` lines on stderr. ``add(n)`` announces n more steps (a caller
+    running several benchmarks announces each one's steps as it learns them); the ETA is the mean time per
+    step so far times the steps left, optionally seeded by ``estimate_s`` per step before the first one."""
+
+    def __init__(self, estimate_s: Optional[float] = None, stream=None) -> None:
+        self.total = self.done_steps = 0
+        self.start = time.perf_counter()
+        self.estimate_s = estimate_s
+        self.stream = stream or sys.stderr
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+    def eta_s(self) -> Optional[float]:
+        elapsed = time.perf_counter() - self.start
+        per_step = elapsed / self.done_steps if self.done_steps else self.estimate_s
+        return None if per_step is None else per_step * max(self.total - self.done_steps, 0)
+
+    def step(self, what: str) -> None:
+        self.done_steps += 1
+        eta = self.eta_s()
+        left = "" if eta is None else f", ETA {eta:.0f} s"
+        print(f"[{self.done_steps}/{self.total}] {what}: {time.perf_counter() - self.start:.0f} s elapsed{left}",
+              file=self.stream, flush=True)
+
+    def done(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        print(f"done in {elapsed:.0f} s", file=self.stream, flush=True)
+        return elapsed
 
 
 def sync(device: torch.device) -> None:

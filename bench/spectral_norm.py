@@ -19,7 +19,9 @@ On CPU only correctness counts (the output says so): torch's parametrization is 
 clock and its top-level ATen operators are counted; the kernel runs in Triton's interpreter
 (``TRITON_INTERPRET=1``, set here) only for heads of at most ``--cpu-kernel-max`` elements (the
 interpreter is slow), with its Triton launch count and no timing; the largest default head
-(32000x4096) is left out on CPU. JSON goes to ``bench/results/spectral_norm_<cpu|cuda>.json``.
+(32000x4096) is left out on CPU. JSON goes to ``bench/results/local/spectral_norm_<cpu|cuda>.json`` (not
+tracked) unless ``--out PATH``; ``--save`` writes the committed ``bench/results/spectral_norm_<device>.json``.
+``--quick`` (what ``python -m bench`` runs): the two small heads and 1000x4096, 5 timed calls per round.
 """
 from __future__ import annotations
 
@@ -46,9 +48,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from r3f_opt.spectral_norm import spectral_norm as fused_spectral_norm  # noqa: E402
 
-from .common import sync  # noqa: E402
+from .common import LOCAL_RESULTS, RESULTS, Progress, sync  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = ((2, 768), (3, 1024), (1000, 4096), (32000, 4096))
 CPU_MAX_ELEMENTS = 2**23  # heads above this are left out of the CPU default (torch alone takes seconds)
 IMPLS = ("torch", "triton")
@@ -171,7 +172,7 @@ def parse_head(text: str) -> tuple[int, int]:
     return C, H
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: Optional[list[str]] = None, progress: Optional[Progress] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--heads", nargs="+", type=parse_head, default=None,
@@ -180,12 +181,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds per implementation (spread)")
     ap.add_argument("--cpu-kernel-max", type=int, default=4096,
                     help="CPU: largest C*H the kernel runs on in the interpreter (default 4096)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/spectral_norm_<device>.json)")
+    ap.add_argument("--quick", action="store_true", help="the small heads and 1000x4096, fewer calls")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/local/spectral_norm_<device>.json)")
+    ap.add_argument("--save", action="store_true", help="write the committed bench/results/spectral_norm_<device>.json")
     args = ap.parse_args(argv)
+    if args.save and args.out is not None:
+        ap.error("--save writes the committed results; give either --save or --out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
-    heads = args.heads or [h for h in HEADS if on_cuda or h[0] * h[1] <= CPU_MAX_ELEMENTS]
-    reps = args.reps or (100 if on_cuda else 10)
+    heads = args.heads or [h for h in HEADS if (on_cuda and not args.quick) or h[0] * h[1] <= CPU_MAX_ELEMENTS]
+    reps = args.reps or (100 if on_cuda else (5 if args.quick else 10))
     if reps < 1 or args.rounds < 1:
         ap.error("--reps and --rounds must be >= 1")
 
@@ -199,8 +204,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
             f"{args.cpu_kernel_max} elements. No GPU figures here.")
     print(note)
     rows = []
+    own = progress is None
+    progress = progress or Progress()
+    progress.add(len(heads))
     for C, H in heads:
         rows += bench_head(C, H, device, reps, args.rounds, args.cpu_kernel_max)
+        progress.step(f"spectral norm {C}x{H}")
+    if own:
+        progress.done()
     kernels_col = "GPU kernels" if on_cuda else "Triton launches"
     print(f"{'head':<11} {'impl':<7} {'path':<6} {'median ms (rounds)':<22} {kernels_col:>15} {'ATen ops':>8} "
           f"{'out diff':>9} {'grad diff':>9}")
@@ -214,7 +225,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"{r['head']:<11} {r['impl']:<7} {r['path']:<6} {ms:<22} {n:>15} {aten:>8} "
               f"{r['output_rel_diff']:>9.1e} {r['grad_rel_diff']:>9.1e}")
     result = dict(environment=env, note=note, results=rows)
-    out = Path(args.out) if args.out else RESULTS / f"spectral_norm_{device.type}.json"
+    out = RESULTS / f"spectral_norm_{device.type}.json" if args.save else (
+        Path(args.out) if args.out else LOCAL_RESULTS / f"spectral_norm_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

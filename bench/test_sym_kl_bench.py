@@ -14,7 +14,7 @@ SHAPES = [(16, 32000), (2, 128256)] + ([(4096, 50265), (1024, 256000)] if DEVICE
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("impl", ["r3f_triton", "r3f_torch", "eager", "compile", "liger"])
+@pytest.mark.parametrize("impl", ["r3f_triton", "before", "r3f_torch", "eager", "compile", "compile_closed", "liger"])
 def test_sym_kl_fwd_bwd(benchmark, impl, shape, dtype):
     fn, why = implementations(DEVICE)[impl]
     if fn is None:

@@ -76,21 +76,25 @@ def _times(prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # of both sides, p, q, one temporary), reused chunk after chunk, instead of six to fifteen full-size
 # temporaries streaming through memory. CHUNK_BYTES per buffer (10 MiB in all: inside a server's L3) bounds
 # a chunk; WORKSPACE_FRACTION of one input's bytes bounds the five buffers, so that the extra memory stays
-# near the two gradients (about 2.75x one input at most, for V >= a few thousand). A row is never split: one
+# near the two gradients (about 2.75x one input at most, for inputs above MIN_CHUNK_ELEMENTS / 0.15). A row is never split: one
 # row of V = 128256 is a 0.5 MiB buffer. Measured on a 2-core Zen 3 VM (docs/benchmarks.md): larger chunks
 # win up to about 16 rows of 32000, because each chunk costs some 25 operator calls.
 CHUNK_BYTES = 2 * 2**20
 WORKSPACE_FRACTION = 0.75
+MIN_CHUNK_ELEMENTS = 2**15  # below this the workspace bound gives way: a small input is one or a few chunks
 STATS = 7  # per-row statistics the forward keeps (see _fast_chunk)
 
 
 def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype = torch.float32,
                        input_dtype: Optional[torch.dtype] = None) -> int:
     """Rows per chunk of the PyTorch path: ``CHUNK_BYTES`` per compute-``dtype`` buffer and five buffers
-    within ``WORKSPACE_FRACTION`` of one input (of ``input_dtype``, default ``dtype``); at least one row."""
+    within ``WORKSPACE_FRACTION`` of one input (of ``input_dtype``, default ``dtype``), but at least
+    ``MIN_CHUNK_ELEMENTS`` (a small input, e.g. a classification head's, takes one chunk: each chunk costs
+    some 25 operator calls) and at least one row."""
     size = torch.empty((), dtype=dtype).element_size()
     in_size = torch.empty((), dtype=input_dtype or dtype).element_size()
-    elements = min(CHUNK_BYTES // size, int(WORKSPACE_FRACTION * rows * vocab * in_size / (5 * size)))
+    cap = max(MIN_CHUNK_ELEMENTS, int(WORKSPACE_FRACTION * rows * vocab * in_size / (5 * size)))
+    elements = min(CHUNK_BYTES // size, cap)
     return max(1, min(rows, elements // max(vocab, 1)))
 
 

@@ -56,7 +56,7 @@ def test_every_chunk_size_matches_the_reference(chunk_rows, strategy):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_default_chunking_of_a_long_vocabulary(dtype, strategy):
-    rows, vocab = 21, 4099  # default: 0.15 (0.075 for bf16) of 21 x 4099 elements -> 3 (1) rows per chunk
+    rows, vocab = 21, 40009  # default: 0.15 (0.075 for bf16) of 21 x 40009 elements -> 3 (1) rows per chunk
     assert K.default_chunk_rows(rows, vocab) == 3 and K.default_chunk_rows(rows, vocab, torch.float32, torch.bfloat16) == 1
     a = torch.randn(rows, vocab).to(dtype)
     b = (a.float() + 0.1 * torch.randn(rows, vocab)).to(dtype)
@@ -68,10 +68,11 @@ def test_default_chunk_rows_budget():
     assert K.default_chunk_rows(10**7, 2) == big // 2
     assert K.default_chunk_rows(10**7, 2, torch.float64) == K.CHUNK_BYTES // 8 // 2
     # five float32 buffers within 0.75 of one input: 0.15 N elements (float32 input), 0.075 N (bfloat16)
-    assert K.default_chunk_rows(100_000, 2) == int(0.15 * 200_000) // 2
-    assert K.default_chunk_rows(100_000, 2, torch.float32, torch.bfloat16) == int(0.075 * 200_000) // 2
+    assert K.default_chunk_rows(1_000_000, 2) == int(0.15 * 2_000_000) // 2
+    assert K.default_chunk_rows(1_000_000, 2, torch.float32, torch.bfloat16) == int(0.075 * 2_000_000) // 2
+    assert K.default_chunk_rows(4096, 3) == 4096 and K.default_chunk_rows(3000, 50) == 2**15 // 50  # floor
     assert K.default_chunk_rows(64, 128256) == big // 128256 and K.default_chunk_rows(4, 128256) == 1  # a row is never split
-    assert K.default_chunk_rows(3, 5) == 1 and K.default_chunk_rows(1, 1) == 1  # tiny inputs: >= 1 row
+    assert K.default_chunk_rows(3, 5) == 3 and K.default_chunk_rows(1, 1) == 1  # a tiny input is one chunk
     assert K.default_chunk_rows(4096, 32000) == big // 32000 == 16
     with pytest.raises(ValueError, match="chunk_rows must be a positive number of rows"):
         K._SymmetricKLRows.apply(torch.randn(2, 3), torch.randn(2, 3), None, 0)
