@@ -33,7 +33,10 @@ Per compiled kernel it reports, from the cubin (``cuobjdump --dump-resource-usag
 * ``barriers``/``shuffles`` in the main loop (block-wide reductions per iteration cost both).
 
 The result is a table on stdout; ``--json PATH`` writes a list of records. Nothing runs on a GPU: the
-numbers are the compiler's, the occupancy is theoretical, and no time or bandwidth is measured.
+numbers are the compiler's, the occupancy is theoretical, and no time or bandwidth is measured. On a
+machine with a Hopper GPU, ``--gpu`` plans for its SM count, compiles through its driver and loads every
+kernel on it, adding the driver's own register and spill counts (``driver_registers``,
+``driver_spills``) to check this offline route against (``bench/gpu_suite.sh`` runs both).
 """
 from __future__ import annotations
 
@@ -195,12 +198,16 @@ def head_launches(C: int, H: int, dtype: torch.dtype, sms: int = SMS) -> list[La
     return launches
 
 
-def compile_launch(launch: Launch):
-    """The CompiledKernel of this exact specialisation for sm_90a (Triton's own cache makes repeats cheap)."""
+def compile_launch(launch: Launch, on_gpu: bool = False):
+    """The CompiledKernel of this exact specialisation for sm_90a (Triton's own cache makes repeats cheap);
+    ``on_gpu``: for the GPU present, through its driver, and loaded on it (``n_regs``, ``n_spills``)."""
     args = tuple(MockTensor(x.dtype) if isinstance(x, torch.Tensor) else x for x in launch.args)
-    with offline_sm90(), warnings.catch_warnings():
+    with (contextlib.nullcontext() if on_gpu else offline_sm90()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-        return launch.kernel.warmup(*args, grid=launch.grid, **launch.meta)
+        compiled = launch.kernel.warmup(*args, grid=launch.grid, **launch.meta)
+    if on_gpu:
+        compiled._init_handles()  # loads the cubin: the driver's own register and spill counts
+    return compiled
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -338,25 +345,28 @@ class Record:
     store_widths: list
     barriers: Optional[int]
     shuffles: Optional[int]
+    driver_registers: Optional[int] = None  # --gpu: what the CUDA driver reports for the loaded kernel
+    driver_spills: Optional[int] = None
 
 
 _ROLES = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_merge_kernel": "merge", "_sym_kl_bwd_kernel": "backward"}
 
 
 def inspect_launch(launch: Launch, dtype: str, shape: tuple, masked: Optional[bool],
-                   bytes_per_column: Optional[int], cache: dict) -> Record:
+                   bytes_per_column: Optional[int], cache: dict, on_gpu: bool = False) -> Record:
     """Compile (once per specialisation) and measure one recorded launch."""
     key = launch.spec_key()
     if key not in cache:
-        compiled = compile_launch(launch)
+        compiled = compile_launch(launch, on_gpu)
         res, sass_text = resources(compiled.asm["cubin"])
         smem = res["static_smem"] + compiled.metadata.shared
         # static SHARED of a Triton cubin is the CTA's system-reserved 1 KB on sm_90; count it once
         smem_user = max(smem - SMEM_RESERVED_PER_CTA, 0) if res["static_smem"] >= SMEM_RESERVED_PER_CTA else smem
         sass = Sass.parse(sass_text)
         spills = sum(1 for _, op, _ in sass.instrs if op.split(".")[0] in ("LDL", "STL"))
-        cache[key] = (compiled.metadata.num_warps, res, smem_user, spills, sass)
-    num_warps, res, smem_user, spills, sass = cache[key]
+        driver_counts = {"driver_registers": compiled.n_regs, "driver_spills": compiled.n_spills} if on_gpu else {}
+        cache[key] = (compiled.metadata.num_warps, res, smem_user, spills, sass, driver_counts)
+    num_warps, res, smem_user, spills, sass, driver_counts = cache[key]
     stats = analyse_sass(sass, bytes_per_column if launch.name in ("_sym_kl_fwd_kernel", "_sym_kl_bwd_kernel")
                          else None)
     ctas, occ, limiter = occupancy(res["registers"], num_warps, smem_user)
@@ -365,11 +375,12 @@ def inspect_launch(launch: Launch, dtype: str, shape: tuple, masked: Optional[bo
                   dtype=dtype, shape=list(shape), masked=masked, grid=list(launch.grid), num_warps=num_warps,
                   constexprs=constexprs, registers=res["registers"], spills=spills,
                   local_bytes=res["local_bytes"], smem=smem_user, ctas_per_sm=ctas, occupancy=round(occ, 4),
-                  occupancy_limiter=limiter, **stats)
+                  occupancy_limiter=limiter, **stats, **driver_counts)
 
 
-def inspect_all(quick: bool = False, progress: bool = True) -> list[Record]:
-    """Records for every launch of the shape list (``quick``: the reduced CI set)."""
+def inspect_all(quick: bool = False, progress: bool = True, sms: int = SMS, on_gpu: bool = False) -> list[Record]:
+    """Records for every launch of the shape list (``quick``: the reduced CI set), planned for ``sms``
+    SMs; ``on_gpu``: compiled for and loaded on the GPU present."""
     cases: list[tuple[str, tuple, Any]] = []
     if quick:
         cases += [("kl", (n, v, dt, m), None) for n, v, dt, m in QUICK_KL]
@@ -385,14 +396,14 @@ def inspect_all(quick: bool = False, progress: bool = True) -> list[Record]:
         if kind == "kl":
             n, v, dt, masked = params
             dtype = DTYPES[dt]
-            launches = kl_launches(n, v, dtype, masked)
+            launches = kl_launches(n, v, dtype, masked, sms)
             bpc = 2 * dtype.itemsize
             for launch in launches:
-                records.append(inspect_launch(launch, dt, (n, v), masked, bpc, cache))
+                records.append(inspect_launch(launch, dt, (n, v), masked, bpc, cache, on_gpu))
         else:
             c, h, dt = params
-            for launch in head_launches(c, h, DTYPES[dt]):
-                records.append(inspect_launch(launch, dt, (c, h), None, None, cache))
+            for launch in head_launches(c, h, DTYPES[dt], sms):
+                records.append(inspect_launch(launch, dt, (c, h), None, None, cache, on_gpu))
         if progress:
             elapsed = time.monotonic() - start
             eta = elapsed / (i + 1) * (len(cases) - i - 1)
@@ -427,6 +438,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records as a JSON list to this path")
     parser.add_argument("--quick", action="store_true", help="the reduced set the CI test uses")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--gpu", action="store_true",
+                        help="on a machine with a Hopper GPU: plan for its SM count, compile through its driver and "
+                             "load each kernel on it, adding the driver's register and spill counts to the records")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench.sm90 compiles the real kernels: unset TRITON_INTERPRET (the interpreter replaces them)",
@@ -437,14 +451,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"bench.sm90 needs {', '.join(missing)} (bundled with Triton in triton/backends/nvidia/bin, or on "
               f"PATH): install a Triton wheel with the NVIDIA backend or the CUDA toolkit", file=sys.stderr)
         return 2
-    records = inspect_all(quick=args.quick, progress=not args.quiet)
-    print(f"sm_90a offline inspection: triton {triton.__version__}, torch {torch.__version__}, "
-          f"{datetime.date.today().isoformat()}, occupancy for an H100 SXM / H200 SM ({SMS} SMs planned for)")
+    sms, where = SMS, "offline"
+    if args.gpu:
+        if not torch.cuda.is_available():
+            print("--gpu needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+            return 2
+        props = torch.cuda.get_device_properties(0)
+        if (props.major, props.minor) != (9, 0):
+            print(f"--gpu: {props.name} is sm_{props.major}{props.minor}, not sm_90: the occupancy model and the "
+                  f"thresholds are Hopper's", file=sys.stderr)
+        sms, where = props.multi_processor_count, f"on {props.name}"
+    records = inspect_all(quick=args.quick, progress=not args.quiet, sms=sms, on_gpu=args.gpu)
+    print(f"sm_90a inspection ({where}): triton {triton.__version__}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}, occupancy for an H100 SXM / H200 SM, {sms} SMs planned for")
     print(table(records))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"triton": triton.__version__, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                "target": "sm_90a", "sms": SMS, "command": " ".join(["python -m bench.sm90", *(argv or sys.argv[1:])])}
+                "target": "sm_90a", "sms": sms, "where": where, "command": " ".join(["python -m bench.sm90", *(argv or sys.argv[1:])])}
         args.json.write_text(json.dumps([dict(asdict(r), **{"meta": meta}) for r in records], indent=1) + "\n")
         print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
     return 0

@@ -210,13 +210,13 @@ def test_float64_takes_the_pytorch_path(monkeypatch):
 @pytest.mark.parametrize("kind", ["bert", "gpt2-lm"])
 def test_optimizer_steps_match_the_pytorch_path(monkeypatch, kind):
     """RegularizedOptimizer needs no change: the same steps on either path give the same parameters."""
-    batch = toy_batch(kind, batch=4, seq=6)
+    batch = {k: v.to(DEVICE) for k, v in toy_batch(kind, batch=4, seq=6).items()}
     mask = kl_mask(kind, batch)
     results = {}
     for mode in ["torch", "triton"]:
         monkeypatch.setenv("R3F_KERNELS", mode)
         torch.manual_seed(0)
-        model = tiny_model(kind, dropout=0.0)
+        model = tiny_model(kind, dropout=0.0).to(DEVICE)  # on CUDA: the kernel compiled, not interpreted
         # SGD, not Adam: Adam would blow rounding noise in exactly-zero gradients (attention key bias) up to lr.
         opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, eps=1e-2, seed=1)
         before = dict(sym_kl.launches)
