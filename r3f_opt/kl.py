@@ -72,13 +72,14 @@ def _times(prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ the PyTorch path
-# Rows are processed in chunks: per chunk, five chunk x V buffers of the compute dtype (the centred logits
-# of both sides, p, q, one temporary), reused chunk after chunk, instead of six to fifteen full-size
-# temporaries streaming through memory. CHUNK_BYTES per buffer (10 MiB in all: inside a server's L3) bounds
-# a chunk; WORKSPACE_FRACTION of one input's bytes bounds the five buffers, so that the extra memory stays
-# near the two gradients (about 2.75x one input at most, for inputs above MIN_CHUNK_ELEMENTS / 0.15). A row is never split: one
-# row of V = 128256 is a 0.5 MiB buffer. Measured on a 2-core Zen 3 VM (docs/benchmarks.md): larger chunks
-# win up to about 16 rows of 32000, because each chunk costs some 25 operator calls.
+# Rows are processed in chunks: per chunk, four chunk x V buffers of the compute dtype (the centred logits
+# of both sides, then d' and p - q in them; p and q), reused chunk after chunk, instead of six to fifteen
+# full-size temporaries streaming through memory. CHUNK_BYTES per buffer (8 MiB in all: inside a server's
+# L3) bounds a chunk; WORKSPACE_FRACTION of one input's bytes bounds the four buffers, so that the extra
+# memory stays near the two gradients (about 2.75x one input), but a row is never split (one row of
+# V = 128256 is a 0.5 MiB buffer) and a chunk has at least MIN_CHUNK_ELEMENTS. Measured on a 2-core Zen 3
+# VM (docs/benchmarks.md): larger chunks win up to about 16 rows of 32000, each chunk costing some 25
+# operator calls.
 CHUNK_BYTES = 2 * 2**20
 WORKSPACE_FRACTION = 0.75
 MIN_CHUNK_ELEMENTS = 2**15  # below this the workspace bound gives way: a small input is one or a few chunks
@@ -87,13 +88,13 @@ STATS = 7  # per-row statistics the forward keeps (see _fast_chunk)
 
 def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype = torch.float32,
                        input_dtype: Optional[torch.dtype] = None) -> int:
-    """Rows per chunk of the PyTorch path: ``CHUNK_BYTES`` per compute-``dtype`` buffer and five buffers
+    """Rows per chunk of the PyTorch path: ``CHUNK_BYTES`` per compute-``dtype`` buffer and four buffers
     within ``WORKSPACE_FRACTION`` of one input (of ``input_dtype``, default ``dtype``), but at least
     ``MIN_CHUNK_ELEMENTS`` (a small input, e.g. a classification head's, takes one chunk: each chunk costs
     some 25 operator calls) and at least one row."""
     size = torch.empty((), dtype=dtype).element_size()
     in_size = torch.empty((), dtype=input_dtype or dtype).element_size()
-    cap = max(MIN_CHUNK_ELEMENTS, int(WORKSPACE_FRACTION * rows * vocab * in_size / (5 * size)))
+    cap = max(MIN_CHUNK_ELEMENTS, int(WORKSPACE_FRACTION * rows * vocab * in_size / (4 * size)))
     elements = min(CHUNK_BYTES // size, cap)
     return max(1, min(rows, elements // max(vocab, 1)))
 
@@ -108,7 +109,7 @@ def _fast_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, ws: torch.
                 stats: Optional[torch.Tensor] = None):
     """p, q, d' and p - q of a chunk of rows (compute dtype, in the workspace ``ws``), and its statistics.
 
-    ``ws``: at least 4 x rows x V of the compute dtype, reused chunk after chunk. ``stats`` (rows x 7: m_a,
+    ``ws``: 4 x rows x V of the compute dtype, reused chunk after chunk. ``stats`` (rows x 7: m_a,
     m_b, 1/Z_a, 1/Z_b, E_p[d'], E_q[d'], and 1 for a row the guarded formulas took) is filled when None
     (forward), read otherwise (the backward's recomputation, which so gets bit for bit the forward's p and
     q). Returns ``p, q, d, pq, kl, stats``. No guard for 0 * inf here: a row whose statistics come out
@@ -121,9 +122,13 @@ def _fast_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, ws: torch.
         stats[:, :1] = _row_max(x)
         stats[:, 1:2] = _row_max(y)
     m_a, m_b, inv_a, inv_b, e_p, e_q, _ = stats.split(1, -1)
-    la, lb, p, q = ws[:4]
-    torch.sub(x, m_a, out=la)  # a - m_a in the compute dtype (a bf16 input is widened exactly in the op)
-    torch.sub(y, m_b, out=lb)
+    la, lb, p, q = ws
+    for inp, m, out in ((x, m_a, la), (y, m_b, lb)):  # a - m_a in the compute dtype
+        if inp.dtype == dtype:
+            torch.sub(inp, m, out=out)
+        else:  # widen (exactly) into the buffer first: sub would allocate its own converted copy
+            out.copy_(inp)
+            out.sub_(m)
     torch.exp(la, out=p)
     torch.exp(lb, out=q)
     if fresh:
@@ -164,18 +169,29 @@ def _exact_grads(p, q, d, e_p, e_q, g):
     return g * (_times(p, d - e_p + 1.0) - q), g * (_times(q, e_q - d + 1.0) - p)
 
 
-def _write_grads(p, q, d, pq, e_p, e_q, g: Optional[torch.Tensor], out_a, out_b, tmp) -> None:
+def _write_grads(p, q, d, pq, e_p, e_q, g: Optional[torch.Tensor], out_a, out_b) -> None:
     """out_a = g dKL_S/da = g (p (d' - E_p[d']) + p - q), out_b = g dKL_S/db = -g (q (d' - E_q[d']) + p - q),
     unguarded (finite rows). ``g`` None (the forward of the save strategy): out_a = dKL_S/da and
     out_b = -dKL_S/db (the sign goes with the upstream gradient in the backward: one pass less).
-    Computed in ``tmp`` (compute dtype) when an output has another dtype: rounded once, at the end.
-    d' - E_p[d'] = d - E_p[d]: the centring drops out of the gradient."""
-    for out, prob, e, sign in ((out_a, p, e_p, 1.0), (out_b, q, e_q, -1.0)):
-        if out is None:
-            continue
-        w = out if out.dtype == d.dtype else tmp
-        torch.addcmul(pq, prob, d, out=w)  # prob d' + (p - q)
-        w.addcmul_(prob, e, value=-1.0)  # prob (d' - E[d']) + (p - q)
+    d' - E_p[d'] = d - E_p[d]: the centring drops out of the gradient.
+
+    An output in the compute dtype is written directly; one in another dtype (bf16) is computed in place in
+    the chunk's p (q) and d' buffers, which this overwrites, and rounded once when copied out (so the
+    workspace needs no fifth buffer; d' - E_q[d'] is then (d' - E_p[d']) - (E_q - E_p), a float32 rounding
+    far below the output's)."""
+    todo = [(out, prob, e, sign) for out, prob, e, sign in ((out_a, p, e_p, 1.0), (out_b, q, e_q, -1.0))
+            if out is not None]
+    todo.sort(key=lambda t: t[0].dtype != d.dtype)  # the direct ones first: the others overwrite d'
+    shift = None
+    for out, prob, e, sign in todo:
+        if out.dtype == d.dtype:
+            torch.addcmul(pq, prob, d, out=out)  # prob d' + (p - q)
+            out.addcmul_(prob, e, value=-1.0)  # prob (d' - E[d']) + (p - q)
+            w = out
+        else:
+            d.sub_(e if shift is None else e - shift)  # d' - E[d'], in d's buffer
+            shift = e
+            w = prob.mul_(d).add_(pq)  # prob (d' - E[d']) + (p - q), in prob's buffer
         if g is not None:
             w.mul_(g if sign > 0 else -g)
         if w is not out:
@@ -230,8 +246,8 @@ def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype:
     out = torch.zeros(rows, dtype=dtype, device=a.device) if forward else None
     if forward:
         stats = torch.zeros(rows, STATS, dtype=dtype, device=a.device)
-    # CPU workspace, reused chunk after chunk: la/d', lb/(p - q), p, q and a temporary (``_write_grads``).
-    ws = torch.empty(5, min(chunk, n), vocab, dtype=dtype, device=a.device) if fast and n else None
+    # CPU workspace, reused chunk after chunk: la/d', lb/(p - q), p, q (see _fast_chunk, _write_grads).
+    ws = torch.empty(4, min(chunk, n), vocab, dtype=dtype, device=a.device) if fast and n else None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         if counted is None:
@@ -249,7 +265,7 @@ def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype:
             w = ws[:, : e - s]
             p, q, d, pq, kl, st = _fast_chunk(x, y, dtype, w, None if forward else stats[idx])
             if ga is not None or gb is not None:
-                _write_grads(p, q, d, pq, st[:, 4:5], st[:, 5:6], gg, ga, gb, w[4])
+                _write_grads(p, q, d, pq, st[:, 4:5], st[:, 5:6], gg, ga, gb)
             if forward:  # flag the rows whose fast statistics are not finite (kept for the backward)
                 st[:, 6] = ~(torch.isfinite(kl) & torch.isfinite(st[:, 4:6]).all(-1))
             bad = st[:, 6] != 0
@@ -298,7 +314,7 @@ class _SymmetricKLRows(torch.autograd.Function):
       is rounded once (saved unscaled, it would be rounded twice).
 
     ``grad_enabled=False`` (the caller ran under ``torch.no_grad()``, where ``needs_input_grad`` still
-    says True) computes no gradient. Extra memory: the gradients, and on CPU five chunk x V buffers.
+    says True) computes no gradient. Extra memory: the gradients, and on CPU four chunk x V buffers.
     """
 
     @staticmethod
