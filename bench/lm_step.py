@@ -10,10 +10,11 @@ Methods, each with its own model copy (same seed, same initial weights) and its 
 * ``standard``         -- ``model(**batch, labels).loss.backward()``, ``step()`` (Hugging Face's causal-LM loss)
 * ``r3f_logits``       -- ``RegularizedOptimizer(AdamW, model, method="r3f").step(closure, mask=...)`` as it is
   today: two full forwards (both with the model's loss), ``symmetric_kl`` on the logits, gradient through both
-* ``r3f_fused``        -- the hidden states of both passes (``model.model``; noise on the input embeddings from
-  ``EmbeddingNoise``, as RegularizedOptimizer adds it), ``linear_r3f_loss(h_clean, h_noisy, lm_head.weight,
-  labels, shift_labels=True)``, gradient through both passes
-* ``r3f_fused_nograd`` -- the same with the noisy pass under ``no_grad`` and ``noisy_grad=False``
+* ``r3f_fused``        -- ``RegularizedOptimizer(AdamW, model, method="r3f", fused_lm_head=True).step(closure)``
+  with the same closure: the model runs without computing its logits or its loss, and ``linear_r3f_loss`` takes
+  the two passes' hidden states and ``lm_head.weight`` (the KL's rows: those whose shifted label counts, as
+  ``mask=`` above), gradient through both passes
+* ``r3f_fused_nograd`` -- the same with ``noisy_grad=False`` (the noisy pass runs without a graph)
 
 Memory: for each dtype of ``--memory-dtypes``, one step per method in a fresh set of models whose AdamW state
 already exists (steady state), under the torch profiler's memory events (CPU) or the CUDA allocator's peak:
@@ -129,7 +130,6 @@ class Setup:
 
     def __init__(self, method: str, args, device, dtype):
         from r3f_opt import RegularizedOptimizer
-        from r3f_opt.noise import EmbeddingNoise
 
         self.method, self.args = method, args
         self.model = make_model(args, device, dtype)
@@ -139,7 +139,9 @@ class Setup:
             self.opt = RegularizedOptimizer(self.inner, self.model, method="r3f", lam=args.lam, eps=args.eps,
                                             seed=args.seed)
         if method.startswith("r3f_fused"):
-            self.noise = EmbeddingNoise(self.model.model.embed_tokens, None, args.eps, "uniform", True, args.seed)
+            self.opt = RegularizedOptimizer(self.inner, self.model, method="r3f", lam=args.lam, eps=args.eps,
+                                            seed=args.seed, fused_lm_head=True, noisy_grad=method == "r3f_fused")
+            self.opt.regularizer.fused.chunk_size = args.chunk_size
 
     def init_state(self) -> None:
         """Create AdamW's state without a forward (zero gradients): the step then runs in steady state."""
@@ -150,7 +152,7 @@ class Setup:
 
     def step(self, batch: dict) -> tuple[float, float]:
         """One training step; returns (ce, kl) as tensors' values after the step (no sync inside it)."""
-        m, a = self.model, self.args
+        m = self.model
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         self.opt.zero_grad(set_to_none=True)
         if self.method == "standard":
@@ -161,17 +163,8 @@ class Setup:
         if self.method == "r3f_logits":
             res = self.opt.step(lambda: m(**inputs, labels=batch["labels"]), mask=batch["kl_mask"])
             return res.task_loss, res.sym_kl
-        from r3f_opt import linear_r3f_loss
-
-        noisy_grad = self.method == "r3f_fused"
-        h_clean = m.model(**inputs).last_hidden_state
-        with self.noise.active(), torch.set_grad_enabled(noisy_grad):
-            h_noisy = m.model(**inputs).last_hidden_state
-        total, ce, kl = linear_r3f_loss(h_clean, h_noisy, m.lm_head.weight, batch["labels"], lam=a.lam,
-                                        shift_labels=True, noisy_grad=noisy_grad, chunk_size=a.chunk_size)
-        total.backward()
-        self.opt.step()
-        return ce.detach(), kl.detach()
+        res = self.opt.step(lambda: m(**inputs, labels=batch["labels"]))  # fused: the KL's rows default to kl_mask's
+        return res.task_loss, res.sym_kl
 
 
 # ------------------------------------------------------------------------------------------- measuring

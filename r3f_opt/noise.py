@@ -160,8 +160,8 @@ class EmbeddingNoise:
                         "scale the noise to the embeddings: noise_scale='relative' (R3FTrainingArguments."
                         "r3f_noise_scale) with eps >= 1e-2 for bfloat16, >= 1e-3 for float16")
                 warnings.warn(
-                    f"the embeddings' output is {x.dtype}, which cannot represent {self.scale} noise of scale "
-                    f"eps={self.eps:g}: only {kept:.0%} of entries changed. Keep the embeddings in float32 (use "
+                    f"the embeddings' output is {x.dtype}, which cannot represent noise of scale "
+                    f"eps={self.eps:g} ({self.scale}): only {kept:.0%} of entries changed. Keep the embeddings in float32 (use "
                     f"torch.autocast for mixed precision), or {hint}.",
                     stacklevel=2,
                 )

@@ -116,7 +116,12 @@ class _Passes:
         self.opt, self.closure, self.weight, self.sync = opt, closure, weight, sync
 
     def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        return self.opt._run(self.closure)
+        out = self.opt._forward(self.closure)
+        loss, logits = _loss_and_logits(out)
+        return out, loss, logits
+
+    def forward(self) -> Any:
+        return self.opt._forward(self.closure)
 
     def backward(self, loss: torch.Tensor, result: StepResult) -> None:
         finite = torch.isfinite(loss.detach())
@@ -176,6 +181,11 @@ class RegularizedOptimizer(Optimizer):
         method_kwargs: the method's own hyper-parameters (``smart``, ``freelb``; see ``r3f_opt.methods``).
         same_dropout: r3f/r4f: the noisy pass replays the clean pass's dropout masks, so the KL measures the
             noise alone (the default lets dropout differ, as the reference does).
+        fused_lm_head: r3f/r4f with a Hugging Face causal LM: compute the task loss and the KL from the hidden
+            states before the LM head and its weight (:func:`linear_r3f_loss`), never materialising the logits.
+            The closure calls the model with ``labels=`` as usual; the model computes no loss and no logits
+            (``StepResult.output.logits`` is a placeholder). ``mask`` defaults to the rows whose shifted label
+            counts. See :class:`~r3f_opt.linear_kl.FusedLMHead` for what is refused.
 
     Example:
         >>> opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)
@@ -207,6 +217,7 @@ class RegularizedOptimizer(Optimizer):
         method_kwargs: Optional[dict] = None,
         same_dropout: bool = False,
         noise_scale: str = "absolute",
+        fused_lm_head: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -247,7 +258,7 @@ class RegularizedOptimizer(Optimizer):
                                         reduction=reduction, seed=seed, embeddings=embeddings,
                                         noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
                                         method_kwargs=method_kwargs, same_dropout=same_dropout,
-                                        noise_scale=noise_scale)
+                                        noise_scale=noise_scale, fused_lm_head=fused_lm_head)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self.reduction = getattr(self.regularizer, "reduction", reduction)  # None resolved by the method
@@ -359,16 +370,14 @@ class RegularizedOptimizer(Optimizer):
             raise bad("'grad_scaler' must be a GradScaler.state_dict()")
 
     # -- the two passes ----------------------------------------------------------------------
-    def _run(self, closure: Callable[[], Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _forward(self, closure: Callable[[], Any]) -> Any:
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         handles = [p.register_hook(_refuse_backward) for p in params]
         try:
-            out = closure()
+            return closure()
         finally:
             for h in handles:
                 h.remove()
-        loss, logits = _loss_and_logits(out)
-        return out, loss, logits
 
     def backward(self, closure: Callable[[], Any], *, mask: Optional[torch.Tensor] = None,
                  noise_mask: Optional[torch.Tensor] = None, weight: float = 1.0, sync: bool = True) -> StepResult:

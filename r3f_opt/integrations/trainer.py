@@ -19,16 +19,13 @@ from ..methods import METHODS, RDrop, Standard, build_method
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, unwrap_model
 from ..optimizer import check_number
 
-__all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"]
+__all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
 
 
 @dataclass
-class R3FTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the R3F options (also as ``--r3f_*`` flags through ``HfArgumentParser``).
-
-    ``ddp_find_unused_parameters`` defaults to False here: DDP with True fails when two forwards precede
-    one backward.
-    """
+class R3FArguments:
+    """The R3F options as dataclass fields, mixed before a ``TrainingArguments`` class (:class:`R3FTrainingArguments`,
+    ``R3FSFTConfig``); checked in ``__post_init__`` before the arguments class's own checks."""
 
     r3f_method: str = field(default="r3f", metadata={"help": f"one of {METHODS}"})
     r3f_lambda: float = field(default=1.0, metadata={"help": "weight of the symmetric KL term"})
@@ -43,6 +40,9 @@ class R3FTrainingArguments(TrainingArguments):
     r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed, offset per process (default: from --seed)"})
     r3f_same_dropout: bool = field(default=False, metadata={
         "help": "r3f/r4f: the noisy pass replays the clean pass's dropout masks (the KL measures the noise alone)"})
+    r3f_fused_lm_head: bool = field(default=False, metadata={
+        "help": "r3f/r4f with a causal LM: task loss and KL from the hidden states before the LM head and its "
+                "weight, never materialising the logits (r3f_opt.linear_r3f_loss)"})
     r3f_method_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "the method's own hyper-parameters as a dict or JSON, e.g. '{\"adv_steps\": 2}' for smart"})
 
@@ -56,6 +56,8 @@ class R3FTrainingArguments(TrainingArguments):
         if self.r3f_method == "freelb":
             raise ValueError("r3f_method='freelb' runs its own backward for each of its ascent steps, which the "
                              "Trainer's compute_loss cannot; use RegularizedOptimizer (or r3f-finetune --method freelb)")
+        if self.r3f_fused_lm_head and self.r3f_method not in ("r3f", "r4f"):
+            raise ValueError(f"r3f_fused_lm_head applies to r3f_method 'r3f' and 'r4f', not {self.r3f_method!r}")
         if isinstance(self.r3f_method_kwargs, str):
             self.r3f_method_kwargs = json.loads(self.r3f_method_kwargs)
         if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
@@ -64,6 +66,15 @@ class R3FTrainingArguments(TrainingArguments):
         if self.ddp_find_unused_parameters is None and self.r3f_method != "standard":
             self.ddp_find_unused_parameters = False
         super().__post_init__()
+
+
+@dataclass
+class R3FTrainingArguments(R3FArguments, TrainingArguments):
+    """``TrainingArguments`` plus the R3F options (also as ``--r3f_*`` flags through ``HfArgumentParser``).
+
+    ``ddp_find_unused_parameters`` defaults to False here: DDP with True fails when two forwards precede
+    one backward.
+    """
 
 
 def _kl_mask(inputs: dict, logits: torch.Tensor, causal_lm: bool) -> Optional[torch.Tensor]:
@@ -107,14 +118,18 @@ def _noisy_inputs(model: torch.nn.Module, inputs: dict) -> dict:
 
 
 class _ModelPasses:
-    """One more pass of the model on the Trainer's inputs, for a method's term (its logits only)."""
+    """More passes of the model on the Trainer's inputs: ``run`` for a method's term (its logits only, no
+    labels), ``forward`` with the inputs as they are (the fused LM-head path takes the labels out itself)."""
 
     def __init__(self, model: torch.nn.Module, inputs: dict) -> None:
-        self.model, self.inputs = model, _noisy_inputs(model, inputs)
+        self.model, self.all_inputs, self.inputs = model, inputs, _noisy_inputs(model, inputs)
 
     def run(self) -> tuple[Any, Optional[torch.Tensor], torch.Tensor]:
         out = self.model(**self.inputs)
         return out, None, _logits(out)
+
+    def forward(self) -> Any:
+        return self.model(**self.all_inputs)
 
     def grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the Trainer's accumulation decides on gradient sync
@@ -123,8 +138,9 @@ class _ModelPasses:
 class R3FTrainerMixin:
     """Adds the R3F/R4F term to a ``Trainer`` subclass's training loss.
 
-    Tested with ``transformers.Trainer`` (as :class:`R3FTrainer`); other subclasses are untested. TRL's ``SFTTrainer``
-    is refused: it recomputes the clean logits without gradient, which would make R3F one-sided.
+    Tested with ``transformers.Trainer`` (as :class:`R3FTrainer`) and TRL's ``SFTTrainer`` (as
+    :class:`~r3f_opt.integrations.trl.R3FSFTTrainer`, which adapts it; mixing this class into ``SFTTrainer``
+    yourself is refused); other subclasses are untested.
 
     Options come from :class:`R3FTrainingArguments`; with plain ``TrainingArguments`` the defaults apply
     (``r3f``, lambda 1, eps 1e-5, uniform noise). The KL term is logged as ``sym_kl`` with the loss.
@@ -132,12 +148,12 @@ class R3FTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         sft = next((c for c in type(self).__mro__ if c.__name__ == "SFTTrainer" and c.__module__.startswith("trl")), None)
-        if sft is not None:
+        if sft is not None and not getattr(type(self), "_r3f_supports_sft", False):
             raise TypeError(
-                f"R3FTrainerMixin cannot be mixed into TRL's SFTTrainer ({sft.__module__}): its compute_loss recomputes "
-                "the clean logits under no_grad, so the clean side would get no KL gradient (one-sided R3F) and every "
-                "step would run three forwards. Use R3FTrainer with transformers' Trainer, or RegularizedOptimizer "
-                "in your own loop."
+                f"R3FTrainerMixin cannot be mixed into TRL's SFTTrainer ({sft.__module__}) directly: its compute_loss "
+                "returns no logits with gradient (its fused LM head), so the clean side would get no KL gradient and "
+                "every step would run an extra forward. Use r3f_opt.integrations.trl.R3FSFTTrainer (pip install "
+                "'r3f-opt[trl]'), which runs the clean pass itself."
             )
         super().__init__(*args, **kwargs)
         a = self.args
@@ -150,6 +166,7 @@ class R3FTrainerMixin:
         self.r3f_lambda, self.r3f_eps = getattr(a, "r3f_lambda", 1.0), getattr(a, "r3f_eps", 1e-5)
         self.r3f_noisy_grad = getattr(a, "r3f_noisy_grad", True)
         self.r3f_reduction = getattr(a, "r3f_reduction", None)
+        self.r3f_fused_lm_head = bool(getattr(a, "r3f_fused_lm_head", False))
         self.r3f_noise: Optional[EmbeddingNoise] = None
         self.r3f_regularizer: Optional[Standard] = None
         self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
@@ -163,6 +180,9 @@ class R3FTrainerMixin:
         if getattr(a, "neftune_noise_alpha", None) is not None:
             raise ValueError("neftune_noise_alpha is set: NEFTune would make R3F's clean pass noisy too; use one "
                              "of the two (neftune_noise_alpha=None for R3F)")
+        if self.r3f_fused_lm_head and getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError("r3f_fused_lm_head computes the model's causal-LM loss itself from the hidden states; "
+                             "a compute_loss_func would need the logits. Drop one of the two")
         seed = getattr(a, "r3f_seed", None)
         seed = a.seed * 0x9E3779B97F4A7C15 + 1 if seed is None else seed
         seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
@@ -171,7 +191,7 @@ class R3FTrainerMixin:
             self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
             noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
             method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False),
-            noise_scale=getattr(a, "r3f_noise_scale", "absolute"))
+            noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head)
         self.r3f_noise = self.r3f_regularizer.noise
 
     def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -188,38 +208,66 @@ class R3FTrainerMixin:
         self._micro = (step, micro)
         return (self._r3f_seed + 1_000_003 * step + 7919 * micro) % 2**63
 
+    def _r3f_task_loss(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Optional[Any]) -> tuple:
+        """The clean pass: ``(task loss, model output)`` as the parent Trainer computes them (with the logits)."""
+        return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+    def _r3f_ga_divisor(self, num_items_in_batch: Optional[Any]) -> int:
+        """What the KL term is divided by: the accumulation steps when the task loss is already divided over the
+        accumulated micro-batches (num_items_in_batch), for then the Trainer does not divide again; else 1."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+                getattr(self, "compute_loss_func", None) is not None)
+        if not scaled:
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None):
         if not self._active or self.r3f_regularizer is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        with self.r3f_regularizer.step_scope():
+            if self.r3f_fused_lm_head:
+                loss, kl, outputs = self._r3f_fused_loss(model, inputs, num_items_in_batch)
+            else:
+                loss, kl, outputs = self._r3f_logits_loss(model, inputs, num_items_in_batch)
+        kl = kl.detach()
+        self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
+        self._kl_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _r3f_logits_loss(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Optional[Any]) -> tuple:
         # The parent may pop "labels" (label smoothing); the noisy pass needs them (seq2seq decoder inputs).
-        loss, outputs = super().compute_loss(model, dict(inputs), return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        loss, outputs = self._r3f_task_loss(model, dict(inputs), num_items_in_batch)
         clean = _logits(outputs)
         if self.r3f_noise is not None:
             self.r3f_noise.reseed(self._step_seed())
         mask = _kl_mask(inputs, clean, unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
         if isinstance(self.r3f_regularizer, RDrop):  # the second pass's task loss counts too, the Trainer's way
-            loss_2, outputs_2 = super().compute_loss(model, dict(inputs), return_outputs=True,
-                                                     num_items_in_batch=num_items_in_batch)
+            loss_2, outputs_2 = self._r3f_task_loss(model, dict(inputs), num_items_in_batch)
             loss, kl = self.r3f_regularizer.combine(loss, clean, loss_2, _logits(outputs_2), mask=mask)
         else:
             kl = self.r3f_regularizer.term(_ModelPasses(model, inputs), clean, mask=mask)
-        # When the task loss is already divided over the accumulated micro-batches (num_items_in_batch),
-        # the Trainer will not divide again: divide the KL term here so both keep the same weight.
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
-                getattr(self, "compute_loss_func", None) is not None)
-        term = self.r3f_lambda * kl
-        if scaled:
-            term = term / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        kl = kl.detach()
-        self._kl_sum = kl if self._kl_sum is None else self._kl_sum + kl
-        self._kl_count += 1
-        loss = loss + term
-        return (loss, outputs) if return_outputs else loss
+        return loss + self.r3f_lambda * kl / self._r3f_ga_divisor(num_items_in_batch), kl, outputs
+
+    def _r3f_fused_loss(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Optional[Any]) -> tuple:
+        """The fused LM-head path: the model's causal-LM loss (as the Trainer computes it: num_items_in_batch when
+        the model accepts loss kwargs, label smoothing, the token average across processes) plus the KL, from the
+        hidden states of both passes; ``loss = tokens * (ce + lam / (ga * tokens) * kl)``."""
+        a = self.args
+        nib = num_items_in_batch if getattr(self, "model_accepts_loss_kwargs", False) else None
+        tokens = 1
+        if getattr(a, "average_tokens_across_devices", False) and nib is not None:
+            tp = self.get_tp_size() if callable(getattr(self, "get_tp_size", None)) else 1
+            tokens = self.accelerator.num_processes // tp if a.n_gpu <= 1 else a.n_gpu
+        smoothing = a.label_smoothing_factor if getattr(self, "label_smoother", None) is not None else 0.0
+        self.r3f_noise.reseed(self._step_seed())
+        lam = self.r3f_lambda / (self._r3f_ga_divisor(num_items_in_batch) * tokens)
+        outputs, total, _, kl = self.r3f_regularizer.fused_objective(
+            _ModelPasses(model, inputs), lam=lam, label_smoothing=smoothing, num_items_in_batch=nib)
+        return total * tokens if tokens != 1 else total, kl, outputs
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._kl_count:  # training logs: mean KL since the last one, over processes

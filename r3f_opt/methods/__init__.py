@@ -67,7 +67,7 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
                  reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
                  noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
                  method_kwargs: Optional[dict] = None, same_dropout: bool = False,
-                 noise_scale: str = "absolute") -> Standard:
+                 noise_scale: str = "absolute", fused_lm_head: bool = False) -> Standard:
     """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -80,16 +80,22 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
                          f"not to method={method!r}")
     if noise_scale not in NOISE_SCALES:
         raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
+    if not isinstance(fused_lm_head, bool):
+        raise TypeError(f"fused_lm_head must be True or False, got {fused_lm_head!r}")
+    if fused_lm_head and method not in ("r3f", "r4f"):
+        raise ValueError(f"fused_lm_head applies to r3f and r4f (one clean and one noisy pass of a causal LM), not "
+                         f"to method={method!r}; use the logits path (fused_lm_head=False)")
     if noise_scale != "absolute" and method not in ("r3f", "r4f"):
         raise ValueError(f"noise_scale={noise_scale!r} applies to r3f and r4f (their random noise), not to "
                          f"method={method!r}, whose perturbation scales are its own hyper-parameters")
     if method == "standard":
         return Standard()
     if method == "r3f":
-        return R3F(model, eps=eps, noise=noise, same_dropout=same_dropout, noise_scale=noise_scale, **common)
+        return R3F(model, eps=eps, noise=noise, same_dropout=same_dropout, noise_scale=noise_scale,
+                   fused_lm_head=fused_lm_head, **common)
     if method == "r4f":
         return R4F(model, r4f_kwargs=r4f_kwargs, eps=eps, noise=noise, same_dropout=same_dropout,
-                   noise_scale=noise_scale, **common)
+                   noise_scale=noise_scale, fused_lm_head=fused_lm_head, **common)
     if method == "rdrop":
         return RDrop(reduction=reduction)
     if method == "smart":

@@ -1,6 +1,7 @@
 """What every method shares: the step's result, the passes a method may run, plain fine-tuning."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ContextManager, Optional, Protocol
 
@@ -32,6 +33,9 @@ class Passes(Protocol):
 
     def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """One pass of the closure: (model output, scalar task loss, logits)."""
+
+    def forward(self) -> Any:
+        """One pass of the closure, its output unchecked (the fused LM-head path reads neither loss nor logits)."""
 
     def backward(self, loss: torch.Tensor, result: StepResult) -> None:
         """Backpropagate ``loss`` (weighted, scaled) into the parameters; a non-finite loss skips the step
@@ -81,6 +85,11 @@ class Standard:
 
     noise: Optional[EmbeddingNoise] = None
     terms: dict = {}  # what the last term() measured besides its value (read-only here; methods rebind it)
+
+    def step_scope(self) -> ContextManager:
+        """Wrap one (micro-)step's passes in it when calling :meth:`term` directly (a Trainer's compute_loss):
+        r3f/r4f take the RNG snapshot ``same_dropout`` replays there; a no-op for the others."""
+        return contextlib.nullcontext()
 
     def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
              noise_mask: Optional[torch.Tensor] = None) -> StepResult:

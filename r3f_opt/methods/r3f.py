@@ -6,12 +6,14 @@ R4F also spectrally normalises the classification head (:func:`~r3f_opt.apply_r4
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from ..kl import symmetric_kl
+from ..linear_kl import CapturedPass, FusedLMHead
 from ..noise import EmbeddingNoise, find_embeddings, refuse_other_noise
 from ..r4f import _is_normalised, apply_r4f, find_head
 from .base import (Passes, Standard, StepResult, check_noise_reached, check_same_shape, global_rng,
@@ -19,7 +21,7 @@ from .base import (Passes, Standard, StepResult, check_noise_reached, check_same
 
 __all__ = ["R3F", "R4F", "embedding_noise"]
 
-
+T = TypeVar("T")
 
 
 def embedding_noise(model: nn.Module, embeddings: Optional[nn.Module], eps: float, noise: str, detach: bool,
@@ -46,24 +48,57 @@ class R3F(Standard):
             noise alone; with ``eps=0`` it is exactly 0.
         noise_scale: ``"absolute"`` (``eps`` in the embeddings' units) or ``"relative"`` (a fraction of each
             token's embedding RMS; see :class:`~r3f_opt.noise.EmbeddingNoise`).
+        fused_lm_head: for a Hugging Face causal LM: the task loss and the KL from the hidden states before the
+            LM head (:class:`~r3f_opt.linear_kl.FusedLMHead`, :func:`~r3f_opt.linear_r3f_loss`), no logits.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool, reduction: str, seed: int,
                  embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False,
-                 same_dropout: bool = False, noise_scale: str = "absolute") -> None:
+                 same_dropout: bool = False, noise_scale: str = "absolute", fused_lm_head: bool = False) -> None:
         self.noise = embedding_noise(model, embeddings, eps, noise, not noisy_embed_grad, seed, noise_scale)
+        self.fused: Optional[FusedLMHead] = FusedLMHead(model) if fused_lm_head else None
         self.noisy_grad, self.reduction, self.same_dropout = noisy_grad, reduction, same_dropout
         self._before_clean: Optional[dict] = None
 
-    def step(self, passes: Passes, **kwargs) -> StepResult:
-        self._before_clean = global_rng() if self.same_dropout else None
+    @contextlib.contextmanager
+    def step_scope(self) -> Iterator[None]:
+        self._before_clean = global_rng() if self.same_dropout else None  # before the clean pass
         try:
-            return super().step(passes, **kwargs)
+            yield
         finally:
             self._before_clean = None
 
-    def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-             noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> StepResult:
+        with self.step_scope():
+            if self.fused is None:
+                return super().step(passes, lam=lam, mask=mask, noise_mask=noise_mask)
+            out, total, ce, kl = self.fused_objective(passes, lam=lam, mask=mask, noise_mask=noise_mask)
+            result = StepResult(total.detach(), ce.detach(), kl.detach(), out)
+            passes.backward(total, result)  # total's gradients were computed in its forward: only scaled here
+            return result
+
+    def fused_objective(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
+                        noise_mask: Optional[torch.Tensor] = None, **loss_kwargs: Any) -> tuple[Any, torch.Tensor,
+                                                                                               torch.Tensor, torch.Tensor]:
+        """Both passes through :class:`~r3f_opt.linear_kl.FusedLMHead`: ``(clean output, total, ce, kl)`` with
+        ``total = ce + lam * kl`` (``loss_kwargs`` go to :meth:`FusedLMHead.loss`)."""
+        with self.fused.capture() as clean:
+            out = passes.forward()
+        self.fused.check(clean)
+
+        def noisy_pass() -> CapturedPass:
+            with self.fused.capture() as rec:
+                passes.forward()
+            return rec
+
+        noisy = self._noisy(noise_mask, noisy_pass)
+        total, ce, kl = self.fused.loss(clean, noisy, lam=lam, mask=mask, reduction=self.reduction,
+                                        noisy_grad=self.noisy_grad, **loss_kwargs)
+        return out, total, ce, kl
+
+    def _noisy(self, noise_mask: Optional[torch.Tensor], run: Callable[[], T]) -> T:
+        """``run()`` with the noise on (and, with same_dropout, the clean pass's dropout masks replayed)."""
         after_clean = None
         if self._before_clean is not None:  # same_dropout: replay the clean pass's dropout masks
             after_clean = global_rng()
@@ -71,11 +106,16 @@ class R3F(Standard):
         try:
             with self.noise.active(noise_mask), \
                     torch.set_grad_enabled(self.noisy_grad and torch.is_grad_enabled()):
-                noisy = passes.run()[2]
+                result = run()
         finally:
             if after_clean is not None:  # the global RNG ends where one standard forward leaves it
                 set_global_rng(after_clean)
         check_noise_reached(self.noise)
+        return result
+
+    def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+             noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        noisy = self._noisy(noise_mask, lambda: passes.run()[2])
         check_same_shape(clean, noisy)
         return symmetric_kl(clean, noisy, mask=mask, reduction=self.reduction)
 

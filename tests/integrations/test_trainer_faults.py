@@ -1,4 +1,4 @@
-"""R3FTrainer under faults (issue 14): one-sided R3F with TRL refused, tiny KLs logged, bad arguments named."""
+"""R3FTrainer under faults (issue 14): SFTTrainer mixed in directly refused, tiny KLs logged, bad arguments named."""
 import pytest
 import torch
 from helpers import tiny_model
@@ -8,12 +8,12 @@ from transformers import Trainer
 from r3f_opt import R3FTrainerMixin, R3FTrainingArguments
 
 
-def test_sft_trainer_is_refused(tmp_path):
-    """TRL's SFTTrainer recomputes the clean logits under no_grad (one-sided KL, three forwards): refused.
-    TRL is an optional extra, so its class is stood in for by one with its name and module."""
+def test_sft_trainer_mixed_in_directly_is_refused(tmp_path):
+    """TRL's SFTTrainer returns no logits with gradient: mixing R3FTrainerMixin into it yourself is refused (use
+    R3FSFTTrainer). TRL's class is stood in for by one with its name and module."""
     SFTTrainer = type("SFTTrainer", (Trainer,), {"__module__": "trl.trainer.sft_trainer"})
     Mixed = type("R3FSFT", (R3FTrainerMixin, SFTTrainer), {})
-    with pytest.raises(TypeError, match="cannot be mixed into TRL's SFTTrainer.*one-sided"):
+    with pytest.raises(TypeError, match="cannot be mixed into TRL's SFTTrainer.*R3FSFTTrainer"):
         Mixed(model=tiny_model("bert"), args=args(tmp_path), train_dataset=Rows(8))
 
 
