@@ -4,6 +4,7 @@ from pathlib import Path
 from setuptools import setup
 
 here = Path(__file__).parent
+TRL = ["trl>=1.16,<1.17", "peft>=0.21,<0.22"]
 version = re.search(r'__version__ = "([^"]+)"', (here / "r3f_opt" / "__init__.py").read_text()).group(1)
 
 setup(
@@ -30,8 +31,13 @@ setup(
         "r3f-probe=r3f_opt.experiments.probe:main",
     ]},
     extras_require={
-        # hypothesis: property-based kernel tests; matplotlib: the PNG plots of bench/ (tested in CI).
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        # R3FSFTTrainer (r3f_opt.integrations.trl): TRL's SFTTrainer, with PEFT for LoRA. Pinned to the minor
+        # versions tested (it relies on SFTTrainer's compute_loss/metrics internals); both resolve with torch 2.13
+        # and transformers 5.24 without changing them.
+        "trl": TRL,
+        # hypothesis: property-based kernel tests; matplotlib: the PNG plots of bench/ (tested in CI); TRL and PEFT:
+        # tests/integrations/test_trl.py.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", *TRL],
         "bench": ["pytest-benchmark", "matplotlib"],
         "report": ["matplotlib"],  # r3f-report's PNG plot
     },

@@ -14,11 +14,17 @@ __version__ = "0.2.0"
 
 
 def __getattr__(name: str):
-    # The Trainer integration imports transformers.Trainer (slow): load it on first use only.
+    # The Trainer integration imports transformers.Trainer (slow), the TRL one trl (optional): on first use only.
     if name in ("R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments"):
         from .integrations import trainer
 
         return getattr(trainer, name)
+    if name in ("R3FSFTTrainer", "R3FSFTConfig"):
+        try:
+            from .integrations import trl
+        except ImportError as e:
+            raise ImportError(f"{name} needs TRL ({e}); install it with: pip install 'r3f-opt[trl]'") from e
+        return getattr(trl, name)
     raise AttributeError(f"module 'r3f_opt' has no attribute {name!r}")
 
 
@@ -36,5 +42,7 @@ __all__ = [
     "R3FTrainer",
     "R3FTrainerMixin",
     "R3FTrainingArguments",
+    "R3FSFTTrainer",
+    "R3FSFTConfig",
     "__version__",
 ]
