@@ -46,12 +46,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MAX_ELEMENTS = {"cuda": 2**28, "cpu": 2**21}
 ROWS = {"cuda": (1, 64, 1024, 2048, 4096, 8192, 16384, 2**20), "cpu": (1, 16, 256, 4096)}
 DEFAULT_IMPLS = ("r3f_triton", "before", "r3f_torch", "eager", "compile", "compile_closed", "liger")
-# The reduced sweep python -m bench runs (about half a minute on a loaded 2-core VM, CPU), and the CPU study
-# committed in bench/results/sym_kl_cpu.json (docs/benchmarks.md).
+# The reduced sweep python -m bench runs (under a minute on a loaded 2-core VM; on CPU with one thread: with
+# two, a core held by another process stalls every parallel region, see docs/benchmarks.md), and the CPU
+# study committed in bench/results/sym_kl_cpu.json.
 QUICK = {"cuda": dict(vocab=[32000, 128256], rows=[4096], dtypes=["bfloat16"], modes=["fwd+bwd"],
                       impls=["r3f_triton", "r3f_torch", "compile"], budget=0.1),
          "cpu": dict(vocab=[32000, 128256], rows=[16], dtypes=["float32", "bfloat16"], modes=["fwd+bwd"],
-                     impls=["before", "r3f_torch"], budget=0.3)}
+                     impls=["before", "r3f_torch"], budget=0.3, threads=1)}
 CPU_STUDY = dict(vocab=[32000, 50257, 128256], rows=[8, 64], dtypes=["float32", "bfloat16"],
                  modes=list(MODES), impls=["before", "r3f_torch", "r3f_torch_save", "r3f_torch_recompute",
                                            "compile_closed"], budget=1.0, max_elements=2**24)
@@ -410,7 +411,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--modes", nargs="+", default=None, choices=MODES)
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per implementation and mode")
     ap.add_argument("--max-elements", type=int, default=None, help="largest rows*V in the sweep")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's; 1 with --quick on CPU)")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"JSON path (default {LOCAL_RESULTS.relative_to(RESULTS.parent.parent)}/sym_kl_<device>.json)")
     ap.add_argument("--save", action="store_true", help="write the committed bench/results/sym_kl_<device>.json")
@@ -427,11 +429,12 @@ def main(argv: Optional[list[str]] = None, progress: Optional[Progress] = None) 
     args = parse_args(argv)
     device = torch.device(args.device)
     kind = device.type
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     preset = QUICK[kind] if args.quick else (CPU_STUDY if args.cpu_study else {})
     pick = lambda name, default: (getattr(args, name) if getattr(args, name) is not None  # noqa: E731
                                   else preset.get(name, default))
+    threads = pick("threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     budget = pick("budget", 0.2 if kind == "cuda" else 0.05)
     print(HEADER)
     own = progress is None

@@ -25,6 +25,7 @@ quantities with running maxima and re-centres its sums as the maxima move.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -99,12 +100,6 @@ def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype = torch.float32
     return max(1, min(rows, elements // max(vocab, 1)))
 
 
-def _inv_z(e: torch.Tensor) -> torch.Tensor:
-    """1 / sum_j e_j per row, 1 for an empty row (Z = 0: its e, and so its p, stay 0); NaN stays NaN."""
-    z = e.sum(-1, keepdim=True)
-    return torch.where(z == 0, torch.ones_like(z), z.reciprocal())
-
-
 def _fast_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, ws: torch.Tensor,
                 stats: Optional[torch.Tensor] = None):
     """p, q, d' and p - q of a chunk of rows (compute dtype, in the workspace ``ws``), and its statistics.
@@ -112,15 +107,16 @@ def _fast_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, ws: torch.
     ``ws``: 4 x rows x V of the compute dtype, reused chunk after chunk. ``stats`` (rows x 7: m_a,
     m_b, 1/Z_a, 1/Z_b, E_p[d'], E_q[d'], and 1 for a row the guarded formulas took) is filled when None
     (forward), read otherwise (the backward's recomputation, which so gets bit for bit the forward's p and
-    q). Returns ``p, q, d, pq, kl, stats``. No guard for 0 * inf here: a row whose statistics come out
-    non-finite is redone by ``_exact_chunk`` (``_redo_rows``); when they are finite every product p_j d'_j
-    and q_j d'_j was finite, and the guards would not have changed a thing.
+    q). Returns ``p, q, d, pq, kl, stats``. No guard here (an all -inf row's maximum is -inf, its a - m
+    NaN; 0 * inf is NaN): a row whose statistics come out non-finite is redone by ``_exact_chunk``
+    (``_redo_rows``); when they are finite every product p_j d'_j and (p_j - q_j) d'_j was finite and
+    every Z >= 1, and the guards would not have changed a thing.
     """
     fresh = stats is None
     if fresh:
         stats = torch.zeros(x.shape[0], STATS, dtype=dtype, device=x.device)
-        stats[:, :1] = _row_max(x)
-        stats[:, 1:2] = _row_max(y)
+        stats[:, :1] = x.amax(-1, keepdim=True)
+        stats[:, 1:2] = y.amax(-1, keepdim=True)
     m_a, m_b, inv_a, inv_b, e_p, e_q, _ = stats.split(1, -1)
     la, lb, p, q = ws
     for inp, m, out in ((x, m_a, la), (y, m_b, lb)):  # a - m_a in the compute dtype
@@ -131,9 +127,9 @@ def _fast_chunk(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, ws: torch.
             out.sub_(m)
     torch.exp(la, out=p)
     torch.exp(lb, out=q)
-    if fresh:
-        inv_a.copy_(_inv_z(p))
-        inv_b.copy_(_inv_z(q))
+    if fresh:  # 1 / Z, Z = sum_j exp(a_j - m_a) >= 1 (the maximum's term is 1) unless the row is NaN
+        inv_a.copy_(p.sum(-1, keepdim=True).reciprocal_())
+        inv_b.copy_(q.sum(-1, keepdim=True).reciprocal_())
     p.mul_(inv_a)  # p_j = exp(a_j - m_a) / Z_a
     q.mul_(inv_b)
     d = la.sub_(lb)  # d'_j = (a_j - m_a) - (b_j - m_b), in la's buffer
@@ -246,6 +242,7 @@ def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype:
     out = torch.zeros(rows, dtype=dtype, device=a.device) if forward else None
     if forward:
         stats = torch.zeros(rows, STATS, dtype=dtype, device=a.device)
+    flagged = not forward and fast and bool((stats[:, 6] != 0).any())  # backward: any row redone?
     # CPU workspace, reused chunk after chunk: la/d', lb/(p - q), p, q (see _fast_chunk, _write_grads).
     ws = torch.empty(4, min(chunk, n), vocab, dtype=dtype, device=a.device) if fast and n else None
     for s in range(0, n, chunk):
@@ -266,11 +263,14 @@ def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype:
             p, q, d, pq, kl, st = _fast_chunk(x, y, dtype, w, None if forward else stats[idx])
             if ga is not None or gb is not None:
                 _write_grads(p, q, d, pq, st[:, 4:5], st[:, 5:6], gg, ga, gb)
-            if forward:  # flag the rows whose fast statistics are not finite (kept for the backward)
+            if forward and not math.isfinite(float(kl.sum() + st[:, 4].sum())):  # one check per chunk
+                # flag the rows whose fast statistics are not finite (the flag is kept for the backward)
                 st[:, 6] = ~(torch.isfinite(kl) & torch.isfinite(st[:, 4:6]).all(-1))
-            bad = st[:, 6] != 0
-            if bool(bad.any()):
-                _redo_rows(x, y, dtype, bad, kl, st, ga, gb, gg)
+                _redo_rows(x, y, dtype, st[:, 6] != 0, kl, st, ga, gb, gg)
+            elif not forward and flagged:
+                bad = st[:, 6] != 0
+                if bool(bad.any()):
+                    _redo_rows(x, y, dtype, bad, kl, st, ga, gb, gg)
         else:
             p, q, d, kl, e_p, e_q = _exact_chunk(x, y, dtype)
             if forward:
