@@ -137,7 +137,7 @@ def test_report_outputs_are_replaced_atomically(tmp_path, monkeypatch):
     report.main([str(tmp_path / "runs"), "--output-dir", str(out)])
     before = (out / "report.png").read_bytes()
 
-    def broken_plot(rows, path, title=""):
+    def broken_plot(rows, path, title="", base=None):
         Path(path).write_bytes(b"half a png")
         raise RuntimeError("killed while plotting")
 
