@@ -49,9 +49,10 @@ def train(tmp_path, fused: bool, dropout: float = 0.0, tied: bool = False, **kw)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, logs
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(gradient_accumulation_steps=2, tied=True, label_smoothing_factor=0.1,
-                                     r3f_noisy_grad=False)])
-def test_fused_trainer_equals_the_logits_path(tmp_path, kw):
+def test_fused_trainer_equals_the_logits_path(tmp_path):
+    """Accumulation over 2 micro-batches (the model's loss normalised by num_items_in_batch, the KL divided by
+    the steps), tied embeddings, label smoothing, noisy_grad=False."""
+    kw = dict(gradient_accumulation_steps=2, tied=True, label_smoothing_factor=0.1, r3f_noisy_grad=False)
     logits_state, logits_logs = train(tmp_path, False, **kw)
     fused_state, fused_logs = train(tmp_path, True, **kw)
     for k in logits_state:

@@ -65,7 +65,7 @@ def trainer(tmp_path, tokenizer, dataset, lora=True, **kw):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_lora_gradient_checkpointing_loss_falls_two_forwards_per_step(tmp_path, tokenizer, dataset, fused):
-    tr = trainer(tmp_path, tokenizer, dataset, max_steps=10, r3f_fused_lm_head=fused)
+    tr = trainer(tmp_path, tokenizer, dataset, max_steps=6, learning_rate=3e-2, r3f_fused_lm_head=fused)
     base = tr.model.get_base_model()
     assert type(tr.model).__name__.startswith("PeftModel")
     calls = []
@@ -73,8 +73,8 @@ def test_lora_gradient_checkpointing_loss_falls_two_forwards_per_step(tmp_path, 
     tr.train()
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing  # on in train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
-    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
-    assert len(calls) == 2 * 10  # clean + noisy: no extra logits forward (checkpointing re-runs layers, not this)
+    assert len(losses) == 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert len(calls) == 2 * 6  # clean + noisy: no extra logits forward (checkpointing re-runs layers, not this)
     logged = [h for h in tr.state.log_history if "loss" in h]
     assert all("sym_kl" in h and "num_tokens" in h for h in logged)
     assert all(("mean_token_accuracy" in h) != fused for h in logged)  # the fused head computes no logits
