@@ -54,13 +54,12 @@ def test_every_chunk_size_matches_the_reference(chunk_rows, strategy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_default_chunking_of_a_long_vocabulary(dtype, strategy):
-    rows, vocab = 21, 40009  # default: 0.1875 (0.09375 for bf16) of 21 x 40009 elements -> 3 (1) rows per chunk
-    assert K.default_chunk_rows(rows, vocab) == 3 and K.default_chunk_rows(rows, vocab, torch.float32, torch.bfloat16) == 1
+def test_default_chunking_of_a_long_vocabulary(dtype):
+    rows, vocab = 11, 40009  # default: 0.1875 (0.09375 for bf16) of 11 x 40009 elements -> 2 (1) rows per chunk
+    assert K.default_chunk_rows(rows, vocab) == 2 and K.default_chunk_rows(rows, vocab, torch.float32, torch.bfloat16) == 1
     a = torch.randn(rows, vocab).to(dtype)
     b = (a.float() + 0.1 * torch.randn(rows, vocab)).to(dtype)
-    assert_matches(a, b, save_grads=STRATEGIES[strategy], rtol=1e-4, atol=1e-6)
+    assert_matches(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_default_chunk_rows_budget():
@@ -207,7 +206,7 @@ def test_extra_memory_is_the_gradients_and_a_small_workspace(dtype):
     over one input's bytes: <= 3 (two gradients + chunk workspace), against 8-16 before chunking."""
     from bench.common import peak_extra_bytes
 
-    a = torch.randn(64, 8000).to(dtype).requires_grad_()
+    a = torch.randn(64, 8000).to(dtype).requires_grad_()  # 1 MiB in bf16: above the chunk floor
     b = (a.detach().float() + 0.1 * torch.randn(64, 8000)).to(dtype).requires_grad_()
     peak = peak_extra_bytes(torch.device("cpu"), lambda: torch.autograd.grad(symmetric_kl(a, b), (a, b)))
     assert 2 <= peak / (a.numel() * a.element_size()) <= 3
