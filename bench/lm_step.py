@@ -47,7 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile otherwise logs every start/stop
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # below 6 the CPU memory profile logs every start/stop
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

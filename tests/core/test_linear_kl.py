@@ -309,7 +309,7 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_rows():
     (the default-chunk rule) plus the dW accumulator, at 16 rows as at 128."""
     from bench.common import peak_extra_bytes
 
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     vocab, hidden, chunk = 128256, 4, 8
     w = torch.randn(vocab, hidden, requires_grad=True)
     block = chunk * vocab * 4
