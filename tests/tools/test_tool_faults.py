@@ -75,8 +75,11 @@ def test_output_dir_that_is_a_file_is_refused_before_loading(glue_dir, tiny_mode
     assert out.read_text() == "not a folder"
 
 
-def test_ctrl_c_during_a_step_finishes_it_and_checkpoints(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+def test_ctrl_c_during_a_step_finishes_it_and_checkpoints(glue_dir, tiny_model_dir, tmp_path, monkeypatch, request):
     """A real SIGINT inside optimizer step 5: the step completes, the checkpoint is at step 5, resume is exact."""
+    # A known handler to start from: a job started in the background (nohup ... &) begins with SIGINT ignored.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     straight = run(glue_dir, tmp_path / "a", *_args(glue_dir, tmp_path / "a", tiny_model_dir)[:0], "--task", "rte",
                    "--max-steps", "8", "--seed", "1", model=tiny_model_dir)
     real, calls = ft.RegularizedOptimizer.step, []
