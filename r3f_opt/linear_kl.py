@@ -15,11 +15,13 @@ where ``w_kl``, ``w_ce`` are the reductions' per-row weights (0 for rows that do
 computes the gradients chunk by chunk and saves only them (rows x H, V x H, V); the backward multiplies
 them by the upstream gradient. Six GEMMs per chunk with a trainable head, four with a frozen one.
 
-Memory rule. A call allocates four ``chunk x V`` blocks in the vocabulary-math dtype (float32; float64
-for float64 inputs) -- the two logits blocks, reused in place for ``d'``, ``dA`` and ``dB``, and ``p``,
-``q`` -- plus one in the GEMM dtype when that differs (16-bit GEMMs write into it and read from it), and
-reuses them for every chunk. The default chunk is the largest row count whose blocks fit
-:data:`CHUNK_BUDGET_BYTES` (:func:`default_chunk_size`); ``chunk_size=`` overrides it.
+Memory rule. A call allocates two ``chunk x V`` blocks in the vocabulary-math dtype (float32; float64
+for float64 inputs) -- the two logits blocks, overwritten in place by ``d'``, ``dA`` and ``dB`` -- plus one
+in the GEMM dtype when that differs (16-bit GEMMs write into it and read from it), and reuses them for
+every chunk. The softmaxes, CE, KL and gradients run over a chunk a few rows at a time, with ``p`` and
+``q`` in two ``sub x V`` buffers of at most :data:`WORKSPACE_BYTES` each (2 MiB on CPU: in cache). The
+default chunk is the largest row count whose blocks fit :data:`CHUNK_BUDGET_BYTES`
+(:func:`default_chunk_size`); ``chunk_size=`` overrides it.
 
 Precision. The GEMMs run in the inputs' dtype (promoted; under ``torch.autocast`` in its dtype, as
 ``F.linear`` would), accumulating in float32 inside the GEMM; the logits are then upcast and everything
@@ -48,6 +50,7 @@ __all__ = [
     "LinearR3FLoss",
     "default_chunk_size",
     "CHUNK_BUDGET_BYTES",
+    "WORKSPACE_BYTES",
     "FusedLMHead",
     "CapturedPass",
 ]
@@ -55,25 +58,37 @@ __all__ = [
 #: Bytes one chunk's ``chunk x V`` blocks may take, by device type (``"default"``: any other device).
 #: Edit this dict to change the default for a process; pass ``chunk_size=`` to fix it for one call.
 CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "default": 2**30}
+#: Bytes of each of the two ``sub x V`` buffers (p and q) the vocabulary math uses inside a chunk, by device
+#: type: the chunk is walked ``sub`` rows at a time (at least one row), small enough to stay in cache on CPU.
+WORKSPACE_BYTES = {"cpu": 2 * 2**20, "default": 64 * 2**20}
+
+
+def _budget(table: dict, device: Union[str, torch.device]) -> int:
+    return table.get(torch.device(device).type, table["default"])
 
 
 def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] = "cpu",
                        math_dtype: torch.dtype = torch.float32, gemm_dtype: Optional[torch.dtype] = None,
                        budget_bytes: Optional[int] = None) -> int:
-    """Rows per chunk: ``max(1, budget // (V * (4 * math_bytes + gemm_bytes)))``, at most ``rows``.
+    """Rows per chunk: ``max(1, budget // (V * (2 * math_bytes + gemm_bytes)))``, at most ``rows``.
 
-    A chunk holds four ``chunk x V`` blocks in the math dtype (``math_bytes`` = 4 for float32, 8 for
-    float64 inputs) and, when the GEMMs run in another dtype (16-bit inputs or autocast), one more in the
-    GEMM dtype (``gemm_bytes``; 0 otherwise). ``budget`` is ``CHUNK_BUDGET_BYTES[device type]`` (64 MiB on
-    CPU, 1 GiB elsewhere) unless ``budget_bytes`` is given. At V = 128,256 in float32 that is 32 rows on
-    CPU and 523 on a GPU (465 with bf16 GEMMs).
+    A chunk holds two ``chunk x V`` blocks in the math dtype (the logits, overwritten by their gradients;
+    ``math_bytes`` = 4 for float32, 8 for float64 inputs) and, when the GEMMs run in another dtype (16-bit
+    inputs or autocast), one more in the GEMM dtype (``gemm_bytes``; 0 otherwise). ``budget`` is
+    ``CHUNK_BUDGET_BYTES[device type]`` (64 MiB on CPU, 1 GiB elsewhere) unless ``budget_bytes`` is given.
+    At V = 128,256 in float32 that is 65 rows on CPU and 1,046 on a GPU (837 with bf16 GEMMs). The two
+    ``sub x V`` buffers of :data:`WORKSPACE_BYTES` come on top.
     """
     if budget_bytes is None:
-        kind = torch.device(device).type
-        budget_bytes = CHUNK_BUDGET_BYTES.get(kind, CHUNK_BUDGET_BYTES["default"])
+        budget_bytes = _budget(CHUNK_BUDGET_BYTES, device)
     gemm_bytes = gemm_dtype.itemsize if gemm_dtype is not None and gemm_dtype != math_dtype else 0
-    per_row = max(int(vocab), 1) * (4 * math_dtype.itemsize + gemm_bytes)
+    per_row = max(int(vocab), 1) * (2 * math_dtype.itemsize + gemm_bytes)
     return int(max(1, min(max(int(rows), 1), int(budget_bytes) // per_row)))
+
+
+def _sub_rows(vocab: int, device: torch.device, math: torch.dtype) -> int:
+    """Rows the vocabulary math takes at a time: each of its two buffers within ``WORKSPACE_BYTES``."""
+    return max(1, _budget(WORKSPACE_BYTES, device) // (max(vocab, 1) * math.itemsize))
 
 
 # ------------------------------------------------------------------------------------------- the chunk loop
@@ -86,6 +101,7 @@ class _Spec(NamedTuple):
     smoothing: float
     q_grad: bool  # whether the q side's logits carry gradient (False: constants, like noisy_grad=False)
     device_type: str
+    sub: int  # rows the vocabulary math takes at a time (_sub_rows)
 
 
 def _dtypes(device: torch.device, *tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, torch.dtype]:
@@ -127,6 +143,48 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
+def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                b_neginf: Optional[torch.Tensor], y, valid, wc_scale, wk, km, grad_p: bool, grad_q: bool):
+    """Everything over the vocabulary for a few rows, in place: ``la`` and ``x`` hold the logits ``a`` and
+    ``b`` and come back holding ``dB`` and ``dA`` (when asked for); ``p``, ``q`` are workspace.
+
+    Returns ``(ce, kl)``, per row (``(n, 1)``; ce None without labels, 0 on ignored rows; kl 0 outside
+    ``km``). ``wk``: the rows' KL weights (``(n, 1)``, 0 outside ``km``)."""
+    eps, vocab = s.smoothing, s.vocab
+    lz_a = _softmax_(la, p)  # a - m_a in la; p
+    ce = wc = None
+    if y is not None:
+        ce = (lz_a - la.gather(1, y)) * (1.0 - eps)
+        if eps:
+            ce = ce + eps * (lz_a - la.sum(-1, keepdim=True) / vocab)
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        if grad_p and wc_scale is not None:
+            wc = torch.where(valid, wc_scale, torch.zeros_like(wc_scale))
+    _softmax_(x, q)  # b - m_b in x; q
+    d = la.sub_(x)  # d' = (a - m_a) - (b - m_b); x is free from here on
+    if b_neginf is not None:
+        d.masked_fill_(b_neginf, 0.0)
+    kl = torch.sub(p, q, out=x).mul_(d).sum(-1, keepdim=True)  # sum (p - q) d': accurate when p ~ q
+    if km is not None:
+        kl = torch.where(km, kl, torch.zeros_like(kl))
+    if not (grad_p or grad_q):
+        return ce, kl
+    e_q = torch.mul(q, d, out=x).sum(-1, keepdim=True) if grad_q else None
+    if grad_p:  # dA = p (w_kl (d' - E_p + 1) + w_ce) - w_kl q - w_ce t, in x
+        e_p = torch.mul(p, d, out=x).sum(-1, keepdim=True)
+        c0 = wk * (1.0 - e_p)
+        if wc is not None:
+            c0 = c0 + wc
+        torch.addcmul(c0, d, wk, out=x).mul_(p).addcmul_(q, wk, value=-1.0)
+        if wc is not None:
+            x.scatter_add_(1, y, wc * -(1.0 - eps))
+            if eps:
+                x.sub_(wc * (eps / vocab))
+    if grad_q:  # dB = w_kl (q (E_q - d' + 1) - p), in d's buffer (la)
+        torch.addcmul(wk * (e_q + 1.0), d, wk, value=-1.0, out=d).mul_(q).addcmul_(p, wk, value=-1.0)
+    return ce, kl
+
+
 def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          labels: Optional[torch.Tensor], kmask: Optional[torch.Tensor], wc_scale: Optional[torch.Tensor],
          wk_scale: torch.Tensor, wk_rows: Optional[torch.Tensor], need: tuple[bool, bool, bool, bool],
@@ -138,9 +196,10 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
     where ``w_ce = wc_scale`` on rows whose label counts and ``w_kl = wk_scale (* wk_rows)`` on rows of
     ``kmask``. ``kl_rows_out`` (N,), if given, receives the per-row KL values (0 where masked).
 
-    The four ``chunk x V`` blocks (and one in the GEMM dtype if it differs) are allocated once and reused
-    by every chunk; rows that count in no term are zeroed in the hidden states before the GEMMs, so
-    whatever they hold (NaN in padding) reaches neither the values nor the gradients.
+    The two ``chunk x V`` logits blocks (and one in the GEMM dtype if it differs) are allocated once and
+    reused by every chunk; the vocabulary math walks each chunk a few rows at a time (``_vocab_math``) with
+    two small ``sub x V`` buffers for p and q. Rows that count in no term are zeroed in the hidden states
+    before the GEMMs, so whatever they hold (NaN in padding) reaches neither the values nor the gradients.
     """
     n_rows, hidden = hp.shape
     math, gemm, vocab = s.math, s.gemm, s.vocab
@@ -161,17 +220,20 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
     db = torch.zeros(vocab, dtype=math, device=dev) if need[3] else None
     ce_sum = torch.zeros((), dtype=math, device=dev)
     kl_sum = torch.zeros((), dtype=math, device=dev)
-    eps = s.smoothing
     rows_c = min(s.chunk, n_rows)
+    sub = max(1, min(rows_c, s.sub))
     if rows_c > 0:
-        blocks = [torch.empty(rows_c, vocab, dtype=math, device=dev) for _ in range(4)]
+        blocks = [torch.empty(rows_c, vocab, dtype=math, device=dev) for _ in range(2)]
+        pq_ws = [torch.empty(sub, vocab, dtype=math, device=dev) for _ in range(2)]
         scratch = torch.empty(rows_c, vocab, dtype=gemm, device=dev) if gemm != math else None
     for s0 in range(0, n_rows, s.chunk):
         s1 = min(n_rows, s0 + s.chunk)
-        la, x, p, q = (t[: s1 - s0] for t in blocks)
-        sc = scratch[: s1 - s0] if scratch is not None else None
+        n = s1 - s0
+        la, x = (t[:n] for t in blocks)
+        sc = scratch[:n] if scratch is not None else None
         hpc, hqc = hp[s0:s1].to(gemm), hq[s0:s1].to(gemm)
         km = kmask[s0:s1, None] if kmask is not None else None
+        y = valid = None
         if with_ce:
             y = labels[s0:s1, None]
             valid = y != s.ignore_index
@@ -179,52 +241,29 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
         if km is not None:  # rows outside a term see zero hidden states there: finite, weight 0
             hpc = torch.where(km | valid if with_ce else km, hpc, torch.zeros_like(hpc))
             hqc = torch.where(km, hqc, torch.zeros_like(hqc))
-
-        _gemm_into(la, hpc, w.t(), sc)  # a, then a - m_a, then d'
+        _gemm_into(la, hpc, w.t(), sc)  # a; after _vocab_math, dB
+        _gemm_into(x, hqc, w.t(), sc)  # b; after _vocab_math, dA
         if b is not None:
             la.add_(b)
-        lz_a = _softmax_(la, p)
-        wc = None
-        if with_ce:
-            ce = (lz_a - la.gather(1, y)) * (1.0 - eps)
-            if eps:
-                ce = ce + eps * (lz_a - la.sum(-1, keepdim=True) / vocab)
-            ce_sum += torch.where(valid, ce, torch.zeros_like(ce)).sum()
-            if grad_p and wc_scale is not None:
-                wc = torch.where(valid, wc_scale, torch.zeros_like(wc_scale))
-        _gemm_into(x, hqc, w.t(), sc)  # b, then b - m_b, then scratch, then dA
-        if b is not None:
             x.add_(b)
-        _softmax_(x, q)
-        d = la.sub_(x)  # d' = (a - m_a) - (b - m_b)
-        if b_neginf is not None:
-            d.masked_fill_(b_neginf, 0.0)
-        kl = torch.sub(p, q, out=x).mul_(d).sum(-1, keepdim=True)  # sum (p - q) d': accurate when p ~ q
-        if km is not None:
-            kl = torch.where(km, kl, torch.zeros_like(kl))
-        kl_sum += kl.sum()
-        if kl_rows_out is not None:
-            kl_rows_out[s0:s1] = kl.squeeze(-1)
-        if not (grad_p or grad_q):
-            continue
         wk = wk_scale if wk_rows is None else wk_scale * wk_rows[s0:s1, None].to(math)
         if km is not None:
             wk = torch.where(km, wk, torch.zeros_like(wk))
-        wk = wk.expand(s1 - s0, 1)
-        e_q = torch.mul(q, d, out=x).sum(-1, keepdim=True) if grad_q else None
-        if grad_p:  # dA = p (w_kl (d' - E_p + 1) + w_ce) - w_kl q - w_ce t, in x
-            e_p = torch.mul(p, d, out=x).sum(-1, keepdim=True)
-            c0 = wk * (1.0 - e_p)
-            if wc is not None:
-                c0 = c0 + wc
-            torch.addcmul(c0, d, wk, out=x).mul_(p).addcmul_(q, wk, value=-1.0)
-            if wc is not None:
-                x.scatter_add_(1, y, wc * -(1.0 - eps))
-                if eps:
-                    x.sub_(wc * (eps / vocab))
-        if grad_q:  # dB = w_kl (q (E_q - d' + 1) - p), in d's buffer
-            torch.addcmul(wk * (e_q + 1.0), d, wk, value=-1.0, out=d).mul_(q).addcmul_(p, wk, value=-1.0)
-        for wanted, grad, dh, h, need_h in ((grad_p, x, dhp, hpc, need[0]), (grad_q, d, dhq, hqc, need[1])):
+        wk = wk.expand(n, 1)
+        for r0 in range(0, n, sub):
+            r1 = min(n, r0 + sub)
+            rs = slice(r0, r1)
+            ce, kl = _vocab_math(s, la[rs], x[rs], pq_ws[0][: r1 - r0], pq_ws[1][: r1 - r0], b_neginf,
+                                 None if y is None else y[rs], None if valid is None else valid[rs],
+                                 wc_scale, wk[rs], None if km is None else km[rs], grad_p, grad_q)
+            if ce is not None:
+                ce_sum += ce.sum()
+            kl_sum += kl.sum()
+            if kl_rows_out is not None:
+                kl_rows_out[s0 + r0:s0 + r1] = kl.squeeze(-1)
+        if not (grad_p or grad_q):
+            continue
+        for wanted, grad, dh, h, need_h in ((grad_p, x, dhp, hpc, need[0]), (grad_q, la, dhq, hqc, need[1])):
             if not wanted:
                 continue
             g = grad if sc is None else sc.copy_(grad)  # in the GEMM dtype
@@ -410,7 +449,7 @@ def linear_symmetric_kl(
     kmask = _check_mask(mask, lead, device)
     vocab, rows = weight.shape[0], hp.shape[0]
     spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math, gemm), gemm, math, -100, 0.0,
-                 bool(q_grad), device.type)
+                 bool(q_grad), device.type, _sub_rows(vocab, device, math))
     need = _need(hp, hq, weight, bias)
     if reduction == "none":
         return _LinearSymKLRows.apply(hp, hq, weight, bias, kmask, spec, need).reshape(lead)
@@ -506,7 +545,7 @@ def linear_r3f_loss(
     hp, hq = hidden_clean.reshape(-1, hidden_clean.shape[-1]), hidden_noisy.reshape(-1, hidden_noisy.shape[-1])
     vocab, rows = weight.shape[0], hp.shape[0]
     spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math, gemm), gemm, math, int(ignore_index),
-                 label_smoothing, bool(noisy_grad), device.type)
+                 label_smoothing, bool(noisy_grad), device.type, _sub_rows(vocab, device, math))
     if num_items_in_batch is None:
         ce_scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).to(math)
     else:

@@ -305,8 +305,9 @@ def test_no_host_sync_in_the_step():
 
 
 def test_peak_memory_is_bounded_by_the_chunk_not_the_rows():
-    """V = 128,256, tiny hidden: the extra memory of forward + backward is four chunk x V float32 blocks
-    (the default-chunk rule) plus the dW accumulator, at 16 rows as at 128."""
+    """V = 128,256, tiny hidden: the extra memory of forward + backward is two chunk x V float32 blocks
+    (the logits, overwritten by their gradients) plus two few-row p, q buffers (the CPU workspace bound)
+    and the dW accumulator, at 16 rows as at 128."""
     from bench.common import peak_extra_bytes
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
@@ -326,18 +327,22 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_rows():
 
     small, large = peak(2 * chunk), peak(16 * chunk)
     dw = vocab * hidden * 4
-    assert small <= 4 * block + dw + 2**16 and large <= 4 * block + dw + 2**16, (small / block, large / block)
+    work = 2 * lk._sub_rows(vocab, torch.device("cpu"), torch.float32) * vocab * 4
+    assert work <= 2 * lk.WORKSPACE_BYTES["cpu"] and work <= block  # p, q: 4 rows each here, the chunk 8
+    bound = 2 * block + work + dw + 2**16
+    assert small <= bound and large <= bound, (small / block, large / block)
     assert large - small <= 2**16  # rows x H gradients only: nothing rows x V
     assert large < 0.3 * 16 * block  # one float32 logits tensor of the 128 rows is 16 blocks
-    assert lk.default_chunk_size(10**6, vocab) * 4 * vocab * 4 <= lk.CHUNK_BUDGET_BYTES["cpu"]
+    assert lk.default_chunk_size(10**6, vocab) * 2 * vocab * 4 <= lk.CHUNK_BUDGET_BYTES["cpu"]
 
 
 def test_default_chunk_rule():
-    assert lk.default_chunk_size(10**6, 128256, "cpu") == 64 * 2**20 // (4 * 128256 * 4) == 32
-    assert lk.default_chunk_size(10**6, 128256, "cuda") == 2**30 // (4 * 128256 * 4)
+    assert lk.default_chunk_size(10**6, 128256, "cpu") == 64 * 2**20 // (2 * 128256 * 4) == 65
+    assert lk.default_chunk_size(10**6, 128256, "cuda") == 2**30 // (2 * 128256 * 4) == 1046
+    assert lk.default_chunk_size(10**6, 128256, "cuda", gemm_dtype=torch.bfloat16) == 2**30 // (10 * 128256) == 837
     assert lk.default_chunk_size(5, 3) == 5 and lk.default_chunk_size(0, 3) == 1
     assert lk.default_chunk_size(10**6, 10**9) == 1
-    assert lk.default_chunk_size(100, 1000, math_dtype=torch.float64, budget_bytes=8 * 4 * 1000 * 10) == 10
+    assert lk.default_chunk_size(100, 1000, math_dtype=torch.float64, budget_bytes=8 * 2 * 1000 * 10) == 10
 
 
 # ------------------------------------------------------------------------------------------ linear_r3f_loss
@@ -408,6 +413,23 @@ def test_r3f_loss_label_smoothing_ignore_index_and_bias(dtype):
             torch.testing.assert_close(g.double(), r, rtol=5e-2, atol=5e-2)
         got[0].backward()
         assert [t.grad.dtype for t in x] == [dtype] * 4
+
+
+@pytest.mark.parametrize("sub", [1, 2, 5])
+def test_chunks_walked_a_few_rows_at_a_time(monkeypatch, sub):
+    """The vocabulary math takes ``sub`` rows of a 7-row chunk at a time (the CPU workspace bound, forced
+    small): the same values and gradients, with labels, smoothing, masks, noisy_grad=False."""
+    vocab = 23
+    monkeypatch.setitem(lk.WORKSPACE_BYTES, "cpu", sub * vocab * 8)  # float64: 8 bytes per entry
+    assert lk._sub_rows(vocab, torch.device("cpu"), torch.float64) == sub
+    hp, hq, w, b = inputs((3, 6), 5, vocab, torch.float64)
+    labels = torch.randint(0, vocab, (3, 6), generator=torch.Generator().manual_seed(8))
+    labels[0, :2] = -100
+    mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(9)) > 0.4
+    check_r3f(hp, hq, w, b, labels, 7, lam=0.7, label_smoothing=0.1, shift_labels=True)
+    check_r3f(hp, hq, w, b, labels, 7, mask=mask, noisy_grad=False, reduction="mean")
+    for reduction in ("none", "sum"):
+        check_kl(hp, hq, w, b, mask, reduction, chunk_size=7)
 
 
 def test_r3f_loss_backward_through_ce_and_kl_separately():
