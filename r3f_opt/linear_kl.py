@@ -144,12 +144,14 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
-                b_neginf: Optional[torch.Tensor], y, valid, wc_scale, wk, km, grad_p: bool, grad_q: bool):
+                b_neginf: Optional[torch.Tensor], y, valid, wc_scale, wk, km, grad_p: bool, grad_q: bool,
+                token_stats: Optional[torch.Tensor] = None):
     """Everything over the vocabulary for a few rows, in place: ``la`` and ``x`` hold the logits ``a`` and
     ``b`` and come back holding ``dB`` and ``dA`` (when asked for); ``p``, ``q`` are workspace.
 
     Returns ``(ce, kl)``, per row (``(n, 1)``; ce None without labels, 0 on ignored rows; kl 0 outside
-    ``km``). ``wk``: the rows' KL weights (``(n, 1)``, 0 outside ``km``)."""
+    ``km``). ``wk``: the rows' KL weights (``(n, 1)``, 0 outside ``km``). ``token_stats`` (3,), if given,
+    gets the labelled rows' entropy of p, argmax hits and count added (see linear_r3f_loss)."""
     eps, vocab = s.smoothing, s.vocab
     lz_a = _softmax_(la, p)  # a - m_a in la; p
     ce = wc = None
@@ -160,6 +162,12 @@ def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q:
         ce = torch.where(valid, ce, torch.zeros_like(ce))
         if grad_p and wc_scale is not None:
             wc = torch.where(valid, wc_scale, torch.zeros_like(wc_scale))
+        if token_stats is not None:  # H(p) = log Z - sum_j p_j (a_j - m_a); a -inf entry has p_j = 0: term 0
+            centred = la if b_neginf is None else la.masked_fill(b_neginf, 0.0)
+            entropy = lz_a - torch.linalg.vecdot(p, centred).unsqueeze(-1)
+            hit = (la.argmax(-1, keepdim=True) == y) & valid
+            token_stats += torch.stack([torch.where(valid, entropy, torch.zeros_like(entropy)).sum(),
+                                        hit.sum().to(entropy.dtype), valid.sum().to(entropy.dtype)]).to(token_stats)
     _softmax_(x, q)  # b - m_b in x; q
     d = la.sub_(x)  # d' = (a - m_a) - (b - m_b); x is free from here on
     if b_neginf is not None:
@@ -188,13 +196,14 @@ def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q:
 def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          labels: Optional[torch.Tensor], kmask: Optional[torch.Tensor], wc_scale: Optional[torch.Tensor],
          wk_scale: torch.Tensor, wk_rows: Optional[torch.Tensor], need: tuple[bool, bool, bool, bool],
-         kl_rows_out: Optional[torch.Tensor] = None):
+         kl_rows_out: Optional[torch.Tensor] = None, token_stats: Optional[torch.Tensor] = None):
     """One pass over the chunks of ``hp``, ``hq`` (both ``(N, H)``).
 
     Returns ``(ce_sum, kl_sum, (dHp, dHq, dW, db))``: the sums of the counted rows' CE and KL values, and
     the gradients of ``sum_rows w_ce * ce + w_kl * kl`` for the inputs flagged in ``need`` (else None),
     where ``w_ce = wc_scale`` on rows whose label counts and ``w_kl = wk_scale (* wk_rows)`` on rows of
-    ``kmask``. ``kl_rows_out`` (N,), if given, receives the per-row KL values (0 where masked).
+    ``kmask``. ``kl_rows_out`` (N,), if given, receives the per-row KL values (0 where masked);
+    ``token_stats`` (3,), if given, the labelled rows' entropy sum, argmax hits and count (added).
 
     The two ``chunk x V`` logits blocks (and one in the GEMM dtype if it differs) are allocated once and
     reused by every chunk; the vocabulary math walks each chunk a few rows at a time (``_vocab_math``) with
@@ -255,7 +264,7 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
             rs = slice(r0, r1)
             ce, kl = _vocab_math(s, la[rs], x[rs], pq_ws[0][: r1 - r0], pq_ws[1][: r1 - r0], b_neginf,
                                  None if y is None else y[rs], None if valid is None else valid[rs],
-                                 wc_scale, wk[rs], None if km is None else km[rs], grad_p, grad_q)
+                                 wc_scale, wk[rs], None if km is None else km[rs], grad_p, grad_q, token_stats)
             if ce is not None:
                 ce_sum += ce.sum()
             kl_sum += kl.sum()
@@ -293,11 +302,11 @@ class _LinearR3F(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need):
+    def forward(ctx, hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need, token_stats=None):
         ctx.set_materialize_grads(False)
         with torch.autocast(spec.device_type, enabled=False):
             ce_sum, kl_sum, grads = _run(spec, hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale * lam,
-                                         None, need)
+                                         None, need, token_stats=token_stats)
         ce = ce_sum * ce_scale if labels is not None else ce_sum
         kl = kl_sum * kl_scale
         total = ce + lam * kl
@@ -309,7 +318,7 @@ class _LinearR3F(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_total, g_ce, g_kl):
         hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale, *grads = ctx.saved_tensors
-        none = (None,) * 7
+        none = (None,) * 8
         if g_ce is None and g_kl is None:
             if g_total is None:
                 return (None,) * 4 + none
@@ -396,6 +405,12 @@ def _check_chunk(chunk_size, rows, vocab, device, math, gemm) -> int:
     return chunk_size
 
 
+def _describe(t: Any) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" + (" requiring grad" if t.requires_grad else "")
+
+
 def _need(*tensors) -> tuple[bool, ...]:
     on = torch.is_grad_enabled()
     return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
@@ -480,6 +495,7 @@ def linear_r3f_loss(
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
     noisy_grad: bool = True,
     chunk_size: Optional[int] = None,
+    token_stats: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""R3F's objective from the hidden states before the head: ``(total, ce, kl)``, never holding the logits.
 
@@ -509,6 +525,11 @@ def linear_r3f_loss(
         noisy_grad: if False, the noisy logits are constants (as ``RegularizedOptimizer(noisy_grad=False)``):
             run the noisy pass under ``torch.no_grad()``; the head gets only the clean side's KL gradient.
         chunk_size: rows per chunk (default: :func:`default_chunk_size`).
+        token_stats: optional float32 tensor of shape ``(3,)`` on the head's device, for the training metrics
+            a logits path would compute from the clean logits: the forward adds to it ``[sum of the entropy of
+            softmax(A) over the rows whose label counts, how many of those rows have argmax A == label, how
+            many rows count]`` (TRL's ``entropy`` and ``mean_token_accuracy`` are the first two over the third).
+            No host sync; it costs two more reads of each chunk's clean probabilities.
 
     With no counted label, ``ce`` is 0 (``F.cross_entropy`` would give NaN) and its gradient is 0.
     """
@@ -556,8 +577,13 @@ def linear_r3f_loss(
         kl_scale = torch.full((), 1.0 / max(lead[0] if len(lead) > 0 else 1, 1), dtype=math, device=device)
     else:
         kl_scale = 1.0 / kmask.sum().clamp(min=1).to(math)
+    if token_stats is not None and (not isinstance(token_stats, torch.Tensor) or token_stats.shape != (3,)
+                                    or token_stats.dtype != torch.float32 or token_stats.device != device
+                                    or token_stats.requires_grad):
+        raise ValueError(f"token_stats must be a float32 tensor of shape (3,) on {device} that does not require "
+                         f"grad, e.g. torch.zeros(3, device=weight.device); got {_describe(token_stats)}")
     need = _need(hp, hq, weight, bias)
-    return _LinearR3F.apply(hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need)
+    return _LinearR3F.apply(hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need, token_stats)
 
 
 class LinearSymmetricKL(nn.Module):
@@ -768,7 +794,8 @@ class FusedLMHead:
     def loss(self, clean: CapturedPass, noisy: CapturedPass, *, lam: float = 1.0,
              mask: Optional[torch.Tensor] = None, reduction: str = "batchmean", noisy_grad: bool = True,
              label_smoothing: float = 0.0, num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-             chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             chunk_size: Optional[int] = None, token_stats: Optional[torch.Tensor] = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``linear_r3f_loss`` of the two captured passes: ``(total, ce, kl)``, ``total = ce + lam * kl``.
 
         ``ce`` is the model's own causal-LM loss (``num_items_in_batch``: this argument, else the one the model
@@ -792,4 +819,4 @@ class FusedLMHead:
             return linear_r3f_loss(hc, hn, self.head.weight, labels.to(hc.device), self.head.bias, lam=lam,
                                    mask=mask, label_smoothing=label_smoothing, shift_labels=shift,
                                    reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                   noisy_grad=noisy_grad, chunk_size=chunk_size)
+                                   noisy_grad=noisy_grad, chunk_size=chunk_size, token_stats=token_stats)

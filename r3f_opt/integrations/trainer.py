@@ -266,7 +266,8 @@ class R3FTrainerMixin:
         self.r3f_noise.reseed(self._step_seed())
         lam = self.r3f_lambda / (self._r3f_ga_divisor(num_items_in_batch) * tokens)
         outputs, total, _, kl = self.r3f_regularizer.fused_objective(
-            _ModelPasses(model, inputs), lam=lam, label_smoothing=smoothing, num_items_in_batch=nib)
+            _ModelPasses(model, inputs), lam=lam, label_smoothing=smoothing, num_items_in_batch=nib,
+            token_stats=getattr(self, "_r3f_token_stats", None))
         return total * tokens if tokens != 1 else total, kl, outputs
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:

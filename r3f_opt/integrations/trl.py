@@ -33,10 +33,10 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` training with R3F / R4F; the arguments are ``SFTTrainer``'s, with
     :class:`R3FSFTConfig` (a plain ``TrainingArguments``, or ``R3FTrainingArguments``, is converted to it).
 
-    Per training step: one clean pass (the task loss and, on the logits path, TRL's ``entropy`` and
-    ``mean_token_accuracy`` metrics from its logits, under no_grad) and one noisy pass, then one backward. With
-    ``r3f_fused_lm_head=True`` neither pass computes logits, and those two metrics are not logged (they would need
-    them); ``num_tokens``, ``loss`` and ``sym_kl`` are. Refused: ``loss_type="dft"``, and with the fused head a
+    Per training step: one clean pass (the task loss and TRL's ``entropy`` and ``mean_token_accuracy`` metrics:
+    on the logits path from its logits, under no_grad; with ``r3f_fused_lm_head=True``, where neither pass
+    computes logits, inside the fused objective's chunks) and one noisy pass, then one backward; ``num_tokens``,
+    ``loss`` and ``sym_kl`` are logged too. Refused: ``loss_type="dft"``, and with the fused head a
     ``compute_loss_func`` or an MoE router loss. ``label_smoothing_factor`` is applied to the clean pass's CE.
 
     Example:
@@ -70,8 +70,13 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
         inputs["use_cache"] = False  # as TRL: no KV cache in training (gradient checkpointing warns otherwise)
         if getattr(self, "aux_loss_enabled", False):
             inputs["output_router_logits"] = True  # the model's own loss then adds the router's
+        # The fused head computes no logits: it adds TRL's two logits metrics' sums here instead.
+        self._r3f_token_stats = None
+        if self.r3f_fused_lm_head:
+            self._r3f_token_stats = torch.zeros(3, device=self.r3f_regularizer.fused.head.weight.device)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._r3f_sft_metrics(inputs, outputs)
+        self._r3f_token_stats = None
         return (loss, outputs) if return_outputs else loss
 
     def _r3f_task_loss(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Optional[Any]) -> tuple:
@@ -89,18 +94,20 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
         if labels is None and isinstance(inputs.get("labels"), torch.Tensor):
             labels = inputs["labels"]
             labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), -100)], -1)
-        if isinstance(logits, torch.Tensor) and logits.stride()[-1] != 0 and labels is not None \
+        sums = self._r3f_token_stats  # the fused head's [entropy sum, argmax hits, labelled tokens]
+        if sums is None and isinstance(logits, torch.Tensor) and logits.stride()[-1] != 0 and labels is not None \
                 and labels.shape == logits.shape[:-1]:
             valid = labels != -100
-            entropy = logits.new_zeros((), dtype=torch.float32)
-            correct = torch.zeros((), dtype=torch.long, device=logits.device)
+            sums = torch.zeros(3, device=logits.device)
             for row, lab, ok in zip(logits, labels, valid):  # one sequence at a time: no rows x V float32 copy
                 logp = torch.log_softmax(row.float(), -1)
-                entropy += (-(logp.exp() * logp).sum(-1) * ok).sum()
-                correct += ((row.argmax(-1) == lab) & ok).sum()
-            n = gather(valid.sum()).sum()
-            self._metrics[mode]["entropy"].append((gather(entropy).sum() / n).item() if n > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append((gather(correct).sum() / n).item() if n > 0 else 0.0)
+                sums[0] += (-(logp.exp() * logp).sum(-1) * ok).sum()
+                sums[1] += ((row.argmax(-1) == lab) & ok).sum()
+            sums[2] = valid.sum()
+        if sums is not None:
+            entropy, correct, n = gather(sums.reshape(1, 3)).sum(0).tolist()
+            self._metrics[mode]["entropy"].append(entropy / n if n > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append(correct / n if n > 0 else 0.0)
         if "attention_mask" in inputs:
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
         elif "position_ids" in inputs:

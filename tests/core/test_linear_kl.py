@@ -432,6 +432,38 @@ def test_chunks_walked_a_few_rows_at_a_time(monkeypatch, sub):
         check_kl(hp, hq, w, b, mask, reduction, chunk_size=7)
 
 
+@pytest.mark.parametrize("sub", [2, None])
+def test_token_stats_are_the_logits_metrics(monkeypatch, sub):
+    """token_stats gets [entropy sum, argmax hits, count] over the labelled rows, as computed from the
+    materialised clean logits (-inf vocabulary entries included); a backward that recomputes adds nothing."""
+    vocab = 29
+    if sub:
+        monkeypatch.setitem(lk.WORKSPACE_BYTES, "cpu", sub * vocab * 4)
+    hp, hq, w, b = inputs((3, 7), 6, vocab, spread=0.2)
+    b[3] = float("-inf")
+    labels = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(10))
+    labels[labels == 3] = 4
+    logits = F.linear(hp, w, b).double()
+    labels[:, 1::2] = logits.argmax(-1)[:, :-1:2]  # every other target is the previous row's argmax: hits
+    labels[1, 4:] = -100
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = shifted != -100
+    logp = torch.log_softmax(logits, -1)
+    ent = -(logp.exp() * torch.where(logp.isneginf(), torch.zeros_like(logp), logp)).sum(-1)
+    want = torch.tensor([ent[valid].sum(), (logits.argmax(-1) == shifted)[valid].sum(), valid.sum()],
+                        dtype=torch.float64)
+    stats = torch.zeros(3)
+    x = leaves(hp, hq, w, b)
+    _, ce, kl = linear_r3f_loss(*x[:3], labels, x[3], shift_labels=True, chunk_size=5, token_stats=stats)
+    torch.testing.assert_close(stats.double(), want, rtol=1e-5, atol=1e-5)
+    assert 0 < want[1] < want[2]  # some hits, some misses: the count is not trivially right
+    (ce - kl).backward()  # recomputes the chunks with the combined weights
+    torch.testing.assert_close(stats.double(), want, rtol=1e-5, atol=1e-5)
+    for bad in (torch.zeros(3, dtype=torch.float64), torch.zeros(2), [0.0, 0.0, 0.0], torch.zeros(3).requires_grad_()):
+        with pytest.raises(ValueError, match="token_stats must be a float32 tensor of shape"):
+            linear_r3f_loss(hp, hq, w, labels, b, token_stats=bad)
+
+
 def test_r3f_loss_backward_through_ce_and_kl_separately():
     hp, hq, w, b = inputs((2, 7), 6, 31, torch.float64)
     labels = torch.randint(0, 31, (2, 7), generator=torch.Generator().manual_seed(4))

@@ -77,7 +77,7 @@ def test_lora_gradient_checkpointing_loss_falls_two_forwards_per_step(tmp_path, 
     assert len(calls) == 2 * 6  # clean + noisy: no extra logits forward (checkpointing re-runs layers, not this)
     logged = [h for h in tr.state.log_history if "loss" in h]
     assert all("sym_kl" in h and "num_tokens" in h for h in logged)
-    assert all(("mean_token_accuracy" in h) != fused for h in logged)  # the fused head computes no logits
+    assert all("mean_token_accuracy" in h and "entropy" in h for h in logged)  # fused: from its chunks
     assert all(not p.requires_grad for n, p in tr.model.named_parameters() if "lora" not in n)
 
 
@@ -118,15 +118,19 @@ def test_both_sides_of_the_kl_receive_gradient(tmp_path, tokenizer, dataset, fus
 
 def test_fused_trains_as_the_logits_path_on_padding_free_batches(tmp_path, tokenizer, dataset):
     """padding_free=True packs each batch into one row (position_ids, first label of each sequence -100): the
-    fused head and the logits path give the same LoRA weights (SGD: equal gradients give equal steps)."""
-    states = []
+    fused head and the logits path give the same LoRA weights (SGD: equal gradients give equal steps), and log
+    the same entropy and mean token accuracy (the fused head's from its chunks, the logits path's from the logits)."""
+    states, logs = [], []
     for fused in (False, True):
         tr = trainer(tmp_path / str(fused), tokenizer, dataset, padding_free=True, optim="sgd", learning_rate=0.1,
                      r3f_fused_lm_head=fused, gradient_checkpointing=False, bf16=False)
         tr.train()
         states.append({n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+        logs.append([(h["entropy"], h["mean_token_accuracy"]) for h in tr.state.log_history if "loss" in h])
     for n in states[0]:
         torch.testing.assert_close(states[1][n], states[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    assert len(logs[0]) == 2 and logs[0][0][0] > 1.0  # nats: a near-uniform model over 64 tokens at first
+    torch.testing.assert_close(torch.tensor(logs[1]), torch.tensor(logs[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_arguments_and_refusals(tmp_path, tokenizer, dataset):
