@@ -16,6 +16,10 @@ __all__ = ["SUBSET_SEED", "subset", "load_examples", "encode", "collate", "defau
 
 SUBSET_SEED = 0  # --max-*-examples subsets are the same for every --seed and method
 
+#: r3f-finetune run keys added after runs were made, with the value every earlier run had: an older checkpoint
+#: resumes and an older results.json compares as if it recorded it.
+LATER_KEYS = {"noise_scale": "absolute"}
+
 
 def subset(n: int, k: Optional[int]) -> list[int]:
     """``k`` of ``range(n)`` drawn with a fixed seed, in file order (all of them if k is None or >= n)."""

@@ -25,16 +25,17 @@ import torch
 
 from .. import __version__
 from ..methods import METHODS, check_method_kwargs
+from ..noise import NOISE_SCALES
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
-from .data import atomic_write, collate, default_model, encode, load_examples
+from .data import LATER_KEYS, atomic_write, collate, default_model, encode, load_examples
 from .glue import TASKS, GlueDataError, compute_metrics, majority_baseline, resolve
 
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
 # Arguments that define the run: a resumed run must have the same ones.
-RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise", "noisy_grad",
-            "same_dropout", "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
+RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise", "noise_scale",
+            "noisy_grad", "same_dropout", "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
             "max_grad_norm", "max_train_examples", "max_eval_examples", "reinit_head")
 
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, default=1.0, help="weight of the symmetric KL term")
     p.add_argument("--eps", type=float, default=1e-5, help="noise scale")
     p.add_argument("--noise", choices=("uniform", "normal"), default="uniform")
+    p.add_argument("--noise-scale", choices=NOISE_SCALES, default="absolute", help="absolute: --eps in the "
+                   "embeddings' units (the paper's); relative: times each token embedding's RMS (bf16-safe)")
     p.add_argument("--noisy-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="backpropagate the KL through the noisy pass too (the paper)")
     p.add_argument("--same-dropout", action="store_true", help="r3f/r4f: the noisy pass replays the clean pass's "
@@ -289,7 +292,8 @@ class FineTune:
         self.eval_f = encode(self.tokenizer, eval_x, args.max_length)
         self.opt = RegularizedOptimizer(
             torch.optim.AdamW(_param_groups(self.model, args.weight_decay), lr=args.lr), self.model,
-            method=args.method, lam=args.lam, eps=args.eps, noise=args.noise, noisy_grad=args.noisy_grad,
+            method=args.method, lam=args.lam, eps=args.eps, noise=args.noise, noise_scale=args.noise_scale,
+            noisy_grad=args.noisy_grad,
             method_kwargs=args.method_kwargs, same_dropout=args.same_dropout,
             seed=args.seed, max_grad_norm=args.max_grad_norm or None)
         self.steps_per_epoch = math.ceil(len(self.train_f) / args.batch_size)
@@ -318,7 +322,8 @@ class FineTune:
             if not self.ckpt_path.is_file():
                 raise SystemExit(f"r3f-finetune: --resume: no checkpoint at {self.ckpt_path}; run without --resume")
             ckpt = _read_checkpoint(self.ckpt_path)
-            diff = {k: (ckpt["config"].get(k), v) for k, v in self.config.items() if ckpt["config"].get(k) != v}
+            saved = {**LATER_KEYS, **ckpt["config"]}
+            diff = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
             if diff:
                 raise SystemExit("r3f-finetune: --resume with different arguments than the checkpoint's run "
                                  f"(name: (checkpoint, now)): {diff}; resume with the same arguments")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import stats
-from .data import atomic_write
+from .data import LATER_KEYS, atomic_write
 from .glue import TASKS, majority_baseline
 
 __all__ = ["main", "load_runs", "summarize", "compare", "comparison_markdown", "markdown_table", "baselines",
@@ -27,7 +27,7 @@ METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 BUDGET_KEYS = ("model", "train_file", "eval_file", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length",
                "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples")
 
-METHOD_KEYS = ("lam", "eps", "noise", "noisy_grad", "method_kwargs")
+METHOD_KEYS = ("lam", "eps", "noise", "noise_scale", "noisy_grad", "method_kwargs")
 
 
 class ReportError(ValueError):
@@ -173,7 +173,7 @@ def budget_mismatches(runs: list[dict]) -> list[str]:
     def differing(group: list[dict], keys: Sequence[str], what: str) -> list[str]:
         msgs = []
         for key in keys:
-            values = {json.dumps(r.get("hyperparameters", {}).get(key)) for r in group}
+            values = {json.dumps(r.get("hyperparameters", {}).get(key, LATER_KEYS.get(key))) for r in group}
             if len(values) > 1:
                 msgs.append(f"{what}: runs differ in {key} ({', '.join(sorted(values))})")
         return msgs

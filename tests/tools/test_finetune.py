@@ -156,6 +156,31 @@ def test_epochs_overwrite_and_options(glue_dir, tiny_model_dir, tmp_path):
     assert run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", model=tiny_model_dir)["steps"] == 1
 
 
+def test_noise_scale_relative_and_resuming_a_run_from_before_the_option(glue_dir, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    args = ["--task", "rte", "--method", "r3f", "--max-steps", "4", "--eval-every", "2"]
+    made = []
+    real = ft.RegularizedOptimizer.__init__
+    monkeypatch.setattr(ft.RegularizedOptimizer, "__init__", lambda self, *a, **k: (made.append(k), real(self, *a, **k))[1])
+    res = run(glue_dir, tmp_path / "rel", *args, "--noise-scale", "relative", "--eps", "1e-2", model=tiny_model_dir)
+    assert res["hyperparameters"]["noise_scale"] == "relative" and made[-1]["noise_scale"] == "relative"
+    assert res["evaluations"][-1]["train_sym_kl"] > 0
+    # A checkpoint written before --noise-scale existed (no such key) resumes as "absolute", and only as that.
+    restore = crash_at(monkeypatch, ft.RegularizedOptimizer, "step", 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(glue_dir, tmp_path / "old", *args, model=tiny_model_dir)
+    restore()
+    ckpt_path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["config"]["noise_scale"]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(SystemExit, match="different arguments.*'noise_scale': \\('absolute', 'relative'\\)"):
+        run(glue_dir, tmp_path / "old", *args, "--resume", "--noise-scale", "relative", model=tiny_model_dir)
+    assert run(glue_dir, tmp_path / "old", *args, "--resume", model=tiny_model_dir)["resumed"]
+    with pytest.raises(SystemExit):
+        run(glue_dir, tmp_path / "bad", *args, "--noise-scale", "rms", model=tiny_model_dir)
+
+
 def test_eval_every_epoch(glue_dir, tiny_model_dir, tmp_path):
     # 24 examples at batch 4: 6 steps per epoch; 2.5 epochs = 15 steps; evaluations after epochs 1, 2 and at the end
     res = run(glue_dir, tmp_path / "run", "--task", "rte", "--epochs", "2.5", "--eval-every", "epoch",

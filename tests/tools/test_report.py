@@ -72,6 +72,15 @@ def test_method_settings_and_unofficial_eval_are_flagged(tmp_path):
     report.main([str(tmp_path), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "qqp r3f: runs differ in lam (0.1, 1.0)" in text
+    # noise_scale: a run that does not record it (made before the option) counts as "absolute"
+    for seed, scale in ((3, "absolute"), (4, None), (5, "relative")):
+        d = fake_run(tmp_path / "ns", "rte", "r3f", seed, 0.5)
+        run = json.loads((d / "results.json").read_text())
+        if scale:
+            run["hyperparameters"]["noise_scale"] = scale
+        (d / "results.json").write_text(json.dumps(run))
+        msgs = report.budget_mismatches(report.load_runs([str(tmp_path / "ns")]))
+        assert msgs == ([] if seed < 5 else ['rte r3f: runs differ in noise_scale ("absolute", "relative")']), msgs
     assert "| qqp † | accuracy | r3f | 2 |" in text and "not a GLUE dev score" in text
 
 
