@@ -80,6 +80,9 @@ HEADS = ((2, 768), (3, 1024), (1000, 4096), (128256, 4096))
 # A reduced set for CI (tests/kernels/test_sm90.py): each path of each launcher once.
 QUICK_KL = ((KL_ROWS, 2, "bfloat16", False), (KL_ROWS, 50257, "bfloat16", True),
             (KL_ROWS, 128256, "bfloat16", False), (KL_ROWS, 32001, "float32", False))
+# One chunk of linear_r3f_loss on a GPU: the default chunk rows (1 GiB budget, float32 GEMMs) for these V.
+LINEAR = ((1046, 128256), (2670, 50257), (2, 3))
+QUICK_LINEAR = ((1046, 128256),)
 QUICK_HEADS = (((3, 1024), "float32"),)
 
 
@@ -180,6 +183,20 @@ def kl_launches(n_rows: int, vocab: int, dtype: torch.dtype, masked: bool, sms: 
     with recording(sms) as launches:
         rows = sym_kl.SymmetricKLRows.apply(a, b, mask)
         rows.sum().backward()
+    return launches
+
+
+def linear_launches(n_rows: int, vocab: int, sms: int = SMS) -> list[Launch]:
+    """The launches of one chunk of the fused LM head's objective (``linear_r3f_loss`` on CUDA): the forward,
+    then the backward with the cross-entropy gradient, in place on two contiguous float32 logits blocks."""
+    from r3f_opt.kernels import sym_kl
+
+    a = torch.empty(n_rows, vocab, dtype=torch.float32, device="meta")
+    b = torch.empty(n_rows, vocab, dtype=torch.float32, device="meta")
+    g = torch.empty(n_rows, dtype=torch.float32, device="meta")
+    ce = (torch.empty(n_rows, dtype=torch.int64, device="meta"), torch.empty(n_rows, device="meta"), 0.1)
+    with recording(sms) as launches:
+        sym_kl.kl_ce_grads_(a, b, g, ce)
     return launches
 
 
@@ -385,10 +402,12 @@ def inspect_all(quick: bool = False, progress: bool = True, sms: int = SMS, on_g
     if quick:
         cases += [("kl", (n, v, dt, m), None) for n, v, dt, m in QUICK_KL]
         cases += [("head", (c, h, dt), None) for (c, h), dt in QUICK_HEADS]
+        cases += [("linear", (n, v), None) for n, v in QUICK_LINEAR]
     else:
         cases += [("kl", (KL_ROWS, v, dt, m), None) for v in KL_VOCABS for dt in DTYPES for m in (False, True)]
         cases += [("kl", (4, 262144, dt, False), None) for dt in ("float32", "bfloat16")]  # few rows: split
         cases += [("head", (c, h, dt), None) for c, h in HEADS for dt in DTYPES]
+        cases += [("linear", (n, v), None) for n, v in LINEAR]
     records: list[Record] = []
     cache: dict = {}
     start = time.monotonic()
@@ -400,6 +419,10 @@ def inspect_all(quick: bool = False, progress: bool = True, sms: int = SMS, on_g
             bpc = 2 * dtype.itemsize
             for launch in launches:
                 records.append(inspect_launch(launch, dt, (n, v), masked, bpc, cache, on_gpu))
+        elif kind == "linear":
+            n, v = params
+            for launch in linear_launches(n, v, sms):
+                records.append(inspect_launch(launch, "float32", (n, v), False, 8, cache, on_gpu))
         else:
             c, h, dt = params
             for launch in head_launches(c, h, DTYPES[dt], sms):

@@ -87,7 +87,7 @@ import triton.language as tl
 
 from .._dispatch import device_context as _device_context  # the name the tests wrap
 
-__all__ = ["symmetric_kl_rows", "Plan", "plan", "launches", "kernel_launches"]
+__all__ = ["symmetric_kl_rows", "kl_ce_grads_", "Plan", "plan", "launches", "kernel_launches"]
 
 # Finite "minus infinity" for running maxima: -inf - -inf would be NaN.
 _NEG_BIG = tl.constexpr(-3.4028234663852886e38)
@@ -355,15 +355,25 @@ def _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q):
     ga = g * (tl.where(p == 0, 0.0, p * (d - e_p + 1.0)) - q)
     # g (q (E_q[d'] - d' + 1) - p), with q * (...) := 0 where q = 0
     gb = g * (tl.where(q == 0, 0.0, q * (e_q - d + 1.0)) - p)
-    return ga, gb
+    return ga, gb, p
+
+
+@triton.jit
+def _ce_grad(ga, p, col, y, w, eps_v, keep):
+    # + w (p_j - t_j), t = keep * onehot(y) + eps / V (label smoothing; keep = 1 - eps); w = 0: no label
+    return ga + w * (p - eps_v) - tl.where(col == y, w * keep, 0.0)
 
 
 @triton.jit
 def _bwd_tile(a_src, b_src, ga_dst, gb_dst, idx, read_ok, write_ok, g, m_a, m_b, lz_a, lz_b, e_p, e_q,
-              sav, sbv, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr):
+              sav, sbv, col, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr,
+              WITH_CE: tl.constexpr):
+    # Each element is read before it is written, by this program alone: ga_dst may be a_src (in place).
     a = tl.load(a_src + idx * sav, mask=read_ok, other=float("-inf")).to(tl.float32)
     b = tl.load(b_src + idx * sbv, mask=read_ok, other=float("-inf")).to(tl.float32)
-    ga, gb = _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q)
+    ga, gb, p = _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q)
+    if WITH_CE:
+        ga = _ce_grad(ga, p, col, ce_y, ce_w, ce_eps_v, ce_keep)
     if NEED_GA:  # g = 0 and p = q = 0 on a masked row: zeros
         tl.store(ga_dst + idx, ga.to(ga_dst.dtype.element_ty), mask=write_ok)
     if NEED_GB:
@@ -372,10 +382,10 @@ def _bwd_tile(a_src, b_src, ga_dst, gb_dst, idx, read_ok, write_ok, g, m_a, m_b,
 
 @triton.jit
 def _sym_kl_bwd_kernel(
-    a_ptr, b_ptr, mask_ptr, stats_ptr, g_ptr, ga_ptr, gb_ptr,
+    a_ptr, b_ptr, mask_ptr, stats_ptr, g_ptr, ga_ptr, gb_ptr, ce_y_ptr, ce_w_ptr, ce_eps_v, ce_keep,
     n_rows, V, chunk, sg, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
     HAS_MASK: tl.constexpr, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, WITH_CE: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
@@ -388,6 +398,11 @@ def _sym_kl_bwd_kernel(
     lz_b = tl.load(stats_ptr + 3 * n_rows + row)
     e_p = tl.load(stats_ptr + 4 * n_rows + row)  # E_p[d']
     e_q = tl.load(stats_ptr + 5 * n_rows + row)  # E_q[d']
+    ce_y = -1
+    ce_w = 0.0
+    if WITH_CE:  # the row's label (-1: none) and CE weight, for dA += w (p - t) (linear_kl's objective)
+        ce_y = tl.load(ce_y_ptr + row)
+        ce_w = tl.load(ce_w_ptr + row)
     lo = part * chunk
     hi = tl.minimum(lo + chunk, V)
     offs = tl.arange(0, BLOCK)
@@ -399,12 +414,13 @@ def _sym_kl_bwd_kernel(
             idx, ok = _edge_index(epos, start, body_hi, n_head, n_tail)
             read_ok = epos < tl.where(valid, n_head + n_tail, 0)  # a masked row is only written
             _bwd_tile(a_ptr, b_ptr, ga_ptr, gb_ptr, idx, read_ok, ok, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1,
-                      NEED_GA, NEED_GB)
+                      idx - row * V, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA, NEED_GB, WITH_CE)
         read_len = tl.where(valid, body_len, 0)
         for t in range(0, body_len, BLOCK):
             cols = t + offs
             _bwd_tile(a_ptr + body_lo, b_ptr + body_lo, ga_ptr + body_lo, gb_ptr + body_lo, cols,
-                      cols < read_len, cols < body_len, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1, NEED_GA, NEED_GB)
+                      cols < read_len, cols < body_len, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1,
+                      (body_lo - row * V) + cols, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA, NEED_GB, WITH_CE)
     else:
         a_row = _row_start(a_ptr, row, n1a, sa0, sa1)
         b_row = _row_start(b_ptr, row, n1b, sb0, sb1)
@@ -413,15 +429,16 @@ def _sym_kl_bwd_kernel(
             cols = t + offs
             # gradients are contiguous (n_rows, V)
             _bwd_tile(a_row, b_row, ga_ptr + row * V, gb_ptr + row * V, cols, cols < hi_read, cols < hi, g,
-                      m_a, m_b, lz_a, lz_b, e_p, e_q, sav, sbv, NEED_GA, NEED_GB)
+                      m_a, m_b, lz_a, lz_b, e_p, e_q, sav, sbv, cols, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA,
+                      NEED_GB, WITH_CE)
 
 
 @triton.jit
 def _sym_kl_bwd_rows_kernel(
-    a_ptr, b_ptr, mask_ptr, stats_ptr, g_ptr, ga_ptr, gb_ptr,
+    a_ptr, b_ptr, mask_ptr, stats_ptr, g_ptr, ga_ptr, gb_ptr, ce_y_ptr, ce_w_ptr, ce_eps_v, ce_keep,
     n_rows, V, sg, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
     HAS_MASK: tl.constexpr, NEED_GA: tl.constexpr, NEED_GB: tl.constexpr, ROWS: tl.constexpr,
-    BV: tl.constexpr,
+    BV: tl.constexpr, WITH_CE: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -440,7 +457,9 @@ def _sym_kl_bwd_rows_kernel(
                 other=float("-inf")).to(tl.float32)
     b = tl.load(_row_start(b_ptr, r, n1b, sb0, sb1)[:, None] + cols * sbv, mask=valid[:, None] & in_row,
                 other=float("-inf")).to(tl.float32)
-    ga, gb = _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q)
+    ga, gb, p = _grads(a, b, g, m_a, m_b, lz_a, lz_b, e_p, e_q)
+    if WITH_CE:
+        ga = _ce_grad(ga, p, cols, tl.load(ce_y_ptr + r)[:, None], tl.load(ce_w_ptr + r)[:, None], ce_eps_v, ce_keep)
     out = rows[:, None] * V + cols  # gradients are contiguous (n_rows, V)
     ok = row_ok[:, None] & in_row
     if NEED_GA:
@@ -560,62 +579,97 @@ def _rows_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int
     return x, n_rows, n1, s0, s1, x.stride(-1)
 
 
+def _forward(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor]):
+    """Launch the forward on 2-D-able ``a``, ``b``: ``(out, stats, (n_rows, lay_a, lay_b, plan), a, b)``."""
+    a, n_rows, *lay_a = _rows_layout(a)
+    b, _, *lay_b = _rows_layout(b)
+    vocab = a.shape[-1]
+    out = torch.empty(n_rows, dtype=torch.float32, device=a.device)
+    # Per row: m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d'] (see the module docstring).
+    stats = torch.empty(6, n_rows, dtype=torch.float32, device=a.device)
+    p = _plan(n_rows, vocab, a, b)
+    mask_arg = mask if mask is not None else out  # never read when HAS_MASK is False
+    has_mask = mask is not None
+    if n_rows > 0:
+        with _device_context(a):
+            if p.rows:
+                _launch(_sym_kl_fwd_rows_kernel, (triton.cdiv(n_rows, p.rows),), a, b, mask_arg, out, stats,
+                        n_rows, vocab, *lay_a, *lay_b, HAS_MASK=has_mask, ROWS=p.rows, BV=p.bv,
+                        num_warps=p.num_warps)
+            else:
+                n_parts = triton.cdiv(vocab, p.chunk)
+                split = n_parts > 1
+                part = torch.empty(6, n_rows, n_parts, dtype=torch.float32, device=a.device) if split else out
+                _launch(_sym_kl_fwd_kernel, (n_rows, n_parts), a, b, mask_arg, out, stats, part, n_rows, vocab,
+                        p.chunk, *lay_a, *lay_b, HAS_MASK=has_mask, SPLIT=split, LANES=p.lanes, VEC=p.vec,
+                        ALIGN=p.align, num_warps=p.num_warps)
+                if split:
+                    _launch(_sym_kl_merge_kernel, (n_rows,), part, mask_arg, out, stats, n_rows, n_parts,
+                            HAS_MASK=has_mask, PARTS=triton.next_power_of_2(n_parts))
+    return out, stats, (n_rows, lay_a, lay_b, p), a, b
+
+
+def _backward(a, b, mask, stats, g, ga, gb, layout, vocab: int, ce=None) -> None:
+    """Launch the backward: ``ga``/``gb`` (contiguous ``(n_rows, V)``, or None) get ``g`` times the gradients
+    of KL_S, and with ``ce = (labels, weights, eps)`` ``ga`` also gets ``weights * (p - t)``. ``ga`` may be
+    ``a`` and ``gb`` may be ``b`` (in place: each element is read before it is written, by one program)."""
+    n_rows, lay_a, lay_b, p = layout
+    need_a, need_b = ga is not None, gb is not None
+    if not (n_rows > 0 and vocab > 0 and (need_a or need_b)):
+        return
+    with_ce = ce is not None
+    y, w, eps = ce if with_ce else (stats, stats, 0.0)  # never read without WITH_CE
+    args = (a, b, mask if mask is not None else stats, stats, g, ga if need_a else stats, gb if need_b else stats,
+            y, w, eps / vocab, 1.0 - eps)
+    flags = dict(HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, num_warps=p.bwd_warps)
+    if with_ce:  # only then: the default specialisation (and its compiled code) stays as it was
+        flags["WITH_CE"] = True
+    with _device_context(a):
+        if p.rows:
+            _launch(_sym_kl_bwd_rows_kernel, (triton.cdiv(n_rows, p.rows),), *args, n_rows, vocab,
+                    g.stride(0), *lay_a, *lay_b, ROWS=p.rows, BV=p.bv, **flags)
+        else:
+            _launch(_sym_kl_bwd_kernel, (n_rows, triton.cdiv(vocab, p.chunk)), *args, n_rows, vocab,
+                    p.chunk, g.stride(0), *lay_a, *lay_b, BLOCK=p.bwd_block, ALIGN=p.align, **flags)
+
+
 class SymmetricKLRows(torch.autograd.Function):
     """Per-row KL_S of logits ``(*, V)`` with a flat bool row mask; returns float32 ``(rows,)``."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         shape = a.shape
-        a, n_rows, *lay_a = _rows_layout(a)
-        b, _, *lay_b = _rows_layout(b)
-        vocab = a.shape[-1]
-        out = torch.empty(n_rows, dtype=torch.float32, device=a.device)
-        # Per row: m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d'] (see the module docstring).
-        stats = torch.empty(6, n_rows, dtype=torch.float32, device=a.device)
-        p = _plan(n_rows, vocab, a, b)
-        mask_arg = mask if mask is not None else out  # never read when HAS_MASK is False
-        has_mask = mask is not None
-        if n_rows > 0:
-            with _device_context(a):
-                if p.rows:
-                    _launch(_sym_kl_fwd_rows_kernel, (triton.cdiv(n_rows, p.rows),), a, b, mask_arg, out, stats,
-                            n_rows, vocab, *lay_a, *lay_b, HAS_MASK=has_mask, ROWS=p.rows, BV=p.bv,
-                            num_warps=p.num_warps)
-                else:
-                    n_parts = triton.cdiv(vocab, p.chunk)
-                    split = n_parts > 1
-                    part = torch.empty(6, n_rows, n_parts, dtype=torch.float32, device=a.device) if split else out
-                    _launch(_sym_kl_fwd_kernel, (n_rows, n_parts), a, b, mask_arg, out, stats, part, n_rows, vocab,
-                            p.chunk, *lay_a, *lay_b, HAS_MASK=has_mask, SPLIT=split, LANES=p.lanes, VEC=p.vec,
-                            ALIGN=p.align, num_warps=p.num_warps)
-                    if split:
-                        _launch(_sym_kl_merge_kernel, (n_rows,), part, mask_arg, out, stats, n_rows, n_parts,
-                                HAS_MASK=has_mask, PARTS=triton.next_power_of_2(n_parts))
+        out, stats, layout, a, b = _forward(a, b, mask)
         ctx.save_for_backward(a, b, mask, stats)
-        ctx.layout = (shape, n_rows, lay_a, lay_b, p)
+        ctx.layout = (shape, layout)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows: torch.Tensor):
         a, b, mask, stats = ctx.saved_tensors
-        shape, n_rows, lay_a, lay_b, p = ctx.layout
+        shape, layout = ctx.layout
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        vocab = shape[-1]
         ga = torch.empty(shape, dtype=a.dtype, device=a.device) if need_a else None  # contiguous
         gb = torch.empty(shape, dtype=b.dtype, device=b.device) if need_b else None
-        if n_rows > 0 and vocab > 0 and (need_a or need_b):
-            args = (a, b, mask if mask is not None else stats, stats, grad_rows, ga if need_a else stats,
-                    gb if need_b else stats)
-            flags = dict(HAS_MASK=mask is not None, NEED_GA=need_a, NEED_GB=need_b, num_warps=p.bwd_warps)
-            with _device_context(a):
-                if p.rows:
-                    _launch(_sym_kl_bwd_rows_kernel, (triton.cdiv(n_rows, p.rows),), *args, n_rows, vocab,
-                            grad_rows.stride(0), *lay_a, *lay_b, ROWS=p.rows, BV=p.bv, **flags)
-                else:
-                    _launch(_sym_kl_bwd_kernel, (n_rows, triton.cdiv(vocab, p.chunk)), *args, n_rows, vocab,
-                            p.chunk, grad_rows.stride(0), *lay_a, *lay_b, BLOCK=p.bwd_block, ALIGN=p.align, **flags)
+        _backward(a, b, mask, stats, grad_rows, ga, gb, layout, shape[-1])
         return ga, gb, None
+
+
+def kl_ce_grads_(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor], ce=None, need_b: bool = True):
+    """The fused linear head's per-chunk step (``r3f_opt.linear_kl``), in place on two contiguous float32
+    ``(n_rows, V)`` logits blocks: returns ``(kl_rows, stats)`` (KL_S per row; the six per-row statistics,
+    ``stats[0]`` = m_a and ``stats[2]`` = log Z_a give the CE), then overwrites ``a`` with
+    ``g * dKL_S/da`` (plus ``w * (p - t)`` with ``ce = (labels, w, eps)``: int64 labels, -1 for none,
+    float32 weights, label smoothing) and ``b`` with ``g * dKL_S/db`` (if ``need_b``; else ``b`` is left as
+    it was). ``g``: float32 ``(n_rows,)``, or None for the values alone (nothing overwritten). No row mask:
+    a row that counts in no term has ``g = w = 0``."""
+    kl, stats, layout, a2, b2 = _forward(a, b, None)
+    if a2.data_ptr() != a.data_ptr() or b2.data_ptr() != b.data_ptr():
+        raise ValueError("kl_ce_grads_ works in place on contiguous (n_rows, V) blocks")
+    if g is not None:
+        _backward(a, b, None, stats, g, a, b if need_b else None, layout, a.shape[-1], ce)
+    return kl, stats
 
 
 def symmetric_kl_rows(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

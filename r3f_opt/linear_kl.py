@@ -19,7 +19,9 @@ Memory rule. A call allocates two ``chunk x V`` blocks in the vocabulary-math dt
 for float64 inputs) -- the two logits blocks, overwritten in place by ``d'``, ``dA`` and ``dB`` -- plus one
 in the GEMM dtype when that differs (16-bit GEMMs write into it and read from it), and reuses them for
 every chunk. The softmaxes, CE, KL and gradients run over a chunk a few rows at a time, with ``p`` and
-``q`` in two ``sub x V`` buffers of at most :data:`WORKSPACE_BYTES` each (2 MiB on CPU: in cache). The
+``q`` in two ``sub x V`` buffers of at most :data:`WORKSPACE_BYTES` each (2 MiB on CPU: in cache). On
+CUDA (float32 math; ``R3F_KERNELS`` as for ``symmetric_kl``) the symmetric-KL Triton kernels do a chunk's
+vocabulary math instead, in place, without those buffers (``kernels/sym_kl.py``, ``kl_ce_grads_``). The
 default chunk is the largest row count whose blocks fit :data:`CHUNK_BUDGET_BYTES`
 (:func:`default_chunk_size`); ``chunk_size=`` overrides it.
 
@@ -40,6 +42,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from ._dispatch import use_triton
 from .kl import REDUCTIONS, _bool_mask, _row_max
 from .noise import unwrap_model
 
@@ -86,6 +89,12 @@ def default_chunk_size(rows: int, vocab: int, device: Union[str, torch.device] =
     return int(max(1, min(max(int(rows), 1), int(budget_bytes) // per_row)))
 
 
+def _kernel(math: torch.dtype, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the vocabulary math runs in the Triton kernels: float32 math, and ``R3F_KERNELS`` (CUDA by
+    default; ``R3F_KERNELS=triton`` with ``TRITON_INTERPRET=1`` on CPU, as the tests run it)."""
+    return math == torch.float32 and use_triton("linear_r3f_loss", hidden, weight)
+
+
 def _sub_rows(vocab: int, device: torch.device, math: torch.dtype) -> int:
     """Rows the vocabulary math takes at a time: each of its two buffers within ``WORKSPACE_BYTES``."""
     return max(1, _budget(WORKSPACE_BYTES, device) // (max(vocab, 1) * math.itemsize))
@@ -102,6 +111,7 @@ class _Spec(NamedTuple):
     q_grad: bool  # whether the q side's logits carry gradient (False: constants, like noisy_grad=False)
     device_type: str
     sub: int  # rows the vocabulary math takes at a time (_sub_rows)
+    kernel: bool = False  # the vocabulary math in the Triton kernels (kernels/sym_kl.py), in place
 
 
 def _dtypes(device: torch.device, *tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, torch.dtype]:
@@ -193,6 +203,45 @@ def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q:
     return ce, kl
 
 
+def _kernel_vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, y, valid, wc_scale, wk, km, grad_p: bool,
+                       grad_q: bool, token_stats: Optional[torch.Tensor]):
+    """``_vocab_math`` for a whole chunk through the Triton kernels, in place and without workspace: ``la``
+    and ``x`` hold the logits and come back holding ``dA`` and ``dB`` (the other way round from
+    ``_vocab_math``). Returns ``(ce, kl)`` per row."""
+    from .kernels.sym_kl import kl_ce_grads_
+
+    eps = s.smoothing
+    ce = a_y = mean_a = None
+    if y is not None:  # what the CE needs of the logits, before they are overwritten
+        a_y = la.gather(1, y)
+        mean_a = la.sum(-1, keepdim=True) / s.vocab if eps else None
+        if token_stats is not None:
+            for r0 in range(0, la.shape[0], s.sub):  # a few rows at a time: sub x V temporaries
+                blk, v = la[r0:r0 + s.sub], valid[r0:r0 + s.sub]
+                logp = torch.log_softmax(blk, -1)
+                entropy = -(logp.exp() * logp.masked_fill(logp.isneginf(), 0.0)).sum(-1, keepdim=True)
+                hit = (blk.argmax(-1, keepdim=True) == y[r0:r0 + s.sub]) & v
+                token_stats += torch.stack([torch.where(v, entropy, torch.zeros_like(entropy)).sum(),
+                                            hit.sum().to(entropy.dtype), v.sum().to(entropy.dtype)])
+    g = ce_args = None
+    if grad_p or grad_q:
+        g = wk.reshape(-1).to(torch.float32).contiguous()
+        if y is not None and grad_p and wc_scale is not None:
+            w = torch.where(valid, wc_scale, torch.zeros_like(wc_scale)).reshape(-1).to(torch.float32)
+            ce_args = (torch.where(valid, y, torch.full_like(y, -1)).reshape(-1).contiguous(), w.contiguous(), eps)
+    kl, stats = kl_ce_grads_(la, x, g, ce_args, need_b=grad_q)
+    kl = kl.unsqueeze(-1)
+    if km is not None:
+        kl = torch.where(km, kl, torch.zeros_like(kl))
+    if y is not None:
+        m_a, lz_a = stats[0].unsqueeze(-1), stats[2].unsqueeze(-1)
+        ce = (lz_a - (a_y - m_a)) * (1.0 - eps)
+        if eps:
+            ce = ce + eps * (lz_a - (mean_a - m_a))
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+    return ce, kl
+
+
 def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          labels: Optional[torch.Tensor], kmask: Optional[torch.Tensor], wc_scale: Optional[torch.Tensor],
          wk_scale: torch.Tensor, wk_rows: Optional[torch.Tensor], need: tuple[bool, bool, bool, bool],
@@ -233,7 +282,7 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
     sub = max(1, min(rows_c, s.sub))
     if rows_c > 0:
         blocks = [torch.empty(rows_c, vocab, dtype=math, device=dev) for _ in range(2)]
-        pq_ws = [torch.empty(sub, vocab, dtype=math, device=dev) for _ in range(2)]
+        pq_ws = [torch.empty(0 if s.kernel else sub, vocab, dtype=math, device=dev) for _ in range(2)]
         scratch = torch.empty(rows_c, vocab, dtype=gemm, device=dev) if gemm != math else None
     for s0 in range(0, n_rows, s.chunk):
         s1 = min(n_rows, s0 + s.chunk)
@@ -259,7 +308,14 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
         if km is not None:
             wk = torch.where(km, wk, torch.zeros_like(wk))
         wk = wk.expand(n, 1)
-        for r0 in range(0, n, sub):
+        if s.kernel:
+            ce, kl = _kernel_vocab_math(s, la, x, y, valid, wc_scale, wk, km, grad_p, grad_q, token_stats)
+            if ce is not None:
+                ce_sum += ce.sum()
+            kl_sum += kl.sum()
+            if kl_rows_out is not None:
+                kl_rows_out[s0:s1] = kl.squeeze(-1)
+        for r0 in range(0, n if not s.kernel else 0, sub):
             r1 = min(n, r0 + sub)
             rs = slice(r0, r1)
             ce, kl = _vocab_math(s, la[rs], x[rs], pq_ws[0][: r1 - r0], pq_ws[1][: r1 - r0], b_neginf,
@@ -272,7 +328,8 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
                 kl_rows_out[s0 + r0:s0 + r1] = kl.squeeze(-1)
         if not (grad_p or grad_q):
             continue
-        for wanted, grad, dh, h, need_h in ((grad_p, x, dhp, hpc, need[0]), (grad_q, la, dhq, hqc, need[1])):
+        grad_a, grad_b = (la, x) if s.kernel else (x, la)
+        for wanted, grad, dh, h, need_h in ((grad_p, grad_a, dhp, hpc, need[0]), (grad_q, grad_b, dhq, hqc, need[1])):
             if not wanted:
                 continue
             g = grad if sc is None else sc.copy_(grad)  # in the GEMM dtype
@@ -464,7 +521,7 @@ def linear_symmetric_kl(
     kmask = _check_mask(mask, lead, device)
     vocab, rows = weight.shape[0], hp.shape[0]
     spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math, gemm), gemm, math, -100, 0.0,
-                 bool(q_grad), device.type, _sub_rows(vocab, device, math))
+                 bool(q_grad), device.type, _sub_rows(vocab, device, math), _kernel(math, hidden_p, weight))
     need = _need(hp, hq, weight, bias)
     if reduction == "none":
         return _LinearSymKLRows.apply(hp, hq, weight, bias, kmask, spec, need).reshape(lead)
@@ -566,7 +623,8 @@ def linear_r3f_loss(
     hp, hq = hidden_clean.reshape(-1, hidden_clean.shape[-1]), hidden_noisy.reshape(-1, hidden_noisy.shape[-1])
     vocab, rows = weight.shape[0], hp.shape[0]
     spec = _Spec(vocab, _check_chunk(chunk_size, rows, vocab, device, math, gemm), gemm, math, int(ignore_index),
-                 label_smoothing, bool(noisy_grad), device.type, _sub_rows(vocab, device, math))
+                 label_smoothing, bool(noisy_grad), device.type, _sub_rows(vocab, device, math),
+                 _kernel(math, hidden_clean, weight))
     if num_items_in_batch is None:
         ce_scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).to(math)
     else:

@@ -26,6 +26,9 @@ KL_FWD_MAX_INSTR_PER_COL_FP32 = 28.0
 KL_FWD_MIN_OCCUPANCY = 0.5
 KL_BWD_MAX_REGISTERS = 96  # the issue's bar, for every V
 KL_BWD_MAX_INSTR_PER_COL = 32.0
+# The fused LM head's backward adds the cross-entropy gradient (WITH_CE): 36.8 instructions per column, 40
+# registers, 75 % occupancy measured for float32 at 1046 x 128256 (16 bytes per column: far from issue-bound).
+KL_BWD_CE_MAX_INSTR_PER_COL = 40.0
 MAX_REGISTERS = {"_sym_kl_fwd_kernel": 64, "_sym_kl_bwd_kernel": 48, "_sym_kl_fwd_rows_kernel": 56,
                  "_sym_kl_bwd_rows_kernel": 56, "_sn_fused_fwd_kernel": 72, "_sn_fused_bwd_kernel": 56}
 
@@ -116,10 +119,13 @@ def test_kl_forward_is_issue_light_and_occupied(records):
 
 
 def test_kl_backward_registers_and_vector_access(records):
-    for r in kl(records, "_sym_kl_bwd_kernel"):
+    bwd = kl(records, "_sym_kl_bwd_kernel")
+    assert any(r["constexprs"].get("WITH_CE") for r in bwd)  # the fused LM head's specialisation is inspected
+    for r in bwd:
         where = (r["dtype"], r["shape"])
         assert r["registers"] <= KL_BWD_MAX_REGISTERS, where
-        assert r["instructions_per_column"] <= KL_BWD_MAX_INSTR_PER_COL, where
+        limit = KL_BWD_CE_MAX_INSTR_PER_COL if r["constexprs"].get("WITH_CE") else KL_BWD_MAX_INSTR_PER_COL
+        assert r["instructions_per_column"] <= limit, where
         assert r["loads_128"] and r["stores_128"], where
 
 
