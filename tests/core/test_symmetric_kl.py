@@ -1,7 +1,8 @@
 """symmetric_kl against a plain float64 reference, on the PyTorch path and on the Triton kernel.
 
 Every test here runs twice: with R3F_KERNELS=torch, and with R3F_KERNELS=triton (on CPU in Triton's
-interpreter), where the PyTorch path is booby-trapped so a silent fallback fails the test.
+interpreter; on a CUDA machine, where the interpreter is off, with CUDA as the default device, so the compiled
+kernel runs), where the PyTorch path is booby-trapped so a silent fallback fails the test.
 """
 import pytest
 import torch
@@ -25,7 +26,14 @@ def backend(request):
                 return torch_path(a, b, mask)  # float64 is documented to take the PyTorch path
 
             mp.setattr(r3f_opt.kl._SymmetricKLRows, "apply", trap)
-        yield request.param
+        on_gpu = request.param == "triton" and torch.cuda.is_available()
+        if on_gpu:  # tensors made without a device land on the GPU
+            torch.set_default_device("cuda")
+        try:
+            yield request.param
+        finally:
+            if on_gpu:
+                torch.set_default_device(None)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
@@ -170,7 +178,7 @@ def test_shape_mismatch():
     seed=st.integers(0, 2**31 - 1),
 )
 def test_property_random_shapes(lead, vocab, scale, reduction, masked, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     a = torch.randn(*lead, vocab, generator=g) * scale
     b = torch.randn(*lead, vocab, generator=g) * scale
     mask = torch.rand(*lead, generator=g) > 0.5 if masked else None
