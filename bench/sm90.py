@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -80,6 +81,13 @@ HEADS = ((2, 768), (3, 1024), (1000, 4096), (128256, 4096))
 # A reduced set for CI (tests/kernels/test_sm90.py): each path of each launcher once.
 QUICK_KL = ((KL_ROWS, 2, "bfloat16", False), (KL_ROWS, 50257, "bfloat16", True),
             (KL_ROWS, 128256, "bfloat16", False), (KL_ROWS, 32001, "float32", False))
+# Non-contiguous logits (shape recorded as (2, rows / 2, V)): both the causal-LM slice logits[:, :-1]
+# ("slice": the aligned path with the slices' row offsets), or that slice against contiguous logits ("mixed":
+# the strided columns path, for layouts the aligned path cannot take).
+STRIDED = ((KL_ROWS, 50257, "bfloat16", "slice"), (KL_ROWS, 128256, "bfloat16", "slice"),
+           (KL_ROWS, 128256, "float32", "slice"), (KL_ROWS, 50257, "bfloat16", "mixed"),
+           (KL_ROWS, 128256, "float32", "mixed"))
+QUICK_STRIDED = ((KL_ROWS, 50257, "bfloat16", "slice"), (KL_ROWS, 50257, "bfloat16", "mixed"))
 # One chunk of linear_r3f_loss on a GPU: the default chunk rows (1 GiB budget, float32 GEMMs) for these V.
 LINEAR = ((1046, 128256), (2670, 50257), (2, 3))
 QUICK_LINEAR = ((1046, 128256),)
@@ -172,13 +180,23 @@ def recording(sms: int = SMS) -> Iterator[list[Launch]]:
             setattr(module, name, value)
 
 
-def kl_launches(n_rows: int, vocab: int, dtype: torch.dtype, masked: bool, sms: int = SMS) -> list[Launch]:
+def kl_launches(n_rows: int, vocab: int, dtype: torch.dtype, masked: bool, sms: int = SMS,
+                layout: str = "contiguous") -> list[Launch]:
     """The launches of one symmetric-KL forward and backward (gradients for both inputs, a batchmean-like
-    upstream gradient of stride 0) on contiguous ``(n_rows, vocab)`` logits."""
+    upstream gradient of stride 0) on ``(n_rows, vocab)`` logits: ``layout`` "contiguous"; "slice": both the
+    causal-LM slice ``logits[:, :-1]`` of ``(2, n_rows / 2 + 1, vocab)`` logits (rows not V apart, one layout:
+    the aligned path); "mixed": ``a`` that slice, ``b`` contiguous (two layouts: the strided columns path)."""
     from r3f_opt.kernels import sym_kl
 
-    a = torch.empty(n_rows, vocab, dtype=dtype, device="meta", requires_grad=True)
-    b = torch.empty(n_rows, vocab, dtype=dtype, device="meta", requires_grad=True)
+    def logits(sliced: bool) -> torch.Tensor:
+        if sliced:
+            return torch.empty(2, n_rows // 2 + 1, vocab, dtype=dtype, device="meta")[:, :-1].requires_grad_()
+        return torch.empty(n_rows, vocab, dtype=dtype, device="meta", requires_grad=True)
+
+    a = logits(layout != "contiguous")
+    b = logits(layout == "slice")
+    if layout == "mixed":
+        b = b.reshape(a.shape).detach().requires_grad_()
     mask = torch.empty(n_rows, dtype=torch.bool, device="meta") if masked else None
     with recording(sms) as launches:
         rows = sym_kl.SymmetricKLRows.apply(a, b, mask)
@@ -364,6 +382,7 @@ class Record:
     shuffles: Optional[int]
     driver_registers: Optional[int] = None  # --gpu: what the CUDA driver reports for the loaded kernel
     driver_spills: Optional[int] = None
+    layout: str = "contiguous"  # of the inputs: "slice" (both logits[:, :-1]), "mixed" (a sliced, b not)
 
 
 _ROLES = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_merge_kernel": "merge", "_sym_kl_bwd_kernel": "backward"}
@@ -403,11 +422,13 @@ def inspect_all(quick: bool = False, progress: bool = True, sms: int = SMS, on_g
         cases += [("kl", (n, v, dt, m), None) for n, v, dt, m in QUICK_KL]
         cases += [("head", (c, h, dt), None) for (c, h), dt in QUICK_HEADS]
         cases += [("linear", (n, v), None) for n, v in QUICK_LINEAR]
+        cases += [("strided", p, None) for p in QUICK_STRIDED]
     else:
         cases += [("kl", (KL_ROWS, v, dt, m), None) for v in KL_VOCABS for dt in DTYPES for m in (False, True)]
         cases += [("kl", (4, 262144, dt, False), None) for dt in ("float32", "bfloat16")]  # few rows: split
         cases += [("head", (c, h, dt), None) for c, h in HEADS for dt in DTYPES]
         cases += [("linear", (n, v), None) for n, v in LINEAR]
+        cases += [("strided", p, None) for p in STRIDED]
     records: list[Record] = []
     cache: dict = {}
     start = time.monotonic()
@@ -419,6 +440,11 @@ def inspect_all(quick: bool = False, progress: bool = True, sms: int = SMS, on_g
             bpc = 2 * dtype.itemsize
             for launch in launches:
                 records.append(inspect_launch(launch, dt, (n, v), masked, bpc, cache, on_gpu))
+        elif kind == "strided":
+            n, v, dt, layout = params
+            for launch in kl_launches(n, v, DTYPES[dt], False, sms, layout=layout):
+                rec = inspect_launch(launch, dt, (2, n // 2, v), False, 2 * DTYPES[dt].itemsize, cache, on_gpu)
+                records.append(dataclasses.replace(rec, layout=layout))
         elif kind == "linear":
             n, v = params
             for launch in linear_launches(n, v, sms):
@@ -450,7 +476,8 @@ def table(records: list[Record]) -> str:
         bars = "–" if r.barriers is None else f"{r.barriers}/{r.shuffles}"
         widths = f"{'/'.join(map(str, r.load_widths)) or '–'} / {'/'.join(map(str, r.store_widths)) or '–'}"
         mask = "–" if r.masked is None else ("yes" if r.masked else "no")
-        lines.append(f"| {r.kernel} | {r.dtype} | {r.shape[0]}×{r.shape[1]} | {mask} | {r.num_warps} | {cx} | "
+        shape = "×".join(map(str, r.shape)) + ("" if r.layout == "contiguous" else f" ({r.layout})")
+        lines.append(f"| {r.kernel} | {r.dtype} | {shape} | {mask} | {r.num_warps} | {cx} | "
                      f"{r.registers} | {r.spills} | {r.smem} | {r.ctas_per_sm} | {r.occupancy:.0%} | {ipc} | "
                      f"{widths} | {bars} |")
     return "\n".join(lines)

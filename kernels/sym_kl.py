@@ -52,13 +52,15 @@ Arithmetic is float32 whatever the input dtype; only the stored gradients are ro
 Tiling paths (chosen by :func:`plan`, a pure function of the shapes, dtypes and SM count that the
 launcher itself calls and ``bench.sm90`` inspects):
 
-* columns, aligned (ALIGN > 1: both inputs contiguous, so row r starts at element r * V of a, b and both
-  gradients). The columns of a row (part) split into an aligned body [body_lo, body_hi), whose ends are
+* columns, aligned (ALIGN > 1: both inputs with one layout and contiguous, non-overlapping rows: both
+  contiguous, or e.g. both the causal-LM slice logits[:, :-1]; row r starts at the same element offset of
+  a, b and both gradients, which are written with the inputs' layout). The columns of a row (part) split into an aligned body [body_lo, body_hi), whose ends are
   multiples of ALIGN elements (16 bytes of the narrower dtype), and the edges before and after it (fewer
   than ALIGN columns each). The body is read through pointers the compiler can prove 16-byte aligned,
   with masks constant over each vector, so every load and store is 128-bit whatever V is (V = 50257
   included); the edges (< 2 ALIGN columns per row) are gathered into one masked tile;
-* columns, strided (any other layout): the same loop with the row's strides and no alignment claim;
+* columns, strided (any other layout: two different layouts, a vocabulary stride other than 1, broadcast
+  rows): the same loop with each input's strides and no alignment claim (scalar loads);
 * rows (tiny V, padded V <= ``ROWS_MAX_V``): ROWS rows per program in one [ROWS, V] tile, so a V = 2
   classification head uses the threads it launches; forward and backward without loops.
 
@@ -173,7 +175,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
     s_a = tl.zeros([LANES], tl.float32)
     s_b = tl.zeros([LANES], tl.float32)
     if ALIGN > 1:
-        start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row, V, lo, hi, valid, ALIGN)
+        row_off = (row // n1a) * sa0 + (row % n1a) * sa1  # b has a's strides on this path
+        start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row_off, lo, hi, valid, ALIGN)
         if n_head + n_tail > 0:  # the < 2 ALIGN unaligned columns: one masked gather (scalar loads)
             idx, ok = _edge_index(pos, start, body_hi, n_head, n_tail)
             a = tl.load(a_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
@@ -240,13 +243,14 @@ def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid
 
 
 @triton.jit
-def _aligned_bounds(row, V, lo, hi, valid, ALIGN: tl.constexpr):
-    # Columns [lo, hi) of row `row` of contiguous (n_rows, V) tensors are elements [start, end) with
-    # start = row * V + lo. The body [body_lo, body_hi) has both ends multiples of ALIGN (written as
+def _aligned_bounds(row_off, lo, hi, valid, ALIGN: tl.constexpr):
+    # Columns [lo, hi) of the row starting at element row_off (of tensors with one layout and contiguous
+    # rows: row * V when contiguous) are elements [start, end) with start = row_off + lo.
+    # The body [body_lo, body_hi) has both ends multiples of ALIGN (written as
     # x // ALIGN * ALIGN, which the compiler's alignment analysis can follow), the edges are
     # [start, head_end) and [body_hi, end), each shorter than ALIGN. A masked row reads nothing.
-    start = row * V + lo
-    end = row * V + hi
+    start = row_off + lo
+    end = row_off + hi
     body_lo = (start + ALIGN - 1) // ALIGN * ALIGN
     body_hi = tl.maximum(end // ALIGN * ALIGN, body_lo)
     n_head = tl.minimum(body_lo, end) - start
@@ -407,20 +411,22 @@ def _sym_kl_bwd_kernel(
     hi = tl.minimum(lo + chunk, V)
     offs = tl.arange(0, BLOCK)
     if ALIGN > 1:
-        # Gradients are contiguous (n_rows, V) like the inputs here: one set of aligned bounds for all four.
-        start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row, V, lo, hi, True, ALIGN)
+        # On this path a, b and both gradients share one layout with contiguous rows: one set of aligned
+        # bounds for all four.
+        row_off = (row // n1a) * sa0 + (row % n1a) * sa1
+        start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row_off, lo, hi, True, ALIGN)
         if n_head + n_tail > 0:
             epos = tl.arange(0, 2 * ALIGN)
             idx, ok = _edge_index(epos, start, body_hi, n_head, n_tail)
             read_ok = epos < tl.where(valid, n_head + n_tail, 0)  # a masked row is only written
             _bwd_tile(a_ptr, b_ptr, ga_ptr, gb_ptr, idx, read_ok, ok, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1,
-                      idx - row * V, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA, NEED_GB, WITH_CE)
+                      idx - row_off, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA, NEED_GB, WITH_CE)
         read_len = tl.where(valid, body_len, 0)
         for t in range(0, body_len, BLOCK):
             cols = t + offs
             _bwd_tile(a_ptr + body_lo, b_ptr + body_lo, ga_ptr + body_lo, gb_ptr + body_lo, cols,
                       cols < read_len, cols < body_len, g, m_a, m_b, lz_a, lz_b, e_p, e_q, 1, 1,
-                      (body_lo - row * V) + cols, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA, NEED_GB, WITH_CE)
+                      (body_lo - row_off) + cols, ce_y, ce_w, ce_eps_v, ce_keep, NEED_GA, NEED_GB, WITH_CE)
     else:
         a_row = _row_start(a_ptr, row, n1a, sa0, sa1)
         b_row = _row_start(b_ptr, row, n1b, sb0, sb1)
@@ -493,7 +499,8 @@ class Plan(NamedTuple):
     align: int
 
 
-def plan(n_rows: int, vocab: int, elem_sizes: tuple[int, int], contiguous: bool, sm_count: int) -> Plan:
+def plan(n_rows: int, vocab: int, elem_sizes: tuple[int, int], contiguous: bool, sm_count: int,
+         rows_aligned: bool = True) -> Plan:
     """The launch plan for ``n_rows`` rows of ``vocab`` logits (inputs of ``elem_sizes`` bytes) on a device
     with ``sm_count`` SMs (1: the interpreter).
 
@@ -504,7 +511,12 @@ def plan(n_rows: int, vocab: int, elem_sizes: tuple[int, int], contiguous: bool,
       (DESIGN.md §3); the per-lane statistics keep the forward loop free of cross-thread reductions, so
       small CTAs (many per SM) hide the memory latency;
     * rows that cannot fill the GPU (fewer than 4 programs per SM) are split over programs;
-    * both inputs contiguous: the aligned body + edges path (128-bit loads and stores for every V).
+    * both inputs with one layout and contiguous rows (``contiguous``: both contiguous, or both e.g. the
+      causal-LM slice ``logits[:, :-1]``): the aligned body + edges path (128-bit loads and stores for
+      every V); otherwise the strided columns path, with the same tiles when every row starts 16-byte
+      aligned (``rows_aligned``: the compiler can then still vectorise), else one column per lane and 4
+      lanes per thread (scalar loads either way; wider lanes cost 2-4x the registers and cross-thread
+      shuffles for nothing: 255 registers, 12 % occupancy at bf16 V = 50,257 with 8 columns per lane).
     """
     narrow = min(elem_sizes)
     bv = triton.next_power_of_2(max(vocab, 1))
@@ -520,6 +532,8 @@ def plan(n_rows: int, vocab: int, elem_sizes: tuple[int, int], contiguous: bool,
     num_warps = 4
     vec = 16 // narrow
     lanes = 2 * 32 * num_warps
+    if not contiguous and not rows_aligned:
+        vec, lanes = 1, 4 * 32 * num_warps
     tile = lanes * vec
     tiles = triton.cdiv(vocab, tile)
     target = 4 * sm_count  # programs wanted in flight
@@ -538,10 +552,35 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
+def _one_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` can take the aligned path: one layout (the same strides), contiguous rows that
+    do not overlap (the gradients are written with that layout), e.g. both contiguous, or both the causal-LM
+    slice ``logits[:, :-1]``. Broadcast (stride 0) or overlapping rows take the strided path."""
+    if a.stride() != b.stride() or (a.shape[-1] > 1 and a.stride(-1) != 1):
+        return False
+    x, n_rows, n1, s0, s1, _ = _rows_layout(a)
+    if x is not a:
+        return False  # made contiguous: then b's copy is contiguous as well, but a is gone; keep it simple
+    groups = sorted(((n, st) for n, st in ((n_rows // max(n1, 1), s0), (n1, s1)) if n > 1), key=lambda g: g[1])
+    extent = a.shape[-1]  # elements spanned by the rows so far (inner groups first)
+    for n, st in groups:
+        if st < extent:
+            return False
+        extent = (n - 1) * st + extent
+    return True
+
+
+def _rows_aligned(x: torch.Tensor) -> bool:
+    """Whether every row of ``x`` starts 16-byte aligned with unit column stride (vector loads possible)."""
+    per = max(1, 16 // x.element_size())
+    return (x.shape[-1] <= 1 or x.stride(-1) == 1) and x.data_ptr() % 16 == 0 and \
+        all(st % per == 0 for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n > 1)
+
+
 def _plan(n_rows: int, vocab: int, a: torch.Tensor, b: torch.Tensor) -> Plan:
     """:func:`plan` for these inputs (tests replace this to force tiles and paths)."""
-    return plan(n_rows, vocab, (a.element_size(), b.element_size()), a.is_contiguous() and b.is_contiguous(),
-                _sm_count(a.device))
+    return plan(n_rows, vocab, (a.element_size(), b.element_size()), _one_layout(a, b), _sm_count(a.device),
+                rows_aligned=_rows_aligned(a) and _rows_aligned(b))
 
 
 _KEYS = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_fwd_rows_kernel": "forward", "_sym_kl_merge_kernel": "merge",
@@ -650,8 +689,11 @@ class SymmetricKLRows(torch.autograd.Function):
         a, b, mask, stats = ctx.saved_tensors
         shape, layout = ctx.layout
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ga = torch.empty(shape, dtype=a.dtype, device=a.device) if need_a else None  # contiguous
-        gb = torch.empty(shape, dtype=b.dtype, device=b.device) if need_b else None
+        # The aligned path writes the gradients with the inputs' layout, the others contiguous (n_rows, V).
+        new = (lambda x: torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)) \
+            if layout[3].align > 1 else (lambda x: torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        ga = new(a) if need_a else None
+        gb = new(b) if need_b else None
         _backward(a, b, mask, stats, grad_rows, ga, gb, layout, shape[-1])
         return ga, gb, None
 

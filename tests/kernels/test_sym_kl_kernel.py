@@ -118,6 +118,26 @@ def test_strided_views(triton_only, name):
     torch.testing.assert_close(y.grad.double(), y64.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_columns_path_one_column_per_lane(monkeypatch, triton_only, dtype):
+    """The launcher's own plan for a row slice against contiguous logits, V = 62 (rows at odd offsets: not
+    16-byte aligned): the strided columns path with one column per lane; values and gradients."""
+    plans = []
+    real = sym_kl._plan
+    monkeypatch.setattr(sym_kl, "_plan", lambda *args: plans.append(real(*args)) or plans[-1])
+    base = randn(4, 6, 70, dtype=dtype).requires_grad_()
+    x = base[1:3, ::2, 3:65]
+    y = randn(*x.shape, dtype=dtype).requires_grad_()
+    g = randn(*x.shape[:-1])
+    (symmetric_kl(x, y, reduction="none") * g).sum().backward()
+    assert (plans[0].rows, plans[0].align, plans[0].vec) == (0, 1, 1)
+    base64, y64 = base.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    (reference_rows(base64[1:3, ::2, 3:65], y64) * g.double()).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(base.grad.double(), base64.grad, **tol)
+    torch.testing.assert_close(y.grad.double(), y64.grad, **tol)
+
+
 def test_empty_inputs(triton_only):
     """No rows: 0. V = 0 (no classes) is a ValueError on both paths (test_sym_kl_faults.py)."""
     for shape in [(0, 5), (2, 0, 4)]:
@@ -235,6 +255,8 @@ def test_plan_paths_for_an_h200():
     p = sym_kl.plan(8192, 50257, (2, 2), True, 132)
     assert (p.rows, p.vec, p.align, p.lanes * p.vec, p.chunk) == (0, 8, 8, 2048, 51200)  # aligned body + edges
     assert sym_kl.plan(8192, 50257, (2, 2), False, 132).align == 1  # strided inputs: no alignment claim
+    strided = sym_kl.plan(8192, 50257, (2, 2), False, 132, rows_aligned=False)  # rows not 16-byte aligned
+    assert (strided.align, strided.vec, strided.lanes) == (1, 1, 512)  # scalar loads: one column per lane
     assert sym_kl.plan(8192, 32000, (4, 4), True, 132).vec == 4  # 16 bytes of float32 per lane
     assert sym_kl.plan(8192, 32000, (4, 2), True, 132).vec == 8  # mixed: 16 bytes of the narrower
     few = sym_kl.plan(4, 262144, (2, 2), True, 132)
@@ -291,6 +313,32 @@ def test_aligned_body_and_edges_forced(monkeypatch, triton_only, vocab, dtype):
     before = sym_kl.kernel_launches["_sym_kl_fwd_kernel"]
     check(a, b, mask=mask, reduction="none", rtol=1e-4, atol=1e-5)
     assert sym_kl.kernel_launches["_sym_kl_fwd_kernel"] == before + 1
+
+
+@pytest.mark.parametrize("vocab", [45, 61])
+def test_causal_lm_slices_take_the_aligned_path(monkeypatch, triton_only, vocab):
+    """Both inputs the slice logits[:, :-1] of (3, 5, V) logits (rows 5 V apart per sequence, odd V): one
+    layout with contiguous rows, so the aligned body + edges path with the slices' own row offsets, and
+    gradients written in that layout; values and gradients against float64. Broadcast rows (stride 0: the
+    gradients would overlap) and two different layouts take the strided path."""
+    small_tiles(monkeypatch, 16, 32)  # the launcher's own choice of path, small tiles
+    base_a, base_b = randn(3, 5, vocab).requires_grad_(), randn(3, 5, vocab).requires_grad_()
+    x, y = base_a[:, :-1], base_b[:, :-1]
+    assert not x.is_contiguous() and sym_kl._one_layout(x, y)
+    plans = []
+    real = sym_kl._plan
+    monkeypatch.setattr(sym_kl, "_plan", lambda *args: plans.append(real(*args)) or plans[-1])
+    g = randn(3, 4)
+    (symmetric_kl(x, y, reduction="none") * g).sum().backward()
+    assert plans and plans[0].align == 4
+    a64, b64 = base_a.detach().double().requires_grad_(), base_b.detach().double().requires_grad_()
+    (reference_rows(a64[:, :-1], b64[:, :-1]) * g.double()).sum().backward()
+    torch.testing.assert_close(base_a.grad.double(), a64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base_b.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+    row = randn(1, vocab)
+    assert not sym_kl._one_layout(row.expand(4, vocab), row.expand(4, vocab))  # overlapping rows
+    assert not sym_kl._one_layout(x, y.contiguous())
+    assert sym_kl._one_layout(base_a.transpose(0, 1), base_b.transpose(0, 1))  # interleaved, not overlapping
 
 
 def test_aligned_and_strided_paths_agree(monkeypatch, triton_only):
