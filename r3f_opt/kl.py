@@ -83,19 +83,22 @@ def _times(prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # operator calls.
 CHUNK_BYTES = 2 * 2**20
 WORKSPACE_FRACTION = 0.75
+STATS_PASS_FRACTION = 2.2  # a forward without gradients: 4 buffers + the vecdots' product (5/4) within ~2.75
 MIN_CHUNK_ELEMENTS = 2**15  # below this the workspace bound gives way: a small input is one or a few chunks
 STATS = 7  # per-row statistics the forward keeps (see _fast_chunk)
 
 
 def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype = torch.float32,
-                       input_dtype: Optional[torch.dtype] = None) -> int:
+                       input_dtype: Optional[torch.dtype] = None, fraction: float = WORKSPACE_FRACTION) -> int:
     """Rows per chunk of the PyTorch path: ``CHUNK_BYTES`` per compute-``dtype`` buffer and four buffers
-    within ``WORKSPACE_FRACTION`` of one input (of ``input_dtype``, default ``dtype``), but at least
+    within ``fraction`` of one input (of ``input_dtype``, default ``dtype``), but at least
     ``MIN_CHUNK_ELEMENTS`` (a small input, e.g. a classification head's, takes one chunk: each chunk costs
-    some 25 operator calls) and at least one row."""
+    some 25 operator calls) and at least one row. ``fraction``: ``WORKSPACE_FRACTION`` when the gradients
+    (2 inputs' worth) are alive beside the workspace; ``STATS_PASS_FRACTION`` for the recompute strategy's
+    forward, which holds no gradient (so its fewer, larger chunks stay within the same peak)."""
     size = torch.empty((), dtype=dtype).element_size()
     in_size = torch.empty((), dtype=input_dtype or dtype).element_size()
-    cap = max(MIN_CHUNK_ELEMENTS, int(WORKSPACE_FRACTION * rows * vocab * in_size / (4 * size)))
+    cap = max(MIN_CHUNK_ELEMENTS, int(fraction * rows * vocab * in_size / (4 * size)))
     elements = min(CHUNK_BYTES // size, cap)
     return max(1, min(rows, elements // max(vocab, 1)))
 
@@ -235,7 +238,9 @@ def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype:
         counted = mask.nonzero().squeeze(1)
     n = rows if counted is None else counted.numel()
     smallest = min(a.dtype, b.dtype, key=lambda t: torch.empty((), dtype=t).element_size())
-    chunk = chunk_rows or (default_chunk_rows(n, vocab, dtype, smallest) if fast else max(n, 1))
+    # The recompute strategy's forward (statistics only, no gradient alive) may take larger chunks.
+    fraction = STATS_PASS_FRACTION if forward and not (need_a or need_b) else WORKSPACE_FRACTION
+    chunk = chunk_rows or (default_chunk_rows(n, vocab, dtype, smallest, fraction) if fast else max(n, 1))
     new = torch.zeros if counted is not None else torch.empty
     grad_a = new(a.shape, dtype=a.dtype, device=a.device) if need_a else None
     grad_b = new(b.shape, dtype=b.dtype, device=b.device) if need_b else None
