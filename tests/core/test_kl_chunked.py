@@ -62,6 +62,23 @@ def test_default_chunking_of_a_long_vocabulary(dtype):
     assert_matches(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_forward_takes_larger_chunks_than_its_backward(monkeypatch):
+    """The recompute strategy's forward holds no gradient, so its chunks may be larger (STATS_PASS_FRACTION):
+    8 x 32000 bf16 is 2-row chunks in the forward and 1-row chunks in the backward (peak 3x: test below)."""
+    seen = []
+    real = K._fast_chunk
+
+    def spy(x, y, dtype, ws, stats=None):
+        seen.append(("forward" if stats is None else "backward", x.shape[0]))
+        return real(x, y, dtype, ws, stats)
+
+    monkeypatch.setattr(K, "_fast_chunk", spy)
+    a = torch.randn(8, 32000).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(8, 32000).to(torch.bfloat16).requires_grad_()
+    symmetric_kl(a, b).backward()
+    assert seen == [("forward", 2)] * 4 + [("backward", 1)] * 8
+
+
 def test_default_chunk_rows_budget():
     big = K.CHUNK_BYTES // 4  # float32 elements per buffer
     assert K.default_chunk_rows(10**7, 2) == big // 2
