@@ -52,8 +52,8 @@ Arithmetic is float32 whatever the input dtype; only the stored gradients are ro
 Tiling paths (chosen by :func:`plan`, a pure function of the shapes, dtypes and SM count that the
 launcher itself calls and ``bench.sm90`` inspects):
 
-* columns, aligned (ALIGN > 1: both inputs with one layout and contiguous, non-overlapping rows: both
-  contiguous, or e.g. both the causal-LM slice logits[:, :-1]; row r starts at the same element offset of
+* columns, aligned (ALIGN > 1: both inputs with one layout and contiguous, non-overlapping rows spanning
+  at most 1.25x their elements: both contiguous, or e.g. both the causal-LM slice logits[:, :-1]; row r starts at the same element offset of
   a, b and both gradients, which are written with the inputs' layout). The columns of a row (part) split into an aligned body [body_lo, body_hi), whose ends are
   multiples of ALIGN elements (16 bytes of the narrower dtype), and the edges before and after it (fewer
   than ALIGN columns each). The body is read through pointers the compiler can prove 16-byte aligned,
@@ -567,7 +567,9 @@ def _one_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
         if st < extent:
             return False
         extent = (n - 1) * st + extent
-    return True
+    # The gradients span the same extent: only layouts with gaps of at most a quarter (logits[:, :-1]: 1/T)
+    # take this path, not e.g. logits[:, -1], whose gradient buffers would span the whole (B, T, V) tensor.
+    return extent <= a.numel() + max(a.numel() // 4, a.shape[-1])
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:
@@ -706,9 +708,10 @@ def kl_ce_grads_(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor], ce
     float32 weights, label smoothing) and ``b`` with ``g * dKL_S/db`` (if ``need_b``; else ``b`` is left as
     it was). ``g``: float32 ``(n_rows,)``, or None for the values alone (nothing overwritten). No row mask:
     a row that counts in no term has ``g = w = 0``."""
-    kl, stats, layout, a2, b2 = _forward(a, b, None)
-    if a2.data_ptr() != a.data_ptr() or b2.data_ptr() != b.data_ptr():
-        raise ValueError("kl_ce_grads_ works in place on contiguous (n_rows, V) blocks")
+    if a.dim() != 2 or not (a.is_contiguous() and b.is_contiguous()) or a.shape != b.shape:
+        raise ValueError(f"kl_ce_grads_ works in place on two contiguous (n_rows, V) blocks of one shape, got "
+                         f"{tuple(a.shape)} (strides {a.stride()}) and {tuple(b.shape)} (strides {b.stride()})")
+    kl, stats, layout, _, _ = _forward(a, b, None)
     if g is not None:
         _backward(a, b, None, stats, g, a, b if need_b else None, layout, a.shape[-1], ce)
     return kl, stats

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,9 @@ def snippet_env(torchrun: bool) -> dict:
 
 
 # The zygote: imports, then for each request (a JSON line: script, folder, output files) forks a child that
-# runs the script as __main__ there with its output in those files, and answers with the child's exit status.
+# runs the script as __main__ there with its output in those files; it answers with the child's pid, then its
+# exit status. The child ends as `python script.py` would: by leaving the interpreter (atexit handlers run,
+# non-daemon threads are waited for, a SystemExit message is printed), never back into the loop.
 ZYGOTE = r"""
 import json, os, runpy, sys, traceback
 import torch, transformers, r3f_opt  # imported only: no torch op runs here, no thread pool is started
@@ -48,47 +51,63 @@ for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        code = 0
         try:
             os.chdir(job["cwd"])
             for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
                 f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(f, fd)
                 os.close(f)
+            sys.stdin.close()
             sys.argv = [job["script"], *job["args"]]
             sys.path[0] = os.path.dirname(job["script"])
             runpy.run_path(job["script"], run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except SystemExit:
+            raise
         except BaseException:
             traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+            raise SystemExit(1)
+        raise SystemExit(0)
+    print(pid, flush=True)
     _, status = os.waitpid(pid, 0)
     print(os.waitstatus_to_exitcode(status), flush=True)
 """
+
+
+def _read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"{what}: nothing after {timeout} s"
+    return proc.stdout.readline().strip()
 
 
 @pytest.fixture(scope="module")
 def zygote():
     proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=snippet_env(False), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    yield proc
-    proc.stdin.close()
-    proc.wait(timeout=60)
+    try:
+        assert _read_line(proc, 300, "the zygote's imports") == "ready"
+        yield proc
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_forked(zygote, script: Path, args=(), cwd: Path = None, timeout: float = 600) -> tuple[int, str, str]:
+    """Run ``script`` in a child of the zygote: ``(exit status, stdout, stderr)``. A child still running after
+    ``timeout`` seconds is killed (its status read, so the next request gets its own) and the test fails."""
     cwd = cwd or script.parent
     out, err = cwd / f"{script.stem}.out", cwd / f"{script.stem}.err"
     job = dict(script=str(script), args=[str(a) for a in args], cwd=str(cwd), stdout=str(out), stderr=str(err))
     zygote.stdin.write(json.dumps(job) + "\n")
     zygote.stdin.flush()
+    pid = int(_read_line(zygote, 60, "the zygote's fork"))
     ready, _, _ = select.select([zygote.stdout], [], [], timeout)
-    assert ready, f"snippet still running after {timeout} s"
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        _read_line(zygote, 60, "the killed snippet's status")
+        pytest.fail(f"{script} still running after {timeout} s: killed")
     rc = int(zygote.stdout.readline())
     return rc, out.read_text(), err.read_text()
 
@@ -121,6 +140,25 @@ def test_the_zygote_runs_each_script_as_main_in_its_own_process(zygote, tmp_path
     script.write_text("import sys\nprint('before')\nraise RuntimeError('boom')\n")
     rc, out, err = run_forked(zygote, script)
     assert rc == 1 and out == "before\n" and "RuntimeError: boom" in err
+
+
+def test_the_zygote_child_exits_like_python_would(zygote, tmp_path):
+    """Non-daemon threads are waited for, atexit handlers run, sys.exit("msg") prints msg and gives 1; a
+    snippet past its time is killed, fails its test, and the next snippet still gets its own status."""
+    script = tmp_path / "t.py"
+    script.write_text("import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
+                      "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()\n"
+                      "print('main done')\n")
+    rc, out, _ = run_forked(zygote, script)
+    assert rc == 0 and out.split("\n")[:3] == ["main done", "thread done", "atexit ran"], out
+    script.write_text("import sys\nsys.exit('a message')\n")
+    rc, _, err = run_forked(zygote, script)
+    assert rc == 1 and "a message" in err
+    script.write_text("import time\ntime.sleep(60)\n")
+    with pytest.raises(pytest.fail.Exception, match="still running after 1 s: killed"):
+        run_forked(zygote, script, timeout=1)
+    script.write_text("raise SystemExit(4)\n")
+    assert run_forked(zygote, script)[0] == 4
 
 
 def test_there_are_snippets_and_pages_are_linked():

@@ -118,6 +118,16 @@ def test_linear_symmetric_kl_in_the_kernels_with_a_masked_vocabulary_entry(kerne
     assert torch.count_nonzero(x[2].grad[1]) == 0 and x[3].grad[1] == 0
 
 
+def test_kl_ce_grads_refuses_blocks_it_cannot_overwrite_in_place():
+    buf = torch.randn(4, 8, device=DEVICE)
+    for a, b in ((buf[:, :5], buf[:, 3:]), (torch.randn(2, 3, 5, device=DEVICE),) * 2,
+                 (torch.randn(4, 5, device=DEVICE), torch.randn(3, 5, device=DEVICE))):
+        before = buf.clone()
+        with pytest.raises(ValueError, match="two contiguous"):
+            sym_kl.kl_ce_grads_(a, b, torch.ones(a.shape[0], device=DEVICE))
+        assert torch.equal(buf, before)
+
+
 def test_the_kernel_path_holds_two_blocks_and_no_workspace(monkeypatch):
     """The dispatch: float32 math under R3F_KERNELS=triton takes the kernels (no p, q buffers); float64 and
     R3F_KERNELS=torch take the PyTorch path."""

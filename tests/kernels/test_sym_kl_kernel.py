@@ -339,6 +339,9 @@ def test_causal_lm_slices_take_the_aligned_path(monkeypatch, triton_only, vocab)
     assert not sym_kl._one_layout(row.expand(4, vocab), row.expand(4, vocab))  # overlapping rows
     assert not sym_kl._one_layout(x, y.contiguous())
     assert sym_kl._one_layout(base_a.transpose(0, 1), base_b.transpose(0, 1))  # interleaved, not overlapping
+    # the last position of each sequence: rows 5 V apart, so gradients in that layout would span the whole
+    # base (5x the view): the strided path, with compact gradients
+    assert not sym_kl._one_layout(base_a[:, -1], base_b[:, -1])
 
 
 def test_aligned_and_strided_paths_agree(monkeypatch, triton_only):
