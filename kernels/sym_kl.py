@@ -53,8 +53,9 @@ Tiling paths (chosen by :func:`plan`, a pure function of the shapes, dtypes and 
 launcher itself calls and ``bench.sm90`` inspects):
 
 * columns, aligned (ALIGN > 1: both inputs with one layout and contiguous, non-overlapping rows spanning
-  at most 1.25x their elements: both contiguous, or e.g. both the causal-LM slice logits[:, :-1]; row r starts at the same element offset of
-  a, b and both gradients, which are written with the inputs' layout). The columns of a row (part) split into an aligned body [body_lo, body_hi), whose ends are
+  at most 1.25x their elements: both contiguous, or e.g. both the causal-LM slice logits[:, :-1]; row r
+  starts at the same element offset of a, b and both gradients, which are written with the inputs'
+  layout). The columns of a row (part) split into an aligned body [body_lo, body_hi), whose ends are
   multiples of ALIGN elements (16 bytes of the narrower dtype), and the edges before and after it (fewer
   than ALIGN columns each). The body is read through pointers the compiler can prove 16-byte aligned,
   with masks constant over each vector, so every load and store is 128-bit whatever V is (V = 50257
@@ -558,9 +559,7 @@ def _one_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     slice ``logits[:, :-1]``. Broadcast (stride 0) or overlapping rows take the strided path."""
     if a.stride() != b.stride() or (a.shape[-1] > 1 and a.stride(-1) != 1):
         return False
-    x, n_rows, n1, s0, s1, _ = _rows_layout(a)
-    if x is not a:
-        return False  # made contiguous: then b's copy is contiguous as well, but a is gone; keep it simple
+    _, n_rows, n1, s0, s1, _ = _rows_layout(a)  # a is already laid out (see _forward): no copy here
     groups = sorted(((n, st) for n, st in ((n_rows // max(n1, 1), s0), (n1, s1)) if n > 1), key=lambda g: g[1])
     extent = a.shape[-1]  # elements spanned by the rows so far (inner groups first)
     for n, st in groups:

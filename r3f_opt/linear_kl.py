@@ -153,6 +153,21 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
+def _ce_rows(lz_a, a_y, mean_a, valid, eps: float):
+    """Per-row CE from the clean row's log Z and its label's and mean logits, all centred on the row max
+    (0 on rows without a label)."""
+    ce = (lz_a - a_y) * (1.0 - eps)
+    if eps:
+        ce = ce + eps * (lz_a - mean_a)
+    return torch.where(valid, ce, torch.zeros_like(ce))
+
+
+def _add_token_stats(token_stats: torch.Tensor, entropy, hit, valid) -> None:
+    """token_stats += [entropy sum, argmax hits, count] over the labelled rows."""
+    token_stats += torch.stack([torch.where(valid, entropy, torch.zeros_like(entropy)).sum(),
+                                (hit & valid).sum().to(entropy.dtype), valid.sum().to(entropy.dtype)]).to(token_stats)
+
+
 def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
                 b_neginf: Optional[torch.Tensor], y, valid, wc_scale, wk, km, grad_p: bool, grad_q: bool,
                 token_stats: Optional[torch.Tensor] = None):
@@ -166,18 +181,13 @@ def _vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, p: torch.Tensor, q:
     lz_a = _softmax_(la, p)  # a - m_a in la; p
     ce = wc = None
     if y is not None:
-        ce = (lz_a - la.gather(1, y)) * (1.0 - eps)
-        if eps:
-            ce = ce + eps * (lz_a - la.sum(-1, keepdim=True) / vocab)
-        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        ce = _ce_rows(lz_a, la.gather(1, y), la.sum(-1, keepdim=True) / vocab if eps else None, valid, eps)
         if grad_p and wc_scale is not None:
             wc = torch.where(valid, wc_scale, torch.zeros_like(wc_scale))
         if token_stats is not None:  # H(p) = log Z - sum_j p_j (a_j - m_a); a -inf entry has p_j = 0: term 0
             centred = la if b_neginf is None else la.masked_fill(b_neginf, 0.0)
             entropy = lz_a - torch.linalg.vecdot(p, centred).unsqueeze(-1)
-            hit = (la.argmax(-1, keepdim=True) == y) & valid
-            token_stats += torch.stack([torch.where(valid, entropy, torch.zeros_like(entropy)).sum(),
-                                        hit.sum().to(entropy.dtype), valid.sum().to(entropy.dtype)]).to(token_stats)
+            _add_token_stats(token_stats, entropy, la.argmax(-1, keepdim=True) == y, valid)
     _softmax_(x, q)  # b - m_b in x; q
     d = la.sub_(x)  # d' = (a - m_a) - (b - m_b); x is free from here on
     if b_neginf is not None:
@@ -220,9 +230,7 @@ def _kernel_vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, y, valid, wc
                 blk, v = la[r0:r0 + s.sub], valid[r0:r0 + s.sub]
                 logp = torch.log_softmax(blk, -1)
                 entropy = -(logp.exp() * logp.masked_fill(logp.isneginf(), 0.0)).sum(-1, keepdim=True)
-                hit = (blk.argmax(-1, keepdim=True) == y[r0:r0 + s.sub]) & v
-                token_stats += torch.stack([torch.where(v, entropy, torch.zeros_like(entropy)).sum(),
-                                            hit.sum().to(entropy.dtype), v.sum().to(entropy.dtype)])
+                _add_token_stats(token_stats, entropy, blk.argmax(-1, keepdim=True) == y[r0:r0 + s.sub], v)
     g = ce_args = None
     if grad_p or grad_q:
         g = wk.reshape(-1).to(torch.float32).contiguous()
@@ -235,10 +243,7 @@ def _kernel_vocab_math(s: _Spec, la: torch.Tensor, x: torch.Tensor, y, valid, wc
         kl = torch.where(km, kl, torch.zeros_like(kl))
     if y is not None:
         m_a, lz_a = stats[0].unsqueeze(-1), stats[2].unsqueeze(-1)
-        ce = (lz_a - (a_y - m_a)) * (1.0 - eps)
-        if eps:
-            ce = ce + eps * (lz_a - (mean_a - m_a))
-        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        ce = _ce_rows(lz_a, a_y - m_a, None if mean_a is None else mean_a - m_a, valid, eps)
     return ce, kl
 
 
@@ -282,7 +287,7 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
     sub = max(1, min(rows_c, s.sub))
     if rows_c > 0:
         blocks = [torch.empty(rows_c, vocab, dtype=math, device=dev) for _ in range(2)]
-        pq_ws = [torch.empty(0 if s.kernel else sub, vocab, dtype=math, device=dev) for _ in range(2)]
+        pq_ws = None if s.kernel else [torch.empty(sub, vocab, dtype=math, device=dev) for _ in range(2)]
         scratch = torch.empty(rows_c, vocab, dtype=gemm, device=dev) if gemm != math else None
     for s0 in range(0, n_rows, s.chunk):
         s1 = min(n_rows, s0 + s.chunk)
@@ -308,24 +313,20 @@ def _run(s: _Spec, hp: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, bia
         if km is not None:
             wk = torch.where(km, wk, torch.zeros_like(wk))
         wk = wk.expand(n, 1)
-        if s.kernel:
-            ce, kl = _kernel_vocab_math(s, la, x, y, valid, wc_scale, wk, km, grad_p, grad_q, token_stats)
+        if s.kernel:  # the whole chunk in the Triton kernels
+            parts = [(slice(0, n), *_kernel_vocab_math(s, la, x, y, valid, wc_scale, wk, km, grad_p, grad_q,
+                                                       token_stats))]
+        else:  # a few rows at a time, p and q in the workspace
+            parts = ((rs, *_vocab_math(s, la[rs], x[rs], pq_ws[0][: rs.stop - rs.start], pq_ws[1][: rs.stop - rs.start],
+                                       b_neginf, None if y is None else y[rs], None if valid is None else valid[rs],
+                                       wc_scale, wk[rs], None if km is None else km[rs], grad_p, grad_q, token_stats))
+                     for rs in (slice(r0, min(n, r0 + sub)) for r0 in range(0, n, sub)))
+        for rs, ce, kl in parts:
             if ce is not None:
                 ce_sum += ce.sum()
             kl_sum += kl.sum()
             if kl_rows_out is not None:
-                kl_rows_out[s0:s1] = kl.squeeze(-1)
-        for r0 in range(0, n if not s.kernel else 0, sub):
-            r1 = min(n, r0 + sub)
-            rs = slice(r0, r1)
-            ce, kl = _vocab_math(s, la[rs], x[rs], pq_ws[0][: r1 - r0], pq_ws[1][: r1 - r0], b_neginf,
-                                 None if y is None else y[rs], None if valid is None else valid[rs],
-                                 wc_scale, wk[rs], None if km is None else km[rs], grad_p, grad_q, token_stats)
-            if ce is not None:
-                ce_sum += ce.sum()
-            kl_sum += kl.sum()
-            if kl_rows_out is not None:
-                kl_rows_out[s0 + r0:s0 + r1] = kl.squeeze(-1)
+                kl_rows_out[s0 + rs.start:s0 + rs.stop] = kl.squeeze(-1)
         if not (grad_p or grad_q):
             continue
         grad_a, grad_b = (la, x) if s.kernel else (x, la)
