@@ -1,0 +1,89 @@
+"""The study's tools (docs/study): the pilot's pre-registered rule (choose.py) and run.sh's job lists."""
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("study_choose", ROOT / "docs" / "study" / "choose.py")
+choose = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(choose)
+
+
+def _run(pilot: Path, task: str, lr: float, seed: int, curve, batch=None, method="standard"):
+    d = pilot / f"{task}-{method}-lr{lr:g}-seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    metric = choose.PRIMARY[task]
+    evals = [{"step": 10 * e, "epoch": float(e), "metrics": {metric: v, "loss": 0.5}} for e, v in enumerate(curve, 1)]
+    evals.append({"step": 999, "metrics": {metric: curve[-1]}})  # a non-epoch evaluation is ignored
+    (d / "results.json").write_text(json.dumps({
+        "task": task, "method": method, "seed": seed, "evaluations": evals,
+        "hyperparameters": {"lr": lr, "batch_size": batch or choose.BATCH[task]}}))
+
+
+def _pilot(tmp_path, mrpc=None, cola=None):
+    """Every pilot run; by default MRPC peaks at lr 1e-4 epoch 3 (epoch 2 within the tie), CoLA at 2e-4."""
+    pilot = tmp_path / "pilot"
+    base = {"mrpc": mrpc or {5e-5: [0.80, 0.82, 0.83, 0.84, 0.845], 1e-4: [0.82, 0.858, 0.862, 0.85, 0.86],
+                             2e-4: [0.81, 0.82, 0.83, 0.83, 0.84]},
+            "cola": cola or {5e-5: [0.1, 0.2, 0.25, 0.28, 0.30], 1e-4: [0.1, 0.2, 0.25, 0.28, 0.31],
+                             2e-4: [0.2, 0.3, 0.35, 0.36, 0.34]}}
+    for task, curves in base.items():
+        for lr, curve in curves.items():
+            for seed, shift in ((1, -0.01), (2, 0.01)):  # seed sd = 0.01 * sqrt(2)
+                _run(pilot, task, lr, seed, [v + shift for v in curve])
+    return pilot
+
+
+def test_rule_picks_lr_at_last_epoch_and_earliest_tied_epoch(tmp_path, capsys):
+    pilot = _pilot(tmp_path)
+    out = tmp_path / "plan.env"
+    assert choose.main([str(pilot), "--write", str(out)]) == 0
+    text = out.read_text()
+    assert "LR_MRPC=0.0001\nEPOCHS_MRPC=2\n" in text  # epoch 2 (0.858) is within 0.005 of epoch 3 (0.862)
+    assert "LR_COLA=0.0002\nEPOCHS_COLA=4\n" in text  # highest at epoch 5 is 2e-4 (0.34 > 0.31), best epoch 4
+    assert 'MAIN_SEEDS="11 12 13 14 15 16 17 18 19 20"' in text and 'ABLATION_SEEDS="11 12 13 14 15"' in text
+    c = choose.choose(choose.load(pilot), "mrpc")
+    assert c["sd"] == pytest.approx(0.02 / 2 ** 0.5) and c["mean"] == pytest.approx(0.858)
+    assert c["seeds_needed"] > 2
+    assert "chosen: lr 0.0001, 2 epochs" in capsys.readouterr().out
+    # the plan is fixed once
+    assert choose.main([str(pilot), "--write", str(out)]) == 1
+
+
+def test_plan_env_drives_run_sh(tmp_path):
+    pilot = _pilot(tmp_path)
+    study = tmp_path / "study"
+    study.mkdir()
+    for f in ("run.sh",):
+        (study / f).write_text((ROOT / "docs" / "study" / f).read_text())
+    assert choose.main([str(pilot), "--write", str(study / "plan.env")]) == 0
+    env = dict(os.environ, R3F_STUDY_OUT=str(tmp_path / "out"), R3F_GLUE_DIR=str(tmp_path))
+    out = subprocess.run(["bash", str(study / "run.sh"), "main", "--dry-run", "--lane", "2/2"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 20 and out[0].endswith("main/mrpc-r3f-seed11") and out[-1].endswith("main/cola-r3f-seed20")
+    out = subprocess.run(["bash", str(study / "run.sh"), "ablation", "--dry-run"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 25 and out[0].endswith("ablation/mrpc-r3f-eps0-seed11")
+
+
+def test_no_plan_when_a_run_is_missing_or_malformed(tmp_path):
+    pilot = _pilot(tmp_path)
+    (pilot / "cola-standard-lr0.0002-seed2" / "results.json").unlink()
+    with pytest.raises(SystemExit, match="missing or unfinished: cola lr 0.0002 seed 2"):
+        choose.main([str(pilot), "--write", str(tmp_path / "plan.env")])
+    _run(pilot, "cola", 2e-4, 2, [0.3] * 5, batch=16)
+    with pytest.raises(SystemExit, match="at batch 32, got epochs .* at batch 16"):
+        choose.load(pilot)
+    assert not (tmp_path / "plan.env").exists()
+
+
+def test_no_plan_when_a_task_does_not_learn(tmp_path, capsys):
+    flat = {lr: [0.1, 0.12, 0.15, 0.18, 0.19] for lr in choose.LRS}  # CoLA MCC below 0.20 everywhere
+    pilot = _pilot(tmp_path, cola=flat)
+    assert choose.main([str(pilot), "--write", str(tmp_path / "plan.env")]) == 1
+    assert "DOES NOT LEARN" in capsys.readouterr().out
+    assert not (tmp_path / "plan.env").exists()
