@@ -2,12 +2,18 @@
 
     r3f-report runs/ --output-dir docs/        # every results.json under runs/
 
-Per task, metric and method: the number of seeds, median, mean ± sample std and max (the paper reports the
-median and max over seeds), and the measured seconds per training step.
+Per task, metric and arm: the number of seeds, median, mean ± sample std and max (the paper reports the
+median and max over seeds), and the measured seconds per training step; then every arm against a baseline
+arm (default ``standard``). An arm is a method with its own settings: runs of one method whose settings (lam,
+eps, same_dropout, ...) differ from r3f-finetune's defaults are their own arm, named after the difference,
+e.g. ``r3f (eps=0)``, so an ablation sits beside the main arms:
+
+    r3f-report study/main study/ablation --seeds 11-15 --baseline r3f   # each arm against r3f, seeds 11-15
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -19,7 +25,7 @@ from . import stats
 from .data import LATER_KEYS, atomic_write
 from .glue import TASKS, majority_baseline
 
-__all__ = ["main", "load_runs", "summarize", "compare", "comparison_markdown", "markdown_table", "baselines",
+__all__ = ["main", "load_runs", "arm", "summarize", "compare", "comparison_markdown", "markdown_table", "baselines",
            "plot"]
 
 METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
@@ -27,7 +33,7 @@ METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 BUDGET_KEYS = ("model", "train_file", "eval_file", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length",
                "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples")
 
-METHOD_KEYS = ("lam", "eps", "noise", "noise_scale", "noisy_grad", "method_kwargs")
+METHOD_KEYS = ("lam", "eps", "noise", "noise_scale", "noisy_grad", "same_dropout", "method_kwargs")
 
 
 class ReportError(ValueError):
@@ -58,7 +64,8 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
         if missing:
             raise ReportError(f"{f}: lacks {missing}; is it a results.json written by r3f-finetune?")
         _check_metrics(f, run)
-        key = (run["task"], run["method"], run["seed"])
+        run["arm"] = arm(run)
+        key = (run["task"], run["arm"], run["seed"])
         if key in seen:
             raise ReportError(f"{f} and {seen[key]} are both {key[0]} {key[1]} seed {key[2]}; pass each run once")
         seen[key] = f
@@ -84,13 +91,50 @@ def _check_metrics(f: Path, run: dict) -> None:
                                   "run, or leave its folder out of the report")
 
 
-def _methods(runs: list[dict]) -> list[str]:
-    present = {r["method"] for r in runs}
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+@functools.lru_cache(maxsize=None)
+def _defaults() -> dict:
+    from .finetune import build_parser  # the CLI's defaults are the reference
+
+    parser = build_parser()
+    return {k: parser.get_default(k) for k in METHOD_KEYS}
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def arm(run: dict) -> str:
+    """The run's arm: its method, followed by the method settings that differ from r3f-finetune's defaults,
+    e.g. ``r3f (eps=0, same_dropout=True)``. ``standard`` ignores the settings (it uses none). A setting the
+    run does not record (made before it existed) takes its value of that time (:data:`data.LATER_KEYS`)."""
+    if run["method"] == "standard":
+        return "standard"
+    hp, defaults = run.get("hyperparameters", {}), _defaults()
+    diff = [f"{k}={_show(hp[k])}" for k in METHOD_KEYS
+            if k in hp and hp[k] != defaults[k] and not (k in LATER_KEYS and hp[k] == LATER_KEYS[k])]
+    return run["method"] + (f" ({', '.join(diff)})" if diff else "")
+
+
+def _arms(runs: list[dict]) -> list[str]:
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    present = {(r["method"], r["arm"]) for r in runs}
+    return [a for _, a in sorted(present, key=lambda ma: (rank.get(ma[0], len(rank)), ma[0], ma[1] != ma[0], ma[1]))]
+
+
+def parse_seeds(spec: str) -> set[int]:
+    """``"11-15"``, ``"1,3,5"`` or a mix (``"1-3,7"``) as a set of seeds."""
+    seeds: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"seeds must look like 11-15 or 1,3,5 (or 1-3,7), got {spec!r}") from None
+    return seeds
 
 
 def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = None) -> list[dict]:
-    """One row per (task, metric, method): n, seeds, values, median, mean, std (sample; None for n=1), max,
+    """One row per (task, metric, arm): n, seeds, values, median, mean, std (sample; None for n=1), max,
     and the mean seconds per step. ``which``: "final" (end of training) or "best" (best evaluation).
     Each task's primary metric comes first (the task's own, or ``primary[task]``, e.g. ``{"mrpc": "f1"}``)."""
     if which not in ("final", "best"):
@@ -101,21 +145,21 @@ def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = 
             raise ValueError(f"{task} has no metric {metric!r}; it has {list(TASKS[task].metrics)}")
     groups: dict = defaultdict(list)
     for r in runs:
-        groups[r["task"], r["method"]].append(r)
+        groups[r["task"], r["arm"]].append(r)
     rows = []
     for task in sorted({r["task"] for r in runs}):
         task_runs = [r for r in runs if r["task"] == task]
         first = primary.get(task, task_runs[0]["primary_metric"])
         metrics = [first] + sorted({k for r in task_runs for k in r[which]["metrics"]} - {first, "loss"})
         for metric in metrics:
-            for method in _methods(task_runs):
-                group = sorted(groups[task, method], key=lambda r: r["seed"])
+            for name in _arms(task_runs):
+                group = sorted(groups[task, name], key=lambda r: r["seed"])
                 vals = [r[which]["metrics"][metric] for r in group if metric in r[which]["metrics"]]
                 if not vals:
                     continue
                 sps = [r["seconds_per_step"] for r in group if "seconds_per_step" in r]
                 official = all(r.get("data", {}).get("eval_is_full_official_dev", True) for r in group)
-                rows.append({"task": task, "metric": metric, "method": method, "n": len(vals),
+                rows.append({"task": task, "metric": metric, "method": name, "n": len(vals),
                              "seeds": [r["seed"] for r in group if metric in r[which]["metrics"]], "values": vals,
                              "official_dev": official,
                              "median": statistics.median(vals), "mean": statistics.fmean(vals),
@@ -125,7 +169,7 @@ def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = 
 
 
 def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
-    """Every method against ``baseline`` on each task's primary metric: the difference of means, Welch's t,
+    """Every arm against the arm ``baseline`` on each task's primary metric: the difference of means, Welch's t,
     a 95 % bootstrap interval, Holm's correction over the tasks (per method), and the seeds per arm needed
     to detect the paper's effect (:data:`stats.PAPER_EFFECT`) at the measured seed spread."""
     primary = {}
@@ -155,7 +199,7 @@ def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
 
 
 def comparison_markdown(comparisons: list[dict]) -> str:
-    lines = ["| task | metric | method − baseline | Δ mean | 95 % bootstrap CI | Welch t (df) | p | p, Holm | "
+    lines = ["| task | metric | arm − baseline | Δ mean | 95 % bootstrap CI | Welch t (df) | p | p, Holm | "
              "seeds/arm for the paper's effect |", "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         df = "–" if c["df"] is None else f"{c['df']:.1f}"
@@ -169,7 +213,7 @@ def comparison_markdown(comparisons: list[dict]) -> str:
 
 def budget_mismatches(runs: list[dict]) -> list[str]:
     """Runs that should not be compared, as messages: a task whose runs differ in budget (lr, steps, data,
-    ...), or a task and method whose seeds differ in the method's own settings (lam, eps, ...)."""
+    ...). (Runs of one method that differ in its own settings, lam, eps, ..., are different arms.)"""
     def differing(group: list[dict], keys: Sequence[str], what: str) -> list[str]:
         msgs = []
         for key in keys:
@@ -182,8 +226,6 @@ def budget_mismatches(runs: list[dict]) -> list[str]:
     for task in sorted({r["task"] for r in runs}):
         task_runs = [r for r in runs if r["task"] == task]
         out += differing(task_runs, BUDGET_KEYS, task)
-        for method in _methods(task_runs):
-            out += differing([r for r in task_runs if r["method"] == method], METHOD_KEYS, f"{task} {method}")
     return out
 
 
@@ -191,7 +233,7 @@ def markdown_table(rows: list[dict]) -> str:
     def f(x: Optional[float], digits: int = 4) -> str:
         return "–" if x is None else f"{x:.{digits}f}"
 
-    lines = ["| task | metric | method | seeds | median | mean ± std | max | s/step |",
+    lines = ["| task | metric | arm | seeds | median | mean ± std | max | s/step |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         task = r["task"] + ("" if r.get("official_dev", True) else " †")
@@ -261,7 +303,10 @@ def plot(rows: list[dict], path: Path, title: str = "", base: Optional[dict] = N
             lo, hi = min([floor, *values]), max([floor, *values])
             pad = 0.08 * (hi - lo) or 0.01
             ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xticks(range(len(group)), [r["method"] for r in group])
+        names = [r["method"] for r in group]
+        long = max(map(len, names)) > 8  # arms with settings, e.g. "r3f (eps=0)": slanted
+        ax.set_xticks(range(len(group)), names, rotation=30 if long else 0, ha="right" if long else "center",
+                      fontsize=8 if long else None)
         ax.set_xlim(-0.6, len(group) - 0.4)
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -284,6 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--primary", action="append", default=[], metavar="TASK=METRIC",
                    help="the metric the comparison tests for TASK, e.g. mrpc=f1 (default: the task's first GLUE "
                    "metric); repeatable")
+    p.add_argument("--baseline", metavar="ARM", help="the arm every other arm is compared with, e.g. r3f or "
+                   "'r3f (eps=0)' (default: standard)")
+    p.add_argument("--seeds", metavar="SEEDS", help="only these seeds, e.g. 11-15 or 1,3,5 (paired ablations)")
     p.add_argument("--no-plot", action="store_true", help="write the table only (no matplotlib needed)")
     args = p.parse_args(argv)
     primary = {}
@@ -294,9 +342,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "mrpc=f1 or cola=mcc")
         primary[task] = metric
     try:
+        seeds = parse_seeds(args.seeds) if args.seeds else None
+    except ValueError as e:
+        p.error(f"--seeds: {e}")
+    try:
         runs = load_runs(args.runs)
     except ReportError as e:
         raise SystemExit(f"r3f-report: {e}")
+    if seeds is not None:
+        runs = [r for r in runs if r["seed"] in seeds]
+        if not runs:
+            raise SystemExit(f"r3f-report: no run has a seed in {args.seeds}")
+    if args.baseline is not None and args.baseline not in {r["arm"] for r in runs}:
+        raise SystemExit(f"r3f-report: no run of the baseline arm {args.baseline!r}; the arms are "
+                         f"{_arms(runs)}: pass one with --baseline")
     rows = summarize(runs, args.metric, primary)
     warnings = budget_mismatches(runs)
     out = Path(args.output_dir)
@@ -304,9 +363,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     base = baselines(runs)
     text = (f"{len(runs)} runs, {args.metric} metrics; median, mean ± sample std and max over seeds.\n\n"
             + markdown_table(rows) + "\n" + (f"\n{baselines_markdown(base)}.\n" if base else ""))
-    comparisons = compare(rows)
+    baseline = args.baseline or "standard"
+    comparisons = compare(rows, baseline)
     if comparisons:
-        text += ("\n**Each method against standard** (primary metric; Welch's t, 95 % bootstrap interval of the "
+        text += (f"\n**Each arm against {baseline}** (primary metric; Welch's t, 95 % bootstrap interval of the "
                  "difference of means; Holm over the tasks of this report):\n\n" + comparison_markdown(comparisons)
                  + "\n")
         if any(c["underpowered"] for c in comparisons):

@@ -66,22 +66,67 @@ def test_single_seed_and_budget_mismatch(tmp_path):
     assert not (tmp_path / "rep" / "report.png").exists()
 
 
-def test_method_settings_and_unofficial_eval_are_flagged(tmp_path):
+def test_method_settings_make_arms_and_unofficial_eval_is_flagged(tmp_path):
     fake_run(tmp_path, "qqp", "r3f", 1, 0.5, f1=0.4, lam=1.0, official=False)  # QQP runs report f1 too
     fake_run(tmp_path, "qqp", "r3f", 2, 0.6, f1=0.5, lam=0.1, official=False)
     report.main([str(tmp_path), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "qqp r3f: runs differ in lam (0.1, 1.0)" in text
-    # noise_scale: a run that does not record it (made before the option) counts as "absolute"
+    assert "| qqp † | accuracy | r3f | 1 |" in text and "| qqp † | accuracy | r3f (lam=0.1) | 1 |" in text
+    assert "Not comparable" not in text and "not a GLUE dev score" in text
+    # noise_scale: a run that does not record it (made before the option) counts as "absolute"; so does a
+    # run without same_dropout (False)
     for seed, scale in ((3, "absolute"), (4, None), (5, "relative")):
         d = fake_run(tmp_path / "ns", "rte", "r3f", seed, 0.5)
         run = json.loads((d / "results.json").read_text())
         if scale:
-            run["hyperparameters"]["noise_scale"] = scale
+            run["hyperparameters"].update(noise_scale=scale, same_dropout=False)
         (d / "results.json").write_text(json.dumps(run))
-        msgs = report.budget_mismatches(report.load_runs([str(tmp_path / "ns")]))
-        assert msgs == ([] if seed < 5 else ['rte r3f: runs differ in noise_scale ("absolute", "relative")']), msgs
-    assert "| qqp † | accuracy | r3f | 2 |" in text and "not a GLUE dev score" in text
+    arms = {r["seed"]: r["arm"] for r in report.load_runs([str(tmp_path / "ns")])}
+    assert arms == {3: "r3f", 4: "r3f", 5: "r3f (noise_scale=relative)"}
+
+
+def test_ablation_arms_against_a_baseline_arm_on_chosen_seeds(tmp_path):
+    """The study's ablation report: main arms (seeds 11-20) and ablation arms (11-15) in one report, restricted
+    to the shared seeds, each arm against r3f; standard ignores the method settings it does not use."""
+    from r3f_opt.experiments import stats
+
+    def run(folder, method, seed, value, **hp):
+        d = fake_run(tmp_path / folder, "mrpc", method, seed, value, f1=value)
+        r = json.loads((d / "results.json").read_text())
+        r["hyperparameters"].update(hp)
+        (d / "results.json").write_text(json.dumps(r))
+
+    main_r3f = {s: 0.80 + 0.01 * (s % 3) for s in range(11, 21)}
+    eps0 = {s: 0.78 + 0.01 * (s % 2) for s in range(11, 16)}
+    for s in range(11, 21):
+        run(f"main/std{s}", "standard", s, 0.79, lam=5.0)  # lam is meaningless for standard: one arm
+        run(f"main/r3f{s}", "r3f", s, main_r3f[s], eps=1e-5, same_dropout=False)
+    for s in range(11, 16):
+        run(f"abl/eps0-{s}", "r3f", s, eps0[s], eps=0.0)
+        run(f"abl/same-{s}", "r3f", s, 0.81, same_dropout=True)
+        run(f"abl/r4f0-{s}", "r4f", s, 0.80, lam=0.0)
+    out = tmp_path / "rep"
+    report.main([str(tmp_path / "main"), str(tmp_path / "abl"), "--seeds", "11-15", "--baseline", "r3f",
+                 "--output-dir", str(out), "--primary", "mrpc=f1"])
+    rows = json.loads((out / "report.json").read_text())
+    f1 = [(r["method"], r["seeds"]) for r in rows if r["metric"] == "f1"]
+    assert f1 == [("standard", list(range(11, 16))), ("r3f", list(range(11, 16))),
+                  ("r3f (eps=0)", list(range(11, 16))), ("r3f (same_dropout=True)", list(range(11, 16))),
+                  ("r4f (lam=0)", list(range(11, 16)))]
+    comps = {c["method"]: c for c in json.loads((out / "comparison.json").read_text())}
+    assert set(comps) == {"standard", "r3f (eps=0)", "r3f (same_dropout=True)", "r4f (lam=0)"}
+    want = stats.welch([main_r3f[s] for s in range(11, 16)], [eps0[s] for s in range(11, 16)])
+    assert comps["r3f (eps=0)"]["diff"] == pytest.approx(want["diff"]) and comps["r3f (eps=0)"]["baseline"] == "r3f"
+    text = (out / "report.md").read_text()
+    assert "**Each arm against r3f**" in text and "| mrpc | f1 | r3f (eps=0) − r3f |" in text
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    for bad, match in ((["--baseline", "r3f (lam=5)"], "no run of the baseline arm 'r3f \\(lam=5\\)'"),
+                       (["--seeds", "30-31"], "no run has a seed in 30-31")):
+        with pytest.raises(SystemExit, match=match):
+            report.main([str(tmp_path / "main"), "--output-dir", str(out), "--no-plot", *bad])
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "main"), "--output-dir", str(out), "--seeds", "a-b"])
+    assert report.parse_seeds("1-3,7") == {1, 2, 3, 7}
 
 
 def test_errors(tmp_path):
