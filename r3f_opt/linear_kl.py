@@ -775,7 +775,8 @@ class FusedLMHead:
         if not isinstance(head, nn.Module):
             raise ValueError(f"{name} has no output embeddings (get_output_embeddings() returned "
                              f"{type(head).__name__}); fused_lm_head needs its LM head")
-        if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward or hasattr(head, "base_layer"):
+        plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+        if not plain or hasattr(head, "base_layer"):
             raise ValueError(f"the LM head of {name} is a {type(head).__name__}, not a plain nn.Linear (a LoRA adapter "
                              "or a quantised layer?): the fused objective computes hidden @ W.T + b from its weight "
                              "and would skip the rest. Leave lm_head out of the adapter's target_modules, or use the "
