@@ -11,11 +11,14 @@
 #   CPU, two lanes in the background:
 #     for l in 1 2; do nohup nice -n 19 bash docs/study/run.sh pilot --lane $l/2 > /tmp/pilot$l.log 2>&1 & done
 #   One GPU, everything:  bash docs/study/run.sh all --device cuda
+# (all: pilot, then docs/study/choose.py applies the pilot's rule and writes plan.env if it is missing, then main
+# and ablation; with several lanes, run the pilot in every lane first.)
 # The main and ablation phases read their learning rate and epochs from docs/study/plan.env, fixed after the pilot
 # (see docs/results.md, "Analysis plan") and not changed afterwards.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 phase=${1:?usage: run.sh pilot|main|ablation|all [--lane I/N] [--device DEV] [--dry-run]}; shift
+opts=("$@")
 lane=1/1; device=cpu; dry=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -67,7 +70,16 @@ ablation() {
 }
 case $phase in
   pilot) pilot;; main) main_runs;; ablation) ablation;;
-  all) pilot; main_runs; ablation;;
+  all)  # the phases in turn; between them the pilot's rule fixes plan.env (choose.py) unless it exists
+    bash "$0" pilot "${opts[@]}"
+    if [ ! -f "$here/plan.env" ]; then
+      if [ "$dry" = 1 ]; then echo "then: python $here/choose.py $OUT/pilot --write, and the main and ablation runs"; exit 0; fi
+      "${PYTHON:-python}" "$here/choose.py" "$OUT/pilot" --write \
+        || { echo "run.sh: the pilot fixed no plan (above: unfinished runs in another lane, or a task that did not" \
+                  "learn); main and ablation not started" >&2; exit 3; }
+    fi
+    bash "$0" main "${opts[@]}"
+    exec bash "$0" ablation "${opts[@]}";;
   *) echo "run.sh: unknown phase $phase (pilot, main, ablation, all)" >&2; exit 2;;
 esac
 

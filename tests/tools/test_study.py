@@ -13,8 +13,11 @@ choose = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(choose)
 
 
+LR_NAME = {5e-5: "5e-5", 1e-4: "1e-4", 2e-4: "2e-4"}
+
+
 def _run(pilot: Path, task: str, lr: float, seed: int, curve, batch=None, method="standard"):
-    d = pilot / f"{task}-{method}-lr{lr:g}-seed{seed}"
+    d = pilot / f"{task}-{method}-lr{LR_NAME[lr]}-seed{seed}"  # run.sh's folder names
     d.mkdir(parents=True, exist_ok=True)
     metric = choose.PRIMARY[task]
     evals = [{"step": 10 * e, "epoch": float(e), "metrics": {metric: v, "loss": 0.5}} for e, v in enumerate(curve, 1)]
@@ -72,7 +75,7 @@ def test_plan_env_drives_run_sh(tmp_path):
 
 def test_no_plan_when_a_run_is_missing_or_malformed(tmp_path):
     pilot = _pilot(tmp_path)
-    (pilot / "cola-standard-lr0.0002-seed2" / "results.json").unlink()
+    (pilot / "cola-standard-lr2e-4-seed2" / "results.json").unlink()
     with pytest.raises(SystemExit, match="missing or unfinished: cola lr 0.0002 seed 2"):
         choose.main([str(pilot), "--write", str(tmp_path / "plan.env")])
     _run(pilot, "cola", 2e-4, 2, [0.3] * 5, batch=16)
@@ -87,3 +90,39 @@ def test_no_plan_when_a_task_does_not_learn(tmp_path, capsys):
     assert choose.main([str(pilot), "--write", str(tmp_path / "plan.env")]) == 1
     assert "DOES NOT LEARN" in capsys.readouterr().out
     assert not (tmp_path / "plan.env").exists()
+
+
+def test_all_runs_the_phases_with_the_rule_between(tmp_path):
+    """run.sh all: the pilot's jobs, then choose.py writes plan.env (the pilot is complete here), then the main
+    and ablation jobs; when the rule fixes no plan it stops before main with the rule's message."""
+    out = tmp_path / "out"
+    pilot = _pilot(out)  # finished pilot runs where run.sh looks: $R3F_STUDY_OUT/pilot
+    study = tmp_path / "study"
+    study.mkdir()
+    for f in ("run.sh", "choose.py"):
+        (study / f).write_text((ROOT / "docs" / "study" / f).read_text())
+    bindir = tmp_path / "bin"  # a fake r3f-finetune: the runs are already done, it must not be called
+    bindir.mkdir()
+    (bindir / "r3f-finetune").write_text("#!/bin/sh\necho called >&2; exit 9\n")
+    (bindir / "r3f-finetune").chmod(0o755)
+    import sys
+    env = dict(os.environ, R3F_STUDY_OUT=str(out), R3F_GLUE_DIR=str(tmp_path), PYTHON=sys.executable,
+               PATH=f"{bindir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    res = subprocess.run(["bash", str(study / "run.sh"), "all", "--dry-run"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "then: python" in res.stdout and not (study / "plan.env").exists()
+    res = subprocess.run(["bash", str(study / "run.sh"), "all", "--lane", "1/2", "--dry-run"], env=env,
+                         capture_output=True, text=True)
+    assert res.stdout.count("done ") == 6  # the pilot's jobs of lane 1
+    good = out / "pilot-good"
+    pilot.rename(good)  # a finished pilot whose CoLA runs did not learn: no plan, no main run
+    _pilot(out, cola={lr: [0.1, 0.12, 0.15, 0.18, 0.19] for lr in choose.LRS})
+    res = subprocess.run(["bash", str(study / "run.sh"), "all"], env=env, capture_output=True, text=True)
+    assert res.returncode == 3 and "fixed no plan" in res.stderr and "DOES NOT LEARN" in res.stdout
+    assert not (study / "plan.env").exists()
+    import shutil
+    shutil.rmtree(out / "pilot")
+    good.rename(out / "pilot")
+    res = subprocess.run(["bash", str(study / "run.sh"), "all"], env=env, capture_output=True, text=True)
+    # plan written, then the first main job calls the (fake) r3f-finetune, which fails: set -e stops there
+    assert (study / "plan.env").exists() and "LR_MRPC=0.0001" in (study / "plan.env").read_text()
+    assert res.returncode == 9 and "called" in res.stderr and res.stdout.rstrip().endswith("main/mrpc-standard-seed11")
