@@ -74,7 +74,7 @@ case $phase in
     bash "$0" pilot "${opts[@]}"
     if [ ! -f "$here/plan.env" ]; then
       if [ "$dry" = 1 ]; then echo "then: python $here/choose.py $OUT/pilot --write, and the main and ablation runs"; exit 0; fi
-      "${PYTHON:-python}" "$here/choose.py" "$OUT/pilot" --write \
+      "${PYTHON:-python}" "$here/choose.py" "$OUT/pilot" --write || [ -f "$here/plan.env" ] \
         || { echo "run.sh: the pilot fixed no plan (above: unfinished runs in another lane, or a task that did not" \
                   "learn); main and ablation not started" >&2; exit 3; }
     fi

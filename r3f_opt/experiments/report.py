@@ -99,8 +99,17 @@ def _defaults() -> dict:
     return {k: parser.get_default(k) for k in METHOD_KEYS}
 
 
+def _setting(hp: dict, key: str):
+    """A method setting as recorded, the value of its time where the run predates it (``LATER_KEYS``), or the
+    default; an empty ``method_kwargs`` is no kwargs."""
+    value = hp.get(key, LATER_KEYS.get(key, _defaults()[key]))
+    return None if key == "method_kwargs" and not value else value
+
+
 def _show(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
 
 
 def arm(run: dict) -> str:
@@ -110,8 +119,7 @@ def arm(run: dict) -> str:
     if run["method"] == "standard":
         return "standard"
     hp, defaults = run.get("hyperparameters", {}), _defaults()
-    diff = [f"{k}={_show(hp[k])}" for k in METHOD_KEYS
-            if k in hp and hp[k] != defaults[k] and not (k in LATER_KEYS and hp[k] == LATER_KEYS[k])]
+    diff = [f"{k}={_show(_setting(hp, k))}" for k in METHOD_KEYS if _setting(hp, k) != defaults[k]]
     return run["method"] + (f" ({', '.join(diff)})" if diff else "")
 
 
@@ -159,7 +167,8 @@ def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = 
                     continue
                 sps = [r["seconds_per_step"] for r in group if "seconds_per_step" in r]
                 official = all(r.get("data", {}).get("eval_is_full_official_dev", True) for r in group)
-                rows.append({"task": task, "metric": metric, "method": name, "n": len(vals),
+                rows.append({"task": task, "metric": metric, "arm": name, "method": group[0]["method"],
+                             "n": len(vals),
                              "seeds": [r["seed"] for r in group if metric in r[which]["metrics"]], "values": vals,
                              "official_dev": official,
                              "median": statistics.median(vals), "mean": statistics.fmean(vals),
@@ -170,16 +179,16 @@ def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = 
 
 def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
     """Every arm against the arm ``baseline`` on each task's primary metric: the difference of means, Welch's t,
-    a 95 % bootstrap interval, Holm's correction over the tasks (per method), and the seeds per arm needed
+    a 95 % bootstrap interval, Holm's correction over the tasks (per arm), and the seeds per arm needed
     to detect the paper's effect (:data:`stats.PAPER_EFFECT`) at the measured seed spread."""
     primary = {}
     for r in rows:
         primary.setdefault(r["task"], r["metric"])  # summarize() lists each task's primary metric first
-    by = {(r["task"], r["metric"], r["method"]): r for r in rows}
+    by = {(r["task"], r["metric"], r["arm"]): r for r in rows}
     out = []
-    for (task, metric, method), r in by.items():
+    for (task, metric, name), r in by.items():
         base = by.get((task, metric, baseline))
-        if method == baseline or metric != primary[task] or base is None:
+        if name == baseline or metric != primary[task] or base is None:
             continue
         test = stats.welch(base["values"], r["values"])
         if test is None:
@@ -187,12 +196,12 @@ def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
         sd = statistics.fmean([statistics.stdev(base["values"]), statistics.stdev(r["values"])])
         effect = stats.PAPER_EFFECT.get(task)
         need = stats.seeds_needed(sd, effect) if effect else None
-        out.append({"task": task, "metric": metric, "method": method, "baseline": baseline,
+        out.append({"task": task, "metric": metric, "arm": name, "method": r["method"], "baseline": baseline,
                     "n": [base["n"], r["n"]], **test, "ci95": stats.bootstrap_ci(base["values"], r["values"]),
                     "paper_effect": effect, "seeds_needed": need,
                     "underpowered": need is not None and min(base["n"], r["n"]) < need})
-    for method in {c["method"] for c in out}:  # Holm over the tasks of this report, per comparison
-        group = [c for c in out if c["method"] == method]
+    for name in {c["arm"] for c in out}:  # Holm over the tasks of this report, per comparison
+        group = [c for c in out if c["arm"] == name]
         for c, adjusted in zip(group, stats.holm([c["p"] for c in group])):
             c["p_holm"] = adjusted
     return out
@@ -205,7 +214,7 @@ def comparison_markdown(comparisons: list[dict]) -> str:
         df = "–" if c["df"] is None else f"{c['df']:.1f}"
         need = "–" if c["seeds_needed"] is None else (
             f"{c['seeds_needed']} (Δ {c['paper_effect']:.3f})" + (" ⚠ n too small" if c["underpowered"] else ""))
-        lines.append(f"| {c['task']} | {c['metric']} | {c['method']} − {c['baseline']} | {c['diff']:+.4f} | "
+        lines.append(f"| {c['task']} | {c['metric']} | {c['arm']} − {c['baseline']} | {c['diff']:+.4f} | "
                      f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['t']:.2f} ({df}) | {c['p']:.3f} | "
                      f"{c['p_holm']:.3f} | {need} |")
     return "\n".join(lines)
@@ -237,7 +246,7 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         task = r["task"] + ("" if r.get("official_dev", True) else " †")
-        lines.append(f"| {task} | {r['metric']} | {r['method']} | {r['n']} | {f(r['median'])} | "
+        lines.append(f"| {task} | {r['metric']} | {r['arm']} | {r['n']} | {f(r['median'])} | "
                      f"{f(r['mean'])} ± {f(r['std'])} | {f(r['max'])} | {f(r['seconds_per_step'], 3)} |")
     if not all(r.get("official_dev", True) for r in rows):
         lines.append("\n† not the full official GLUE dev set (a held-out slice of train, or a subset): not a "
@@ -303,7 +312,7 @@ def plot(rows: list[dict], path: Path, title: str = "", base: Optional[dict] = N
             lo, hi = min([floor, *values]), max([floor, *values])
             pad = 0.08 * (hi - lo) or 0.01
             ax.set_ylim(lo - pad, hi + pad)
-        names = [r["method"] for r in group]
+        names = [r["arm"] for r in group]
         long = max(map(len, names)) > 8  # arms with settings, e.g. "r3f (eps=0)": slanted
         ax.set_xticks(range(len(group)), names, rotation=30 if long else 0, ha="right" if long else "center",
                       fontsize=8 if long else None)

@@ -66,7 +66,7 @@ def test_single_seed_and_budget_mismatch(tmp_path):
     assert not (tmp_path / "rep" / "report.png").exists()
 
 
-def test_method_settings_make_arms_and_unofficial_eval_is_flagged(tmp_path):
+def test_method_settings_make_arms_and_unofficial_eval_is_flagged(tmp_path, monkeypatch):
     fake_run(tmp_path, "qqp", "r3f", 1, 0.5, f1=0.4, lam=1.0, official=False)  # QQP runs report f1 too
     fake_run(tmp_path, "qqp", "r3f", 2, 0.6, f1=0.5, lam=0.1, official=False)
     report.main([str(tmp_path), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
@@ -83,6 +83,19 @@ def test_method_settings_make_arms_and_unofficial_eval_is_flagged(tmp_path):
         (d / "results.json").write_text(json.dumps(run))
     arms = {r["seed"]: r["arm"] for r in report.load_runs([str(tmp_path / "ns")])}
     assert arms == {3: "r3f", 4: "r3f", 5: "r3f (noise_scale=relative)"}
+    # a setting a run predates takes its value of that time, even when today's default differs
+    monkeypatch.setitem(report.LATER_KEYS, "noise_scale", "relative")
+    arms = {r["seed"]: r["arm"] for r in report.load_runs([str(tmp_path / "ns")])}
+    assert arms == {3: "r3f", 4: "r3f (noise_scale=relative)", 5: "r3f (noise_scale=relative)"}
+    monkeypatch.undo()
+    # method_kwargs: key order does not matter, {} is no kwargs
+    for seed, kw in ((6, {"a": 1, "b": 2}), (7, {"b": 2, "a": 1}), (8, {})):
+        d = fake_run(tmp_path / "kw", "rte", "smart", seed, 0.5)
+        run = json.loads((d / "results.json").read_text())
+        run["hyperparameters"]["method_kwargs"] = kw
+        (d / "results.json").write_text(json.dumps(run))
+    arms = {r["seed"]: r["arm"] for r in report.load_runs([str(tmp_path / "kw")])}
+    assert arms == {6: 'smart (method_kwargs={"a": 1, "b": 2})', 7: 'smart (method_kwargs={"a": 1, "b": 2})', 8: "smart"}
 
 
 def test_ablation_arms_against_a_baseline_arm_on_chosen_seeds(tmp_path):
@@ -109,11 +122,12 @@ def test_ablation_arms_against_a_baseline_arm_on_chosen_seeds(tmp_path):
     report.main([str(tmp_path / "main"), str(tmp_path / "abl"), "--seeds", "11-15", "--baseline", "r3f",
                  "--output-dir", str(out), "--primary", "mrpc=f1"])
     rows = json.loads((out / "report.json").read_text())
-    f1 = [(r["method"], r["seeds"]) for r in rows if r["metric"] == "f1"]
+    f1 = [(r["arm"], r["seeds"]) for r in rows if r["metric"] == "f1"]
     assert f1 == [("standard", list(range(11, 16))), ("r3f", list(range(11, 16))),
                   ("r3f (eps=0)", list(range(11, 16))), ("r3f (same_dropout=True)", list(range(11, 16))),
                   ("r4f (lam=0)", list(range(11, 16)))]
-    comps = {c["method"]: c for c in json.loads((out / "comparison.json").read_text())}
+    comps = {c["arm"]: c for c in json.loads((out / "comparison.json").read_text())}
+    assert comps["r3f (eps=0)"]["method"] == "r3f" and rows[-1]["method"] == "r4f"  # the bare method too
     assert set(comps) == {"standard", "r3f (eps=0)", "r3f (same_dropout=True)", "r4f (lam=0)"}
     want = stats.welch([main_r3f[s] for s in range(11, 16)], [eps0[s] for s in range(11, 16)])
     assert comps["r3f (eps=0)"]["diff"] == pytest.approx(want["diff"]) and comps["r3f (eps=0)"]["baseline"] == "r3f"

@@ -28,12 +28,13 @@ def _run(pilot: Path, task: str, lr: float, seed: int, curve, batch=None, method
 
 
 def _pilot(tmp_path, mrpc=None, cola=None):
-    """Every pilot run; by default MRPC peaks at lr 1e-4 epoch 3 (epoch 2 within the tie), CoLA at 2e-4."""
+    """Every pilot run; by default MRPC peaks at lr 1e-4 epoch 3 (epoch 2 within the tie), CoLA at 2e-4 epoch 4
+    (at epoch 5 2e-4 is best, though 1e-4 peaks higher at epoch 2)."""
     pilot = tmp_path / "pilot"
     base = {"mrpc": mrpc or {5e-5: [0.80, 0.82, 0.83, 0.84, 0.845], 1e-4: [0.82, 0.858, 0.862, 0.85, 0.86],
                              2e-4: [0.81, 0.82, 0.83, 0.83, 0.84]},
-            "cola": cola or {5e-5: [0.1, 0.2, 0.25, 0.28, 0.30], 1e-4: [0.1, 0.2, 0.25, 0.28, 0.31],
-                             2e-4: [0.2, 0.3, 0.35, 0.36, 0.34]}}
+            "cola": cola or {5e-5: [0.1, 0.2, 0.25, 0.28, 0.30], 1e-4: [0.2, 0.4, 0.38, 0.3, 0.31],
+                             2e-4: [0.2, 0.3, 0.35, 0.36, 0.34]}}  # 1e-4 peaks higher, but not at epoch 5
     for task, curves in base.items():
         for lr, curve in curves.items():
             for seed, shift in ((1, -0.01), (2, 0.01)):  # seed sd = 0.01 * sqrt(2)
@@ -44,7 +45,7 @@ def _pilot(tmp_path, mrpc=None, cola=None):
 def test_rule_picks_lr_at_last_epoch_and_earliest_tied_epoch(tmp_path, capsys):
     pilot = _pilot(tmp_path)
     out = tmp_path / "plan.env"
-    assert choose.main([str(pilot), "--write", str(out)]) == 0
+    assert choose.main([str(pilot), "--write", "--plan", str(out)]) == 0
     text = out.read_text()
     assert "LR_MRPC=0.0001\nEPOCHS_MRPC=2\n" in text  # epoch 2 (0.858) is within 0.005 of epoch 3 (0.862)
     assert "LR_COLA=0.0002\nEPOCHS_COLA=4\n" in text  # highest at epoch 5 is 2e-4 (0.34 > 0.31), best epoch 4
@@ -54,7 +55,19 @@ def test_rule_picks_lr_at_last_epoch_and_earliest_tied_epoch(tmp_path, capsys):
     assert c["seeds_needed"] > 2
     assert "chosen: lr 0.0001, 2 epochs" in capsys.readouterr().out
     # the plan is fixed once
-    assert choose.main([str(pilot), "--write", str(out)]) == 1
+    assert choose.main([str(pilot), "--write", "--plan", str(out)]) == 1
+
+
+@pytest.mark.parametrize("case", ["lr_tie", "boundary", "learns_at_chosen_epoch"])
+def test_rule_edge_cases(tmp_path, case):
+    cola = {5e-5: [0.1, 0.2, 0.25, 0.28, 0.30], 1e-4: [0.1, 0.2, 0.25, 0.28, 0.30], 2e-4: [0.1, 0.2, 0.2, 0.2, 0.2]}
+    if case == "boundary":  # 0.300 is exactly 0.005 below 0.305: inclusive, so epoch 4
+        cola[1e-4] = [0.1, 0.2, 0.25, 0.300, 0.305]
+    if case == "learns_at_chosen_epoch":  # below 0.20 at epoch 5, above at the chosen epoch 2
+        cola = {lr: [0.15, 0.25 if lr == 1e-4 else 0.2, 0.2, 0.19, 0.19 if lr == 1e-4 else 0.18] for lr in choose.LRS}
+    c = choose.choose(choose.load(_pilot(tmp_path, cola=cola)), "cola")
+    want = {"lr_tie": (5e-5, 5, True), "boundary": (1e-4, 4, True), "learns_at_chosen_epoch": (1e-4, 2, True)}[case]
+    assert (c["lr"], c["epochs"], c["learns"]) == want
 
 
 def test_plan_env_drives_run_sh(tmp_path):
@@ -63,7 +76,7 @@ def test_plan_env_drives_run_sh(tmp_path):
     study.mkdir()
     for f in ("run.sh",):
         (study / f).write_text((ROOT / "docs" / "study" / f).read_text())
-    assert choose.main([str(pilot), "--write", str(study / "plan.env")]) == 0
+    assert choose.main([str(pilot), "--write", "--plan", str(study / "plan.env")]) == 0
     env = dict(os.environ, R3F_STUDY_OUT=str(tmp_path / "out"), R3F_GLUE_DIR=str(tmp_path))
     out = subprocess.run(["bash", str(study / "run.sh"), "main", "--dry-run", "--lane", "2/2"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()
@@ -77,17 +90,41 @@ def test_no_plan_when_a_run_is_missing_or_malformed(tmp_path):
     pilot = _pilot(tmp_path)
     (pilot / "cola-standard-lr2e-4-seed2" / "results.json").unlink()
     with pytest.raises(SystemExit, match="missing or unfinished: cola lr 0.0002 seed 2"):
-        choose.main([str(pilot), "--write", str(tmp_path / "plan.env")])
+        choose.main([str(pilot), "--write", "--plan", str(tmp_path / "plan.env")])
     _run(pilot, "cola", 2e-4, 2, [0.3] * 5, batch=16)
     with pytest.raises(SystemExit, match="at batch 32, got epochs .* at batch 16"):
         choose.load(pilot)
     assert not (tmp_path / "plan.env").exists()
 
 
+@pytest.mark.parametrize("bad", ["duplicate", "half_epoch", "not_json", "no_metric"])
+def test_load_refuses_duplicated_or_malformed_runs(tmp_path, bad):
+    pilot = _pilot(tmp_path)
+    f = pilot / "mrpc-standard-lr1e-4-seed1" / "results.json"
+    r = json.loads(f.read_text())
+    if bad == "duplicate":
+        (pilot / "copy").mkdir()
+        (pilot / "copy" / "results.json").write_text(json.dumps(r))
+        match = "are both mrpc lr 0.0001 seed 1"
+    elif bad == "half_epoch":
+        r["evaluations"].insert(2, {"epoch": 2.5, "metrics": {"f1": 0.9}})
+        match = r"got epochs \[1.0, 2.0, 2.5"
+    elif bad == "not_json":
+        r = None
+        match = "not a finished r3f-finetune results.json"
+    else:
+        del r["evaluations"][0]["metrics"]["f1"]
+        match = "KeyError: 'f1'"
+    if bad != "duplicate":
+        f.write_text("{oops" if r is None else json.dumps(r))
+    with pytest.raises(SystemExit, match=match):
+        choose.load(pilot)
+
+
 def test_no_plan_when_a_task_does_not_learn(tmp_path, capsys):
     flat = {lr: [0.1, 0.12, 0.15, 0.18, 0.19] for lr in choose.LRS}  # CoLA MCC below 0.20 everywhere
     pilot = _pilot(tmp_path, cola=flat)
-    assert choose.main([str(pilot), "--write", str(tmp_path / "plan.env")]) == 1
+    assert choose.main([str(pilot), "--write", "--plan", str(tmp_path / "plan.env")]) == 1
     assert "DOES NOT LEARN" in capsys.readouterr().out
     assert not (tmp_path / "plan.env").exists()
 
