@@ -181,6 +181,31 @@ def test_noise_scale_relative_and_resuming_a_run_from_before_the_option(glue_dir
         run(glue_dir, tmp_path / "bad", *args, "--noise-scale", "rms", model=tiny_model_dir)
 
 
+def test_fused_adamw_by_default_and_resuming_a_run_from_before_it(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+    args = ["--task", "rte", "--method", "r3f", "--max-steps", "4", "--eval-every", "2"]
+    made = []
+    real = torch.optim.AdamW.__init__
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", lambda self, *a, **k: (made.append(k), real(self, *a, **k))[1])
+    res = run(glue_dir, tmp_path / "fused", *args, model=tiny_model_dir)
+    assert res["hyperparameters"]["fused_adamw"] is True and made[-1]["fused"] is True
+    res_loop = run(glue_dir, tmp_path / "loop", *args, "--no-fused-adamw", model=tiny_model_dir)
+    assert res_loop["hyperparameters"]["fused_adamw"] is False and made[-1]["fused"] is None
+    # the same update: the two kernels agree to float rounding
+    assert res["final"]["metrics"]["loss"] == pytest.approx(res_loop["final"]["metrics"]["loss"], rel=1e-4)
+    # A checkpoint written before the option (no such key) ran the per-tensor loop: it resumes only as that.
+    restore = crash_at(monkeypatch, ft.RegularizedOptimizer, "step", 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(glue_dir, tmp_path / "old", *args, "--no-fused-adamw", model=tiny_model_dir)
+    restore()
+    ckpt_path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["config"]["fused_adamw"]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(SystemExit, match="different arguments.*'fused_adamw': \\(False, True\\)"):
+        run(glue_dir, tmp_path / "old", *args, "--resume", model=tiny_model_dir)
+    assert run(glue_dir, tmp_path / "old", *args, "--resume", "--no-fused-adamw", model=tiny_model_dir)["resumed"]
+
+
 def test_eval_every_epoch(glue_dir, tiny_model_dir, tmp_path):
     # 24 examples at batch 4: 6 steps per epoch; 2.5 epochs = 15 steps; evaluations after epochs 1, 2 and at the end
     res = run(glue_dir, tmp_path / "run", "--task", "rte", "--epochs", "2.5", "--eval-every", "epoch",
