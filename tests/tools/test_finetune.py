@@ -156,8 +156,7 @@ def test_epochs_overwrite_and_options(glue_dir, tiny_model_dir, tmp_path):
     assert run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", model=tiny_model_dir)["steps"] == 1
 
 
-def test_noise_scale_relative_and_resuming_a_run_from_before_the_option(glue_dir, tiny_model_dir, tmp_path,
-                                                                         monkeypatch):
+def test_noise_scale_relative(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
     args = ["--task", "rte", "--method", "r3f", "--max-steps", "4", "--eval-every", "2"]
     made = []
     real = ft.RegularizedOptimizer.__init__
@@ -165,23 +164,11 @@ def test_noise_scale_relative_and_resuming_a_run_from_before_the_option(glue_dir
     res = run(glue_dir, tmp_path / "rel", *args, "--noise-scale", "relative", "--eps", "1e-2", model=tiny_model_dir)
     assert res["hyperparameters"]["noise_scale"] == "relative" and made[-1]["noise_scale"] == "relative"
     assert res["evaluations"][-1]["train_sym_kl"] > 0
-    # A checkpoint written before --noise-scale existed (no such key) resumes as "absolute", and only as that.
-    restore = crash_at(monkeypatch, ft.RegularizedOptimizer, "step", 3)
-    with pytest.raises(KeyboardInterrupt):
-        run(glue_dir, tmp_path / "old", *args, model=tiny_model_dir)
-    restore()
-    ckpt_path = tmp_path / "old" / "checkpoint.pt"
-    ckpt = torch.load(ckpt_path, weights_only=False)
-    del ckpt["config"]["noise_scale"]
-    torch.save(ckpt, ckpt_path)
-    with pytest.raises(SystemExit, match="different arguments.*'noise_scale': \\('absolute', 'relative'\\)"):
-        run(glue_dir, tmp_path / "old", *args, "--resume", "--noise-scale", "relative", model=tiny_model_dir)
-    assert run(glue_dir, tmp_path / "old", *args, "--resume", model=tiny_model_dir)["resumed"]
     with pytest.raises(SystemExit):
         run(glue_dir, tmp_path / "bad", *args, "--noise-scale", "rms", model=tiny_model_dir)
 
 
-def test_fused_adamw_by_default_and_resuming_a_run_from_before_it(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+def test_fused_adamw_by_default(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
     args = ["--task", "rte", "--method", "r3f", "--max-steps", "4", "--eval-every", "2"]
     made = []
     real = torch.optim.AdamW.__init__
@@ -192,18 +179,31 @@ def test_fused_adamw_by_default_and_resuming_a_run_from_before_it(glue_dir, tiny
     assert res_loop["hyperparameters"]["fused_adamw"] is False and made[-1]["fused"] is None
     # the same update: the two kernels agree to float rounding
     assert res["final"]["metrics"]["loss"] == pytest.approx(res_loop["final"]["metrics"]["loss"], rel=1e-4)
-    # A checkpoint written before the option (no such key) ran the per-tensor loop: it resumes only as that.
+
+
+@pytest.mark.parametrize("key, old_flags, new_flags", [
+    ("noise_scale", [], ["--noise-scale", "relative"]),  # before the option: absolute
+    ("same_dropout", [], ["--same-dropout"]),  # before the option: independent dropout
+    ("fused_adamw", ["--no-fused-adamw"], []),  # before the option: the per-tensor loop (now the default is fused)
+])
+def test_a_checkpoint_from_before_an_option_resumes_only_as_it_ran(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
+                                                                     key, old_flags, new_flags):
+    """A checkpoint without a key of ``LATER_KEYS`` (written before the option existed) resumes with the value
+    every such run had, and is refused with another."""
+    from r3f_opt.experiments.data import LATER_KEYS
+
+    args = ["--task", "rte", "--method", "r3f", "--max-steps", "4", "--eval-every", "2"]
     restore = crash_at(monkeypatch, ft.RegularizedOptimizer, "step", 3)
     with pytest.raises(KeyboardInterrupt):
-        run(glue_dir, tmp_path / "old", *args, "--no-fused-adamw", model=tiny_model_dir)
+        run(glue_dir, tmp_path / "old", *args, *old_flags, model=tiny_model_dir)
     restore()
     ckpt_path = tmp_path / "old" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=False)
-    del ckpt["config"]["fused_adamw"]
+    assert ckpt["config"].pop(key) == LATER_KEYS[key]
     torch.save(ckpt, ckpt_path)
-    with pytest.raises(SystemExit, match="different arguments.*'fused_adamw': \\(False, True\\)"):
-        run(glue_dir, tmp_path / "old", *args, "--resume", model=tiny_model_dir)
-    assert run(glue_dir, tmp_path / "old", *args, "--resume", "--no-fused-adamw", model=tiny_model_dir)["resumed"]
+    with pytest.raises(SystemExit, match=f"different arguments.*'{key}': \\({LATER_KEYS[key]!r}, "):
+        run(glue_dir, tmp_path / "old", *args, "--resume", *new_flags, model=tiny_model_dir)
+    assert run(glue_dir, tmp_path / "old", *args, "--resume", *old_flags, model=tiny_model_dir)["resumed"]
 
 
 def test_eval_every_epoch(glue_dir, tiny_model_dir, tmp_path):
