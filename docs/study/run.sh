@@ -52,10 +52,16 @@ plan() {
 }
 main_runs() {
   plan
-  for seed in $MAIN_SEEDS; do for task in mrpc cola; do for method in standard r3f; do
-    lr=LR_${task^^}; ep=EPOCHS_${task^^}
-    jobs+=("main/$task-$method-seed$seed|--task $task --method $method --lam 1 --eps 1e-5 --lr ${!lr} --epochs ${!ep} --batch-size ${BS[$task]} --seed $seed")
-  done; done; done
+  # per seed: mrpc standard, mrpc r3f, cola r3f, cola standard: with two lanes each lane gets one standard and one
+  # R3F run (R3F costs about twice a standard run) of every seed, and a seed's four runs finish together
+  local order
+  for seed in $MAIN_SEEDS; do for task in mrpc cola; do
+    [ $task = mrpc ] && order="standard r3f" || order="r3f standard"
+    for method in $order; do
+      lr=LR_${task^^}; ep=EPOCHS_${task^^}
+      jobs+=("main/$task-$method-seed$seed|--task $task --method $method --lam 1 --eps 1e-5 --lr ${!lr} --epochs ${!ep} --batch-size ${BS[$task]} --seed $seed")
+    done
+  done; done
 }
 ablation() {
   plan

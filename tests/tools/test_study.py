@@ -80,7 +80,10 @@ def test_plan_env_drives_run_sh(tmp_path):
     env = dict(os.environ, R3F_STUDY_OUT=str(tmp_path / "out"), R3F_GLUE_DIR=str(tmp_path))
     out = subprocess.run(["bash", str(study / "run.sh"), "main", "--dry-run", "--lane", "2/2"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert len(out) == 20 and out[0].endswith("main/mrpc-r3f-seed11") and out[-1].endswith("main/cola-r3f-seed20")
+    # each lane: one standard and one R3F run of every seed (R3F costs about twice as much)
+    assert len(out) == 20 and out[0].endswith("main/mrpc-r3f-seed11") and out[1].endswith("main/cola-standard-seed11")
+    assert out[-1].endswith("main/cola-standard-seed20")
+    assert sum("-r3f-" in line for line in out) == 10
     out = subprocess.run(["bash", str(study / "run.sh"), "ablation", "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 25 and out[0].endswith("ablation/mrpc-r3f-eps0-seed11")
