@@ -11,9 +11,10 @@ the end of every epoch):
    the paper's effect (``r3f_opt.experiments.stats``).
 
 Prints the table and the choice; with ``--write`` writes ``docs/study/plan.env`` (``--plan`` elsewhere;
-refused if it exists: the plan is fixed once) which ``run.sh main`` / ``run.sh ablation`` read. Exits 1, writing nothing, when a pilot
-run is missing or unfinished, or when a task does not learn (the plan then says: extend the pilot, record a
-deviation).
+refused if it exists: the plan is fixed once), which ``run.sh main`` / ``run.sh ablation`` read. Exits 1,
+writing nothing, when a pilot run is missing or unfinished, or when a task does not learn (the plan then says:
+extend the pilot, record a deviation). ``BATCH`` and ``LRS`` restate run.sh's pilot grid, against which the
+runs are checked.
 
     python docs/study/choose.py docs/results/study/pilot --write
 """

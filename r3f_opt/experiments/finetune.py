@@ -34,9 +34,10 @@ from .glue import TASKS, GlueDataError, compute_metrics, majority_baseline, reso
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
 # Arguments that define the run: a resumed run must have the same ones.
-RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise", "noise_scale",
-            "noisy_grad", "same_dropout", "fused_adamw", "seed", "lr", "weight_decay", "warmup_ratio", "batch_size", "max_length", "epochs", "max_steps",
-            "max_grad_norm", "max_train_examples", "max_eval_examples", "reinit_head")
+RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise",
+            "noise_scale", "noisy_grad", "same_dropout", "fused_adamw", "seed", "lr", "weight_decay", "warmup_ratio",
+            "batch_size", "max_length", "epochs", "max_steps", "max_grad_norm", "max_train_examples",
+            "max_eval_examples", "reinit_head")
 
 
 def _json_dict(text: str) -> dict:

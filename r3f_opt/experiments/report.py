@@ -119,7 +119,8 @@ def arm(run: dict) -> str:
     if run["method"] == "standard":
         return "standard"
     hp, defaults = run.get("hyperparameters", {}), _defaults()
-    diff = [f"{k}={_show(_setting(hp, k))}" for k in METHOD_KEYS if _setting(hp, k) != defaults[k]]
+    settings = {k: _setting(hp, k) for k in METHOD_KEYS}
+    diff = [f"{k}={_show(v)}" for k, v in settings.items() if v != defaults[k]]
     return run["method"] + (f" ({', '.join(diff)})" if diff else "")
 
 
