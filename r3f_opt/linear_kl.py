@@ -759,6 +759,11 @@ class FusedLMHead:
             raise ValueError(f"{name} soft-caps its logits (final_logit_softcapping="
                              f"{text.final_logit_softcapping}), which the fused objective cannot express "
                              "(its logits are hidden @ W.T + b); use the logits path (fused_lm_head=False)")
+        if getattr(text, "output_router_logits", False) and getattr(text, "router_aux_loss_coef", 0.0):
+            raise ValueError(f"{name} adds an MoE router loss to its causal-LM loss (output_router_logits=True, "
+                             f"router_aux_loss_coef={text.router_aux_loss_coef}), which the fused objective, computed "
+                             "from the hidden states, would drop; set config.output_router_logits=False (TRL: "
+                             "router_aux_loss_coef=0.0), or use the logits path (fused_lm_head=False)")
         model_type = getattr(text, "model_type", None)
         if model_type in _LOGIT_SCALES:
             return float(_LOGIT_SCALES[model_type](text))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -80,18 +81,42 @@ class R3FTrainingArguments(R3FArguments, TrainingArguments):
 def _kl_mask(inputs: dict, logits: torch.Tensor, causal_lm: bool) -> Optional[torch.Tensor]:
     """Token-level logits: count the positions that predict a label (labels != -100), else the attended ones.
 
-    A causal LM's logits at t predict the label at t + 1 (the model shifts the labels itself).
+    A causal LM's logits at t predict the label at t + 1: the model shifts ``labels`` itself, and a collator's
+    ``shift_labels`` (padding-free, context parallelism) are already aligned with the logits, as the model's loss
+    takes them. Labels or a mask whose shape is not the logits' (e.g. prompt tuning's virtual tokens) are
+    ignored with a warning: the KL then counts every position.
     """
     if logits.dim() < 3:
         return None
-    labels, attention = inputs.get("labels"), inputs.get("attention_mask")
-    if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
+    lead = logits.shape[:-1]
+    labels, shifted, attention = inputs.get("labels"), inputs.get("shift_labels"), inputs.get("attention_mask")
+    if causal_lm and isinstance(shifted, torch.Tensor) and shifted.shape == lead:
+        return shifted != -100
+    if isinstance(labels, torch.Tensor) and labels.shape == lead:
         if causal_lm:
             return torch.cat([labels[:, 1:] != -100, labels.new_zeros(labels.shape[0], 1, dtype=torch.bool)], 1)
         return labels != -100
-    if isinstance(attention, torch.Tensor) and attention.shape == logits.shape[:-1]:
+    if isinstance(attention, torch.Tensor) and attention.shape == lead:
         return attention.bool()
+    given = {k: tuple(v.shape) for k, v in (("labels", labels), ("attention_mask", attention))
+             if isinstance(v, torch.Tensor)}
+    if given:
+        warnings.warn(f"R3F: the logits have positions {tuple(lead)} but {given}: the symmetric KL counts every "
+                      "position, padding included (prompt tuning's virtual tokens?)", stacklevel=3)
     return None
+
+
+def _flattened(inputs: dict) -> bool:
+    """Whether the batch is one row holding several sequences (padding-free / flattening collators: position_ids
+    restarting at 0 within the row). Only a one-row batch with position_ids is looked at (one host sync)."""
+    ids = inputs.get("position_ids")
+    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and bool((ids == 0).sum() > 1)
+
+
+_FLATTENED = ("r3f_reduction='batchmean' divides the KL by the batch's rows, and a padding-free (flattened) batch is "
+              "one row holding every sequence, so the KL would be summed over all of them (its scale would grow with "
+              "the batch size); set r3f_reduction='mean' (the mean over the labelled tokens, whatever the layout; "
+              "lam then weighs a per-token KL) or 'sum', or pad the batches")
 
 
 def _logits(outputs: Any) -> torch.Tensor:
@@ -172,17 +197,9 @@ class R3FTrainerMixin:
         self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
         if self.r3f_method == "standard":
             return
-        if a.ddp_find_unused_parameters:
-            raise ValueError("R3F runs two forwards before one backward, which DDP cannot do with "
-                             "find_unused_parameters=True: set ddp_find_unused_parameters=False")
+        self._r3f_refuse()
         if a.ddp_find_unused_parameters is None:
             a.ddp_find_unused_parameters = False
-        if getattr(a, "neftune_noise_alpha", None) is not None:
-            raise ValueError("neftune_noise_alpha is set: NEFTune would make R3F's clean pass noisy too; use one "
-                             "of the two (neftune_noise_alpha=None for R3F)")
-        if self.r3f_fused_lm_head and getattr(self, "compute_loss_func", None) is not None:
-            raise ValueError("r3f_fused_lm_head computes the model's causal-LM loss itself from the hidden states; "
-                             "a compute_loss_func would need the logits. Drop one of the two")
         seed = getattr(a, "r3f_seed", None)
         seed = a.seed * 0x9E3779B97F4A7C15 + 1 if seed is None else seed
         seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
@@ -193,6 +210,27 @@ class R3FTrainerMixin:
             method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False),
             noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head)
         self.r3f_noise = self.r3f_regularizer.noise
+
+    def _r3f_refuse(self) -> None:
+        """The settings R3F cannot train with, checked before it touches the model (subclasses add theirs)."""
+        a = self.args
+        if a.ddp_find_unused_parameters:
+            raise ValueError("R3F runs two forwards before one backward, which DDP cannot do with "
+                             "find_unused_parameters=True: set ddp_find_unused_parameters=False")
+        if getattr(a, "neftune_noise_alpha", None) is not None:
+            raise ValueError("neftune_noise_alpha is set: NEFTune would make R3F's clean pass noisy too; use one "
+                             "of the two (neftune_noise_alpha=None for R3F)")
+        if getattr(self, "model_init", None) is not None:
+            raise ValueError("model_init rebuilds the model in train(), but R3F attaches its embedding noise (and "
+                             "R4F its spectral norm, the fused head its capture) to the model it is given; pass "
+                             "model= instead (hyper-parameter search: r3f_method='standard')")
+        if self.r3f_fused_lm_head and getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError("r3f_fused_lm_head computes the model's causal-LM loss itself from the hidden states; "
+                             "a compute_loss_func would need the logits. Drop one of the two")
+        if self.r3f_fused_lm_head and a.n_gpu > 1:
+            raise ValueError(f"r3f_fused_lm_head with {a.n_gpu} GPUs in one process (nn.DataParallel): its replicas "
+                             "would bypass the fused head's capture; launch one process per GPU (torchrun, "
+                             "accelerate launch), or use the logits path")
 
     def training_step(self, model: torch.nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._active = True
@@ -228,6 +266,8 @@ class R3FTrainerMixin:
         if not self._active or self.r3f_regularizer is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if getattr(self.r3f_regularizer, "reduction", None) == "batchmean" and _flattened(inputs):
+            raise ValueError(_FLATTENED)
         with self.r3f_regularizer.step_scope():
             if self.r3f_fused_lm_head:
                 loss, kl, outputs = self._r3f_fused_loss(model, inputs, num_items_in_batch)
@@ -244,13 +284,19 @@ class R3FTrainerMixin:
         clean = _logits(outputs)
         if self.r3f_noise is not None:
             self.r3f_noise.reseed(self._step_seed())
-        mask = _kl_mask(inputs, clean, unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        mask = _kl_mask(inputs, clean, self._r3f_shifts_labels(model))
         if isinstance(self.r3f_regularizer, RDrop):  # the second pass's task loss counts too, the Trainer's way
             loss_2, outputs_2 = self._r3f_task_loss(model, dict(inputs), num_items_in_batch)
             loss, kl = self.r3f_regularizer.combine(loss, clean, loss_2, _logits(outputs_2), mask=mask)
         else:
             kl = self.r3f_regularizer.term(_ModelPasses(model, inputs), clean, mask=mask)
         return loss + self.r3f_lambda * kl / self._r3f_ga_divisor(num_items_in_batch), kl, outputs
+
+    def _r3f_shifts_labels(self, model: torch.nn.Module) -> bool:
+        """Whether the model's loss shifts the labels: a causal-LM class, or what the Trainer found from the model's
+        loss function (``_loss_shifts_labels``: also vision-language *ForConditionalGeneration decoders)."""
+        return bool(getattr(self, "_loss_shifts_labels", False)) or \
+            unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
     def _r3f_fused_loss(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Optional[Any]) -> tuple:
         """The fused LM-head path: the model's causal-LM loss (as the Trainer computes it: num_items_in_batch when
@@ -261,7 +307,7 @@ class R3FTrainerMixin:
         tokens = 1
         if getattr(a, "average_tokens_across_devices", False) and nib is not None:
             tp = self.get_tp_size() if callable(getattr(self, "get_tp_size", None)) else 1
-            tokens = self.accelerator.num_processes // tp if a.n_gpu <= 1 else a.n_gpu
+            tokens = self.accelerator.num_processes // tp  # one process per GPU: DataParallel is refused
         smoothing = a.label_smoothing_factor if getattr(self, "label_smoother", None) is not None else 0.0
         self.r3f_noise.reseed(self._step_seed())
         lam = self.r3f_lambda / (self._r3f_ga_divisor(num_items_in_batch) * tokens)

@@ -17,9 +17,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from .trainer import R3FArguments, R3FTrainerMixin
+from .trainer import _FLATTENED, R3FArguments, R3FTrainerMixin
 
 __all__ = ["R3FSFTTrainer", "R3FSFTConfig"]
+
+METRIC_TOKENS = 1024  # logits positions per float32 log-softmax of the logits path's entropy metric
 
 
 @dataclass
@@ -36,8 +38,9 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
     Per training step: one clean pass (the task loss and TRL's ``entropy`` and ``mean_token_accuracy`` metrics:
     on the logits path from its logits, under no_grad; with ``r3f_fused_lm_head=True``, where neither pass
     computes logits, inside the fused objective's chunks) and one noisy pass, then one backward; ``num_tokens``,
-    ``loss`` and ``sym_kl`` are logged too. Refused: ``loss_type="dft"``, and with the fused head a
-    ``compute_loss_func`` or an MoE router loss. ``label_smoothing_factor`` is applied to the clean pass's CE.
+    ``loss`` and ``sym_kl`` are logged too. Refused: ``loss_type="dft"``, an MoE router loss, padding-free batches
+    (``padding_free``, ``packing`` with BFD) with ``r3f_reduction="batchmean"`` (use ``"mean"``), and with the fused
+    head a ``compute_loss_func``. ``label_smoothing_factor`` is applied to the clean pass's CE.
 
     Example:
         >>> args = R3FSFTConfig("out", r3f_lambda=1.0, r3f_eps=1e-2, r3f_noise_scale="relative",
@@ -58,9 +61,18 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
             raise ValueError(f"R3FSFTTrainer supports loss_type='nll' (the model's causal-LM cross-entropy), not "
                              f"{args.loss_type!r}; use r3f_method='standard' with it, or loss_type='nll'")
         super().__init__(model, args, *rest, **kwargs)
-        if self.r3f_fused_lm_head and getattr(self, "aux_loss_enabled", False):
-            raise ValueError("r3f_fused_lm_head computes the causal-LM loss from the hidden states and would drop "
-                             "the MoE router's auxiliary loss; set router_aux_loss_coef=0.0, or use the logits path")
+
+    def _r3f_refuse(self) -> None:
+        super()._r3f_refuse()
+        if getattr(self, "aux_loss_enabled", False):
+            raise ValueError("the MoE router's auxiliary loss is on (router_aux_loss_coef="
+                             f"{self.router_aux_loss_coef}): R3F's clean pass computes the model's own loss, which "
+                             "adds that term at the coefficient the model was loaded with and scales it as a "
+                             "token-averaged loss (not as TRL does), and the fused head would drop it; set "
+                             "router_aux_loss_coef=0.0, or r3f_method='standard'")
+        reduction = self.args.r3f_reduction or ("sum" if self.r3f_method == "rdrop" else "batchmean")
+        if getattr(self, "padding_free", False) and reduction == "batchmean":
+            raise ValueError("padding_free (or packing with packing_strategy 'bfd'): " + _FLATTENED)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None):
@@ -68,8 +80,6 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False  # as TRL: no KV cache in training (gradient checkpointing warns otherwise)
-        if getattr(self, "aux_loss_enabled", False):
-            inputs["output_router_logits"] = True  # the model's own loss then adds the router's
         # The fused head computes no logits: it adds TRL's two logits metrics' sums here instead.
         self._r3f_token_stats = None
         if self.r3f_fused_lm_head:
@@ -99,7 +109,8 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
                 and labels.shape == logits.shape[:-1]:
             valid = labels != -100
             sums = torch.zeros(3, device=logits.device)
-            for row, lab, ok in zip(logits, labels, valid):  # one sequence at a time: no rows x V float32 copy
+            chunks = (logits.flatten(0, -2), labels.reshape(-1), valid.reshape(-1))
+            for row, lab, ok in zip(*(t.split(METRIC_TOKENS) for t in chunks)):  # no rows x V float32 copy
                 logp = torch.log_softmax(row.float(), -1)
                 sums[0] += (-(logp.exp() * logp).sum(-1) * ok).sum()
                 sums[1] += ((row.argmax(-1) == lab) & ok).sum()

@@ -195,6 +195,13 @@ def new_opt(model, **kw):
 def test_refuses_what_it_cannot_express():
     with pytest.raises(ValueError, match="soft-caps its logits"):
         new_opt(tiny_lm("gemma2", True, final_logit_softcapping=30.0))
+    moe = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                     num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.02)
+    with pytest.raises(ValueError, match="MoE router loss"):  # the fused objective would drop it
+        new_opt(transformers.MixtralForCausalLM(moe))
+    moe.output_router_logits = False
+    new_opt(transformers.MixtralForCausalLM(moe))
     with pytest.raises(ValueError, match="causal LM"):
         new_opt(transformers.BertForSequenceClassification(transformers.BertConfig(
             vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)))

@@ -115,6 +115,47 @@ def test_kl_mask_of_a_causal_lm_is_shifted():
     assert _kl_mask({"labels": labels}, torch.zeros(1, 5, 7), causal_lm=False).tolist() == [[False, False, True, True, False]]
 
 
+def test_kl_mask_takes_shift_labels_and_warns_on_a_shape_mismatch():
+    from r3f_opt.integrations.trainer import _kl_mask
+
+    labels = torch.tensor([[-100, -100, 5, 6, -100]])
+    shifted = torch.tensor([[-100, 5, -100, -100, 7]])  # a collator's shift_labels: aligned with the logits already
+    got = _kl_mask({"labels": labels, "shift_labels": shifted}, torch.zeros(1, 5, 7), causal_lm=True)
+    assert got.tolist() == [[False, True, False, False, True]]
+    with pytest.warns(UserWarning, match="counts every position"):  # e.g. prompt tuning's virtual tokens
+        assert _kl_mask({"labels": labels}, torch.zeros(1, 8, 7), causal_lm=True) is None
+
+
+def test_vision_language_decoders_count_as_shifting(tmp_path):
+    """The Trainer's _loss_shifts_labels (from the model's loss function) also covers *ForConditionalGeneration
+    decoders that are not in the causal-LM mapping; a causal-LM class shifts whatever it says."""
+    tr = R3FTrainer(model=tiny_model("gpt2-lm"), args=args(tmp_path))
+    assert tr._r3f_shifts_labels(tr.model)
+    tr._loss_shifts_labels = True
+    bert = tiny_model("bert")
+    assert tr._r3f_shifts_labels(bert)
+    tr._loss_shifts_labels = False
+    assert not tr._r3f_shifts_labels(bert) and tr._r3f_shifts_labels(tr.model)
+
+
+def test_model_init_and_flattened_batches_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="model_init"):
+        R3FTrainer(model_init=lambda: tiny_model("bert"), args=args(tmp_path))
+    R3FTrainer(model_init=lambda: tiny_model("bert"), args=args(tmp_path, r3f_method="standard"))
+    # One row holding three sequences (a flattening collator's position_ids): batchmean would sum the KL over all.
+    tr = R3FTrainer(model=tiny_model("gpt2-lm"), args=args(tmp_path))
+    batch = {k: v[:1] for k, v in toy_batch("gpt2-lm", batch=1, seq=8).items()}
+    batch["position_ids"] = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    tr._active = True
+    with pytest.raises(ValueError, match="r3f_reduction='mean'"):
+        tr.compute_loss(tr.model, dict(batch))
+    mean = R3FTrainer(model=tiny_model("gpt2-lm"), args=args(tmp_path, r3f_reduction="mean"))
+    mean._active = True
+    assert torch.isfinite(mean.compute_loss(mean.model, dict(batch)))
+    one = dict(batch, position_ids=torch.arange(8).unsqueeze(0))  # one sequence: batchmean is fine
+    assert torch.isfinite(tr.compute_loss(tr.model, one))
+
+
 def test_find_unused_parameters_and_neftune_are_refused(tmp_path):
     assert args(tmp_path).ddp_find_unused_parameters is False  # R3F's default
     # Plain TrainingArguments: the Trainer's accelerator was built with None (= True for pretrained

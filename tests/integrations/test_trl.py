@@ -116,14 +116,16 @@ def test_both_sides_of_the_kl_receive_gradient(tmp_path, tokenizer, dataset, fus
     assert g_noisy.norm() > 1e-3 * ce_only.norm()  # and the noisy side (only the KL reaches it)
 
 
-def test_fused_trains_as_the_logits_path_on_padding_free_batches(tmp_path, tokenizer, dataset):
+def test_fused_trains_as_the_logits_path_on_padding_free_batches(tmp_path, tokenizer, dataset, monkeypatch):
     """padding_free=True packs each batch into one row (position_ids, first label of each sequence -100): the
     fused head and the logits path give the same LoRA weights (SGD: equal gradients give equal steps), and log
-    the same entropy and mean token accuracy (the fused head's from its chunks, the logits path's from the logits)."""
+    the same entropy and mean token accuracy (the fused head's from its chunks, the logits path's from the logits,
+    5 positions at a time here). The KL's reduction is "mean": "batchmean" is refused on such batches (below)."""
+    monkeypatch.setattr("r3f_opt.integrations.trl.METRIC_TOKENS", 5)
     states, logs = [], []
     for fused in (False, True):
         tr = trainer(tmp_path / str(fused), tokenizer, dataset, padding_free=True, optim="sgd", learning_rate=0.1,
-                     r3f_fused_lm_head=fused, gradient_checkpointing=False, bf16=False)
+                     r3f_fused_lm_head=fused, gradient_checkpointing=False, bf16=False, r3f_reduction="mean")
         tr.train()
         states.append({n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad})
         logs.append([(h["entropy"], h["mean_token_accuracy"]) for h in tr.state.log_history if "loss" in h])
@@ -141,6 +143,32 @@ def test_arguments_and_refusals(tmp_path, tokenizer, dataset):
     assert isinstance(tr.args, R3FSFTConfig) and tr.args.r3f_lambda == 3.0 == tr.r3f_lambda
     with pytest.raises(ValueError, match="loss_type='nll'"):
         trainer(tmp_path, tokenizer, dataset, lora=False, loss_type="dft")
+    # A padding-free batch is one row: "batchmean" would sum the KL over every sequence of it.
+    for flat in (dict(padding_free=True), dict(packing=True, packing_strategy="bfd", max_length=16)):
+        with pytest.raises(ValueError, match="r3f_reduction='mean'"):
+            trainer(tmp_path, tokenizer, dataset, lora=False, **flat)
+
+
+def test_moe_router_loss_is_refused_before_the_model_changes(tmp_path, tokenizer, dataset):
+    """R3F's clean pass takes the model's own loss, which would add the router loss at the model's load-time
+    coefficient and scale it unlike TRL: refused, on both paths, before the noise or R4F touch the model (R4F
+    would fail here otherwise: a causal LM has no classification head)."""
+    config = transformers.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                        num_experts_per_tok=1, max_position_embeddings=32, pad_token_id=0,
+                                        eos_token_id=1, output_router_logits=True, router_aux_loss_coef=0.02)
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=None, r3f_method="r4f")
+    for fused in (False, True):
+        model = transformers.MixtralForCausalLM(config)
+        with pytest.raises(ValueError, match="router_aux_loss_coef=0.0"):
+            R3FSFTTrainer(model=model, args=R3FSFTConfig(**base, r3f_fused_lm_head=fused), train_dataset=dataset,
+                          processing_class=tokenizer)
+        assert not model.get_input_embeddings()._forward_hooks  # no noise hook
+        assert not any("parametrizations" in n for n, _ in model.named_modules())  # no spectral norm
+    args = R3FSFTConfig(**dict(base, r3f_method="r3f"), router_aux_loss_coef=0.0)
+    tr = R3FSFTTrainer(model=transformers.MixtralForCausalLM(config), args=args, train_dataset=dataset,
+                       processing_class=tokenizer)
+    assert tr.r3f_regularizer is not None and not tr.aux_loss_enabled
 
 
 def test_lazy_import_and_a_clear_error_without_trl(monkeypatch):
