@@ -8,7 +8,10 @@ arm (default ``standard``). An arm is a method with its own settings: runs of on
 eps, same_dropout, ...) differ from r3f-finetune's defaults are their own arm, named after the difference,
 e.g. ``r3f (eps=0)``, so an ablation sits beside the main arms:
 
-    r3f-report study/main study/ablation --seeds 11-15 --baseline r3f   # each arm against r3f, seeds 11-15
+    r3f-report study/main study/ablation --seeds 11-15 --baseline r3f --primary mrpc=f1   # against r3f, seeds 11-15
+
+Runs are never pooled across budgets (a task whose runs differ in lr, epochs, data, ... gets no comparison), and
+the report says which seeds each arm has, where they differ, and which run folders have no results.json yet.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ from . import stats
 from .data import LATER_KEYS, atomic_write
 from .glue import TASKS, majority_baseline
 
-__all__ = ["main", "load_runs", "arm", "summarize", "compare", "comparison_markdown", "markdown_table", "baselines",
-           "plot"]
+__all__ = ["main", "load_runs", "unfinished", "arm", "summarize", "compare", "seed_notes", "comparison_markdown",
+           "markdown_table", "baselines", "plot"]
 
 METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 # Hyper-parameters that make up a run's budget: the paper's rule is that every method gets the same.
@@ -72,6 +75,13 @@ def load_runs(paths: Sequence[str]) -> list[dict]:
         run["_path"] = str(f)
         runs.append(run)
     return runs
+
+
+def unfinished(paths: Sequence[str]) -> list[str]:
+    """Run folders under ``paths`` with a checkpoint but no results.json (a run stopped or still going)."""
+    dirs = [Path(p) for p in paths if Path(p).is_dir()]
+    found = (c.parent for d in dirs for c in d.rglob("checkpoint.pt"))
+    return sorted(str(f) for f in found if not (f / "results.json").exists())
 
 
 def _check_metrics(f: Path, run: dict) -> None:
@@ -142,9 +152,20 @@ def parse_seeds(spec: str) -> set[int]:
     return seeds
 
 
+def _chosen(run: dict, which: str, primary: str) -> dict:
+    """The metrics of a run at the end of training, or at its best evaluation by ``primary``: the run's own
+    ``best`` when it chose by that metric, else its evaluation with the highest ``primary`` (the earliest of
+    ties), so ``--metric best --primary mrpc=f1`` is the best F1, not F1 at the best accuracy."""
+    if which == "final" or primary == run["primary_metric"]:
+        return run[which]["metrics"]
+    evals = [e["metrics"] for e in run.get("evaluations", []) if primary in e.get("metrics", {})]
+    return max(evals, key=lambda m: m[primary]) if evals else run[which]["metrics"]
+
+
 def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = None) -> list[dict]:
     """One row per (task, metric, arm): n, seeds, values, median, mean, std (sample; None for n=1), max,
-    and the mean seconds per step. ``which``: "final" (end of training) or "best" (best evaluation).
+    and the mean seconds per step. ``which``: "final" (end of training) or "best" (the evaluation with the best
+    primary metric; every metric of the row is taken at it).
     Each task's primary metric comes first (the task's own, or ``primary[task]``, e.g. ``{"mrpc": "f1"}``)."""
     if which not in ("final", "best"):
         raise ValueError(f"which must be 'final' or 'best', got {which!r}")
@@ -160,17 +181,18 @@ def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = 
         task_runs = [r for r in runs if r["task"] == task]
         first = primary.get(task, task_runs[0]["primary_metric"])
         metrics = [first] + sorted({k for r in task_runs for k in r[which]["metrics"]} - {first, "loss"})
+        chosen = {id(r): _chosen(r, which, first) for r in task_runs}
         for metric in metrics:
             for name in _arms(task_runs):
                 group = sorted(groups[task, name], key=lambda r: r["seed"])
-                vals = [r[which]["metrics"][metric] for r in group if metric in r[which]["metrics"]]
+                vals = [chosen[id(r)][metric] for r in group if metric in chosen[id(r)]]
                 if not vals:
                     continue
                 sps = [r["seconds_per_step"] for r in group if "seconds_per_step" in r]
                 official = all(r.get("data", {}).get("eval_is_full_official_dev", True) for r in group)
                 rows.append({"task": task, "metric": metric, "arm": name, "method": group[0]["method"],
                              "n": len(vals),
-                             "seeds": [r["seed"] for r in group if metric in r[which]["metrics"]], "values": vals,
+                             "seeds": [r["seed"] for r in group if metric in chosen[id(r)]], "values": vals,
                              "official_dev": official,
                              "median": statistics.median(vals), "mean": statistics.fmean(vals),
                              "std": statistics.stdev(vals) if len(vals) > 1 else None, "max": max(vals),
@@ -178,23 +200,22 @@ def summarize(runs: list[dict], which: str = "final", primary: Optional[dict] = 
     return rows
 
 
-def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
+def compare(rows: list[dict], baseline: str = "standard", skip: Sequence[str] = ()) -> list[dict]:
     """Every arm against the arm ``baseline`` on each task's primary metric: the difference of means, Welch's t,
     a 95 % bootstrap interval, Holm's correction over the tasks (per arm), and the seeds per arm needed
-    to detect the paper's effect (:data:`stats.PAPER_EFFECT`) at the measured seed spread."""
-    primary = {}
-    for r in rows:
-        primary.setdefault(r["task"], r["metric"])  # summarize() lists each task's primary metric first
+    to detect the paper's effect (:data:`stats.PAPER_EFFECT`) at the measured seed spread (the two arms'
+    pooled sd). Tasks in ``skip`` (their runs differ in budget) get no comparison."""
+    primary = _primary(rows)
     by = {(r["task"], r["metric"], r["arm"]): r for r in rows}
     out = []
     for (task, metric, name), r in by.items():
         base = by.get((task, metric, baseline))
-        if name == baseline or metric != primary[task] or base is None:
+        if name == baseline or metric != primary[task] or base is None or task in skip:
             continue
         test = stats.welch(base["values"], r["values"])
         if test is None:
             continue
-        sd = statistics.fmean([statistics.stdev(base["values"]), statistics.stdev(r["values"])])
+        sd = math.sqrt(statistics.fmean([statistics.variance(base["values"]), statistics.variance(r["values"])]))
         effect = stats.PAPER_EFFECT.get(task)
         need = stats.seeds_needed(sd, effect) if effect else None
         out.append({"task": task, "metric": metric, "arm": name, "method": r["method"], "baseline": baseline,
@@ -208,6 +229,35 @@ def compare(rows: list[dict], baseline: str = "standard") -> list[dict]:
     return out
 
 
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def seed_notes(rows: list[dict], wanted: Optional[set] = None) -> list[str]:
+    """Per task, the seeds of each arm (primary metric), and a note where the arms' seed sets differ or lack
+    seeds of ``wanted`` (``--seeds``): a comparison is then on different or fewer seeds than planned."""
+    notes = []
+    for task, metric in _primary(rows).items():
+        arms = {r["arm"]: set(r["seeds"]) for r in rows if r["task"] == task and r["metric"] == metric}
+        every = set().union(*arms.values()) | (wanted or set())
+        gaps = {a: sorted(every - s) for a, s in arms.items() if every - s}
+        if gaps:
+            notes.append(f"{task}: the arms' seeds differ: " + "; ".join(
+                f"{a} lacks {', '.join(map(str, g))}" for a, g in gaps.items()))
+    return notes
+
+
+def _span(seeds: Sequence[int]) -> str:
+    """1, 2, 3, 5 -> '1-3, 5'."""
+    out, seeds = [], sorted(seeds)
+    for s in seeds:
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 def comparison_markdown(comparisons: list[dict]) -> str:
     lines = ["| task | metric | arm − baseline | Δ mean | 95 % bootstrap CI | Welch t (df) | p | p, Holm | "
              "seeds/arm for the paper's effect |", "|---|---|---|---|---|---|---|---|---|"]
@@ -216,9 +266,17 @@ def comparison_markdown(comparisons: list[dict]) -> str:
         need = "–" if c["seeds_needed"] is None else (
             f"{c['seeds_needed']} (Δ {c['paper_effect']:.3f})" + (" ⚠ n too small" if c["underpowered"] else ""))
         lines.append(f"| {c['task']} | {c['metric']} | {c['arm']} − {c['baseline']} | {c['diff']:+.4f} | "
-                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['t']:.2f} ({df}) | {c['p']:.3f} | "
-                     f"{c['p_holm']:.3f} | {need} |")
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['t']:.2f} ({df}) | {_p(c['p'])} | "
+                     f"{_p(c['p_holm'])} | {need} |")
     return "\n".join(lines)
+
+
+def _primary(rows: list[dict]) -> dict:
+    """Each task's primary metric in ``rows`` (summarize() lists it first)."""
+    first: dict = {}
+    for r in rows:
+        first.setdefault(r["task"], r["metric"])
+    return first
 
 
 def budget_mismatches(runs: list[dict]) -> list[str]:
@@ -368,22 +426,42 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          f"{_arms(runs)}: pass one with --baseline")
     rows = summarize(runs, args.metric, primary)
     warnings = budget_mismatches(runs)
+    mismatched = sorted({w.split(":")[0] for w in warnings})
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = baselines(runs)
     text = (f"{len(runs)} runs, {args.metric} metrics; median, mean ± sample std and max over seeds.\n\n"
             + markdown_table(rows) + "\n" + (f"\n{baselines_markdown(base)}.\n" if base else ""))
+    first = _primary(rows)
+    text += "\nSeeds per arm: " + "; ".join(
+        f"{r['task']} {r['arm']} {_span(r['seeds'])}" for r in rows if r["metric"] == first[r["task"]]) + ".\n"
+    notes = seed_notes(rows, seeds)
+    left = unfinished(args.runs)
+    if notes or left:
+        text += "".join(f"\n⚠ {n}." for n in notes) + (
+            f"\n⚠ Left out, no results.json yet (unfinished): {', '.join(left)}." if left else "") + "\n"
     baseline = args.baseline or "standard"
-    comparisons = compare(rows, baseline)
+    comparisons = compare(rows, baseline, skip=mismatched)
     if comparisons:
-        text += (f"\n**Each arm against {baseline}** (primary metric; Welch's t, 95 % bootstrap interval of the "
-                 "difference of means; Holm over the tasks of this report):\n\n" + comparison_markdown(comparisons)
-                 + "\n")
+        families = defaultdict(list)
+        for c in comparisons:
+            families[c["arm"]].append(c["task"])
+        text += (f"\n**Each arm against {baseline}** ({args.metric} primary metric; Δ = arm − baseline; Welch's t, "
+                 "95 % bootstrap interval of the difference of means; Holm over the tasks compared: "
+                 + "; ".join(f"{a}: {', '.join(t)}" for a, t in families.items()) + "):\n\n"
+                 + comparison_markdown(comparisons) + "\n")
+        missing = [f"{r['arm']} on {r['task']}" for r in rows if r["metric"] == first[r["task"]] and
+                   r["arm"] != baseline and r["task"] not in mismatched and r["task"] not in families[r["arm"]]]
+        if missing:
+            text += ("\n⚠ Not compared (fewer than 2 seeds in an arm, or no such arm): " + ", ".join(missing)
+                     + "; Holm covers fewer tasks for those arms.\n")
         if any(c["underpowered"] for c in comparisons):
             text += ("\n⚠ Too few seeds to detect the paper's effect at this seed spread (80 % power, α = 0.05): "
                      "a non-significant difference here says little.\n")
     if warnings:
-        text += "\n**Not comparable: settings differ**\n" + "".join(f"- {w}\n" for w in warnings)
+        text += ("\n**Not comparable: settings differ** (no comparison for "
+                 + ", ".join(mismatched) + ": runs of different budgets are not pooled)\n"
+                 + "".join(f"- {w}\n" for w in warnings))
     atomic_write(out / "report.md", lambda p: p.write_text(text))
     atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(rows, indent=2)))
     atomic_write(out / "comparison.json", lambda p: p.write_text(json.dumps(comparisons, indent=2)))

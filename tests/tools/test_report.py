@@ -251,3 +251,64 @@ def test_primary_metric_override(runs, tmp_path):
             report.main([str(root), "--output-dir", str(out), "--no-plot", "--primary", bad])
     with pytest.raises(ValueError, match="mrpc has no metric 'mcc'"):
         report.summarize(report.load_runs([str(root)]), primary={"mrpc": "mcc"})
+
+
+def test_runs_of_different_budgets_are_not_pooled_into_a_comparison(tmp_path):
+    for seed, (s, r) in enumerate([(0.60, 0.62), (0.70, 0.66), (0.65, 0.80)], 1):
+        fake_run(tmp_path / "runs", "mrpc", "standard", seed, s)
+        fake_run(tmp_path / "runs", "mrpc", "r3f", seed, r)
+    fake_run(tmp_path / "runs", "mrpc", "standard", 4, 0.9, lr=2e-4)  # another budget: would be pooled
+    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "r3f − standard" not in text and "no comparison for mrpc" in text and "runs differ in lr" in text
+    assert json.loads((tmp_path / "rep" / "comparison.json").read_text()) == []
+
+
+def test_seed_gaps_unfinished_runs_and_holm_families_are_reported(tmp_path):
+    """An arm lacking a seed (of the others', or of --seeds), a folder with only a checkpoint, and a task that
+    cannot be compared (one seed) are all said; Holm's family is the tasks actually compared."""
+    for seed in (11, 12, 13):
+        fake_run(tmp_path / "runs", "mrpc", "standard", seed, 0.6 + seed / 100)
+        if seed != 12:
+            fake_run(tmp_path / "runs", "mrpc", "r3f", seed, 0.62 + seed / 100)
+    fake_run(tmp_path / "runs", "rte", "standard", 11, 0.5)
+    fake_run(tmp_path / "runs", "rte", "standard", 12, 0.52)
+    fake_run(tmp_path / "runs", "rte", "r3f", 11, 0.55)  # one seed: no test possible
+    (tmp_path / "runs" / "mrpc-r3f-12").mkdir()
+    (tmp_path / "runs" / "mrpc-r3f-12" / "checkpoint.pt").write_bytes(b"")
+    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot", "--seeds", "11-14"])
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "mrpc standard 11-13; mrpc r3f 11, 13" in text
+    assert "mrpc: the arms' seeds differ: standard lacks 14; r3f lacks 12, 14" in text
+    assert "unfinished): " + str(tmp_path / "runs" / "mrpc-r3f-12") in text
+    assert "Holm over the tasks compared: r3f: mrpc)" in text and "Not compared" in text and "r3f on rte" in text
+    comps = json.loads((tmp_path / "rep" / "comparison.json").read_text())
+    assert [c["task"] for c in comps] == ["mrpc"] and comps[0]["p_holm"] == comps[0]["p"]  # a family of one
+
+
+def test_best_is_taken_by_the_reported_primary_metric(tmp_path):
+    """--metric best with --primary mrpc=f1: each run's evaluation with the best F1 (not the best accuracy's)."""
+    d = fake_run(tmp_path, "mrpc", "standard", 1, 0.7, f1=0.8)
+    run = json.loads((d / "results.json").read_text())
+    run["evaluations"] = [{"step": 5, "metrics": {"accuracy": 0.80, "f1": 0.81}},
+                          {"step": 10, "metrics": {"accuracy": 0.70, "f1": 0.85}}]
+    run["best"] = {"step": 5, "metrics": run["evaluations"][0]["metrics"]}  # chosen by accuracy
+    (d / "results.json").write_text(json.dumps(run))
+    rows = report.summarize(report.load_runs([str(tmp_path)]), "best", primary={"mrpc": "f1"})
+    assert {r["metric"]: r["values"] for r in rows} == {"f1": [0.85], "accuracy": [0.70]}  # both at step 10
+    rows = report.summarize(report.load_runs([str(tmp_path)]), "best")
+    assert {r["metric"]: r["values"] for r in rows} == {"accuracy": [0.80], "f1": [0.81]}
+
+
+def test_power_uses_the_pooled_sd_and_small_p_is_printed_as_such(tmp_path):
+    from r3f_opt.experiments import stats
+
+    rows = [{"task": "mrpc", "metric": "accuracy", "arm": a, "method": a, "n": 3, "values": v}
+            for a, v in (("standard", [0.700, 0.702, 0.704]), ("r3f", [0.70, 0.76, 0.82]))]
+    (c,) = report.compare(rows)
+    sd = (statistics.fmean([statistics.variance(r["values"]) for r in rows])) ** 0.5  # RMS, not the mean sd
+    assert c["seeds_needed"] == stats.seeds_needed(sd, stats.PAPER_EFFECT["mrpc"])
+    assert c["seeds_needed"] > stats.seeds_needed(statistics.fmean(statistics.stdev(r["values"]) for r in rows),
+                                                  stats.PAPER_EFFECT["mrpc"])
+    c.update(p=1e-5, p_holm=2e-5)
+    assert "| <0.001 | <0.001 |" in report.comparison_markdown([c])
