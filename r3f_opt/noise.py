@@ -134,6 +134,11 @@ class EmbeddingNoise:
     def _perturb(self, output: torch.Tensor, noise_mask: Optional[torch.Tensor],
                  add: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         x = output.detach() if self.detach else output
+        if noise_mask is not None and noise_mask.shape != x.shape[:-1]:  # before any noise is drawn
+            raise ValueError(
+                f"noise_mask has shape {tuple(noise_mask.shape)} but the embeddings' output has "
+                f"shape {tuple(x.shape)}; pass the (batch, seq) attention mask of the perturbed input"
+            )
         wide = torch.promote_types(x.dtype, torch.float32)
         if add is None and self.scale == "relative":  # a fraction of each token's RMS (embed_scale included)
             z = self.sample(x.shape, x.device) * x.detach().to(wide).pow(2).mean(-1, keepdim=True).sqrt()
@@ -143,11 +148,6 @@ class EmbeddingNoise:
             if isinstance(scale, (int, float, torch.Tensor)):
                 z = z * scale
         if noise_mask is not None:
-            if noise_mask.shape != x.shape[:-1]:
-                raise ValueError(
-                    f"noise_mask has shape {tuple(noise_mask.shape)} but the embeddings' output has "
-                    f"shape {tuple(x.shape)}; pass the (batch, seq) attention mask of the perturbed input"
-                )
             z = z * noise_mask.to(device=z.device, dtype=z.dtype).unsqueeze(-1)
         noisy = (x.to(wide) + z.to(wide)).to(x.dtype)
         if x.dtype != wide and x.dtype not in self._checked_dtypes and self.eps > 0:

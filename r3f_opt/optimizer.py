@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from .kl import REDUCTIONS
+from .kl import REDUCTIONS, _bool_mask
 from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
 from .noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, default_seed
 
@@ -342,6 +342,15 @@ class RegularizedOptimizer(Optimizer):
         if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(extra["grad_scaler"])
 
+    def _back_off(self) -> None:
+        """A step skipped for a non-finite loss backs a GradScaler's scale off, as an overflowing gradient would:
+        in fp16 the non-finite loss may come from an earlier backward that overflowed (FreeLB's perturbation is
+        built from such a gradient), and a scale that never backs off would overflow every step. Only once the
+        scaler has scaled a loss (before that no backward ran under it)."""
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.is_enabled() and getattr(scaler, "_scale", None) is not None:
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+
     def _check_entry(self, extra: Any) -> None:
         def bad(why: str) -> ValueError:
             return ValueError(f"state_dict['r3f'] is not an entry written by RegularizedOptimizer.state_dict() "
@@ -365,9 +374,11 @@ class RegularizedOptimizer(Optimizer):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise bad(f"'nonfinite_steps' must be an int >= 0, got {steps!r}")
         scaler = extra.get("grad_scaler")
-        if scaler is not None and (not isinstance(scaler, Mapping) or (self.grad_scaler is not None and
-                                                                      self.grad_scaler.is_enabled() and "scale" not in scaler)):
-            raise bad("'grad_scaler' must be a GradScaler.state_dict()")
+        if scaler is not None and (not isinstance(scaler, Mapping) or (
+                self.grad_scaler is not None and self.grad_scaler.is_enabled()
+                and not set(self.grad_scaler.state_dict()) <= set(scaler))):  # {}: a disabled one's, refused too
+            raise bad("'grad_scaler' must be a GradScaler.state_dict() (scale, growth_factor, backoff_factor, "
+                      "growth_interval, _growth_tracker)")
 
     # -- the two passes ----------------------------------------------------------------------
     def _forward(self, closure: Callable[[], Any]) -> Any:
@@ -389,6 +400,8 @@ class RegularizedOptimizer(Optimizer):
         ``sync=False`` runs both passes and the backward inside the model's ``no_sync()`` (DDP, FSDP):
         pass it for every micro-batch but the last of an accumulated step.
         """
+        if mask is not None:
+            mask = _bool_mask(mask)  # its dtype and values checked before any pass (its shape needs the logits)
         with torch.enable_grad(), _grad_sync(self.model, sync):
             try:
                 return self.regularizer.step(_Passes(self, closure, weight, sync), lam=self.lam, mask=mask,
@@ -457,6 +470,7 @@ class RegularizedOptimizer(Optimizer):
             if closure is None:
                 warnings.warn("skipping the optimizer step: a micro-batch accumulated since zero_grad() had a "
                               "non-finite loss", stacklevel=2)
+            self._back_off()
             return result
         scaler = self.grad_scaler
         if scaler is not None and scaler.is_enabled():

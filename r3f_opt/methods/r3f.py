@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from ..kl import symmetric_kl
 from ..linear_kl import CapturedPass, FusedLMHead
@@ -44,8 +45,8 @@ class R3F(Standard):
         embeddings: the module to perturb, when it cannot be found automatically.
         noisy_embed_grad: let the noisy pass train the embedding table (default: the lookup is detached).
         same_dropout: replay the clean pass's dropout masks in the noisy pass (the global RNG is restored to
-            its state before the clean pass, then to where the clean pass left it), so the KL measures the
-            noise alone; with ``eps=0`` it is exactly 0.
+            its state before the clean pass, then to where the clean pass left it; R4F does the same with the
+            head's power-iteration vectors), so the KL measures the noise alone; with ``eps=0`` it is exactly 0.
         noise_scale: ``"absolute"`` (``eps`` in the embeddings' units) or ``"relative"`` (a fraction of each
             token's embedding RMS; see :class:`~r3f_opt.noise.EmbeddingNoise`).
         fused_lm_head: for a Hugging Face causal LM: the task loss and the KL from the hidden states before the
@@ -134,3 +135,37 @@ class R4F(R3F):
             )
         super().__init__(model, **r3f_kwargs)
         apply_r4f(model, **kw)  # last: raises before anything changes if there is no head
+        # Each training forward runs a power iteration on u, v in place: with same_dropout the noisy pass must
+        # see the clean pass's u, v too, or the KL is not the noise's alone (see step_scope, _noisy).
+        self._norms = [m for m in model.modules() if isinstance(m, _SpectralNorm)]
+        self._uv_before: Optional[list] = None
+
+    def _uv(self) -> list:
+        return [(m._u.clone(), m._v.clone()) for m in self._norms]
+
+    def _set_uv(self, uv: list) -> None:
+        with torch.no_grad():
+            for m, (u, v) in zip(self._norms, uv):
+                m._u.copy_(u)
+                m._v.copy_(v)
+
+    @contextlib.contextmanager
+    def step_scope(self) -> Iterator[None]:
+        with super().step_scope():
+            self._uv_before = self._uv() if self.same_dropout else None  # before the clean pass
+            try:
+                yield
+            finally:
+                self._uv_before = None
+
+    def _noisy(self, noise_mask: Optional[torch.Tensor], run: Callable[[], T]) -> T:
+        """R3F's noisy pass; with same_dropout also from the clean pass's u, v, which it then ends with (as the
+        RNG: the state one standard forward leaves)."""
+        if self._uv_before is None:
+            return super()._noisy(noise_mask, run)
+        after_clean = self._uv()
+        self._set_uv(self._uv_before)
+        try:
+            return super()._noisy(noise_mask, run)
+        finally:
+            self._set_uv(after_clean)

@@ -104,6 +104,18 @@ def test_load_state_dict_checks_everything_before_changing_anything(corrupt, mat
     assert torch.equal(opt.noise.generator.get_state(), gen) and opt.nonfinite_steps == steps_before
 
 
+def test_a_partial_grad_scaler_entry_is_refused_before_anything_loads():
+    model, opt, batch = _trained(grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.5
+    sd["r3f"]["nonfinite_steps"] = 9
+    for partial in ({"scale": 2.0}, {}):  # a hand-made entry; a disabled scaler's
+        sd["r3f"]["grad_scaler"] = partial
+        with pytest.raises(ValueError, match="GradScaler.state_dict"):
+            opt.load_state_dict(sd)
+        assert opt.param_groups[0]["lr"] == 1e-2 and opt.nonfinite_steps == 0 and opt.grad_scaler.get_scale() == 2.0**8
+
+
 def test_state_dict_of_another_optimizer_class_is_refused():
     _, sgd, _ = _trained(torch.optim.SGD)
     model, adamw, _ = _trained()

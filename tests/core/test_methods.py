@@ -291,7 +291,9 @@ def test_rdrop_default_reduction_is_r_drops_sum():
 @pytest.mark.parametrize("method", ["r3f", "r4f"])
 def test_same_dropout_measures_the_noise_alone(method):
     """Train mode, dropout 0.3: with same_dropout and eps = 0 the KL is exactly 0; with eps > 0 it is the
-    noise's alone (tiny); the global RNG ends where one plain forward leaves it."""
+    noise's alone (tiny); the global RNG ends where one plain forward leaves it. R4F: each training forward runs
+    a power iteration on the head's u, v (random here, far from converged, so it moves the head): the noisy pass
+    starts from the clean pass's u, v too, and the step ends with the u, v one plain forward leaves."""
     batch = toy_batch("bert")
     kls = {}
     for same, eps in [(True, 0.0), (True, 1e-3), (False, 0.0)]:
@@ -299,15 +301,27 @@ def test_same_dropout_measures_the_noise_alone(method):
         model = tiny_model("bert", dropout=0.3)
         opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=eps,
                                    same_dropout=same, seed=1)
+        norms = [m for m in model.modules() if hasattr(m, "_u")]
+        assert len(norms) == (method == "r4f")
+        with torch.no_grad():
+            for m in norms:
+                m._u.copy_(torch.nn.functional.normalize(torch.randn_like(m._u), dim=0))
+                m._v.copy_(torch.nn.functional.normalize(torch.randn_like(m._v), dim=0))
+        uv = [(m._u.clone(), m._v.clone()) for m in norms]
         torch.manual_seed(5)
         kls[same, eps] = opt.step(lambda: model(**batch)).sym_kl.item()
         if same:
-            after_step = torch.get_rng_state()
+            after_step, after_uv = torch.get_rng_state(), [(m._u.clone(), m._v.clone()) for m in norms]
+            with torch.no_grad():
+                for m, (u, v) in zip(norms, uv):
+                    m._u.copy_(u)
+                    m._v.copy_(v)
             torch.manual_seed(5)
             model(**batch)  # one plain forward
             assert torch.equal(after_step, torch.get_rng_state())
-    # R4F: each training forward runs one power iteration, so the head moves by rounding between the passes
-    assert kls[True, 0.0] == 0.0 if method == "r3f" else kls[True, 0.0] < 1e-12
+            for m, (u, v) in zip(norms, after_uv):
+                assert torch.equal(m._u, u) and torch.equal(m._v, v)
+    assert kls[True, 0.0] == 0.0
     assert 0 < kls[True, 1e-3] < kls[False, 0.0]  # dropout differences dominate the KL otherwise
 
 

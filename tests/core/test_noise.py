@@ -97,8 +97,10 @@ def test_noise_mask_leaves_padding_clean():
     h.remove()
     changed = (outs[1] != outs[0]).any(-1)
     assert torch.equal(changed, batch["attention_mask"].bool())
+    state = opt.noise.generator.get_state()
     with pytest.raises(ValueError, match="noise_mask"):
         opt.backward(lambda: model(**batch), noise_mask=batch["attention_mask"][:, :3])
+    assert torch.equal(opt.noise.generator.get_state(), state)  # refused before any noise was drawn
 
 
 def test_embedding_table_gets_no_gradient_from_the_noisy_pass_by_default():

@@ -201,6 +201,24 @@ def test_grad_scaler_fp16_autocast_trains():
     assert results[-1].task_loss < results[0].task_loss
 
 
+def test_a_skipped_step_backs_the_scale_off_so_freelb_recovers_from_an_overflow():
+    """FreeLB builds its next perturbation from the scaled gradient of the last: at too large a scale it is inf,
+    the next pass's loss NaN, and the step is skipped before the GradScaler sees an inf. The skip backs the scale
+    off (as an inf gradient would), so training recovers instead of skipping every step at the same scale."""
+    batch = toy_batch("bert")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    model, opt = make(lr=1e-3, method="freelb", grad_scaler=scaler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped steps' warnings
+        results = []
+        for _ in range(24):
+            opt.zero_grad()
+            results.append(opt.step(_fp16_closure(model, batch)))
+    skipped = [r.skipped for r in results]
+    assert skipped[0] and not any(skipped[-8:]), skipped  # it overflowed at first, and no longer does
+    assert scaler.get_scale() < 2.0**24 and opt.nonfinite_steps == sum(skipped)
+
+
 def test_grad_scaler_skips_step_on_inf_grad():
     batch = toy_batch("bert")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
@@ -257,6 +275,11 @@ def test_token_level_kl_uses_the_mask(kind):
     mask = kl_mask(kind, batch)
     res = opt.step(lambda: model(**batch), mask=mask)
     assert res.sym_kl > 0 and res.output.logits.shape[:-1] == mask.shape
+    calls, state = [], opt.noise.generator.get_state()
+    for bad, error in ((mask.float(), TypeError), (torch.where(mask, 5, 0), ValueError)):  # labels are not a mask
+        with pytest.raises(error, match="mask"):
+            opt.step(lambda: (calls.append(1), model(**batch))[1], mask=bad)
+    assert not calls and torch.equal(opt.noise.generator.get_state(), state)  # refused before any pass
 
 
 def test_default_seed_follows_manual_seed_without_consuming_the_global_rng():
