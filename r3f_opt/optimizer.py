@@ -311,8 +311,17 @@ class RegularizedOptimizer(Optimizer):
         self._skip_pending = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def __getstate__(self) -> dict:  # the whole wrapper (Optimizer's keeps only defaults, state, param_groups)
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def state_dict(self) -> dict:
-        """The inner optimizer's state_dict plus this wrapper's entries under the key ``"r3f"``."""
+        """The inner optimizer's state_dict plus this wrapper's entries under the key ``"r3f"`` (the state-dict
+        hooks registered on this wrapper run as torch's ``Optimizer.state_dict`` runs them)."""
+        for pre in self._optimizer_state_dict_pre_hooks.values():
+            pre(self)
         sd = self.optimizer.state_dict()
         sd["r3f"] = {
             "optimizer_class": type(self.optimizer).__name__,
@@ -320,6 +329,8 @@ class RegularizedOptimizer(Optimizer):
             "nonfinite_steps": self.nonfinite_steps,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
         }
+        for post in self._optimizer_state_dict_post_hooks.values():
+            sd = post(self, sd) or sd
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -329,18 +340,21 @@ class RegularizedOptimizer(Optimizer):
         optimizer class, or one the inner optimizer refuses leaves the wrapper, the inner optimizer, the
         noise generator and the GradScaler as they were.
         """
+        for pre in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre(self, state_dict) or state_dict
         sd = dict(state_dict)
         extra = sd.pop("r3f", None)
         if extra is not None:
             self._check_entry(extra)
         self.optimizer.load_state_dict(sd)  # torch validates the groups before it changes anything
-        if extra is None:
-            return
-        if extra.get("noise") is not None and self.noise is not None:
-            self.regularizer.load_state_dict(extra["noise"])
-        self.nonfinite_steps = int(extra.get("nonfinite_steps", self.nonfinite_steps))
-        if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
-            self.grad_scaler.load_state_dict(extra["grad_scaler"])
+        if extra is not None:
+            if extra.get("noise") is not None and self.noise is not None:
+                self.regularizer.load_state_dict(extra["noise"])
+            self.nonfinite_steps = int(extra.get("nonfinite_steps", self.nonfinite_steps))
+            if extra.get("grad_scaler") is not None and self.grad_scaler is not None:
+                self.grad_scaler.load_state_dict(extra["grad_scaler"])
+        for post in self._optimizer_load_state_dict_post_hooks.values():
+            post(self)
 
     def _back_off(self) -> None:
         """A step skipped for a non-finite loss backs a GradScaler's scale off, as an overflowing gradient would:

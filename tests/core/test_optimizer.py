@@ -359,3 +359,27 @@ def test_logits_path_holds_nothing_of_the_noisy_loss_at_the_backward(monkeypatch
     # graph would add one more logits-sized tensor (its log-softmax).
     assert with_loss >= 3 * logits_bytes
     assert abs(with_loss - without) < 0.05 * logits_bytes, (with_loss - without) / logits_bytes
+
+
+def test_state_dict_hooks_run_and_the_wrapper_deep_copies():
+    import copy
+
+    model, opt = make(dropout=0.0, eps=1e-2)
+    batch = toy_batch("bert")
+    opt.step(lambda: model(**batch))
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (seen.append("post"), {**sd, "tag": 1})[1])
+    opt.register_load_state_dict_pre_hook(lambda o, sd: (seen.append("load pre"), {k: v for k, v in sd.items()
+                                                                                  if k != "tag"})[1])
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load post"))
+    sd = opt.state_dict()
+    assert sd["tag"] == 1 and "r3f" in sd
+    opt.load_state_dict(sd)  # the pre hook removes "tag", which the inner AdamW would not know
+    assert seen == ["pre", "post", "load pre", "load post"]
+    twin = copy.deepcopy(opt)  # the wrapper, its model and its inner optimizer, together
+    assert twin.model is not model and twin.optimizer.param_groups[0]["params"][0] is next(twin.model.parameters())
+    opt.zero_grad()  # deepcopy does not copy a Parameter's .grad
+    r1, r2 = opt.step(lambda: model(**batch)), twin.step(lambda: twin.model(**batch))
+    assert r1.loss == r2.loss  # the same state, the same noise: the same step
+    assert_same_params(params_of(twin.model), params_of(model))
