@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "NOISE_TYPES", "NOISE_SCALES"]
+__all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "noise_seed", "NOISE_TYPES",
+           "NOISE_SCALES"]
 
 NOISE_TYPES = ("uniform", "normal")
 #: What ``eps`` is measured in: ``"absolute"`` (the embeddings' units, the paper's sigma) or ``"relative"``
@@ -58,13 +59,19 @@ def find_embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
     return emb, scope
 
 
+def noise_seed(seed: int, rank: int = 0) -> int:
+    """The noise generator's seed for a run seeded with ``seed``: mixed, so that the noise is not the stream
+    that ``torch.manual_seed(seed)`` gives the global RNG (which initialises the model's new weights)."""
+    return (seed * 0x9E3779B97F4A7C15 + 1 + rank) % 2**63
+
+
 def default_seed() -> int:
     """A noise seed that follows ``torch.manual_seed`` without drawing from (and shifting) the global RNG.
 
     Distributed ranks, which usually share one seed, get distinct noise streams.
     """
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return (torch.initial_seed() * 0x9E3779B97F4A7C15 + 1 + rank) % 2**63
+    return noise_seed(torch.initial_seed(), rank)
 
 
 def refuse_other_noise(module: nn.Module) -> None:

@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,7 +26,7 @@ import torch
 
 from .. import __version__
 from ..methods import METHODS, check_method_kwargs
-from ..noise import NOISE_SCALES
+from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
 from .data import LATER_KEYS, atomic_write, collate, default_model, encode, load_examples
@@ -304,7 +305,7 @@ class FineTune:
             method=args.method, lam=args.lam, eps=args.eps, noise=args.noise, noise_scale=args.noise_scale,
             noisy_grad=args.noisy_grad,
             method_kwargs=args.method_kwargs, same_dropout=args.same_dropout,
-            seed=args.seed, max_grad_norm=args.max_grad_norm or None)
+            seed=noise_seed(args.seed), max_grad_norm=args.max_grad_norm or None)
         self.steps_per_epoch = math.ceil(len(self.train_f) / args.batch_size)
         self.total = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
         self.eval_every = self.steps_per_epoch if args.eval_every == "epoch" else args.eval_every
@@ -331,6 +332,11 @@ class FineTune:
             if not self.ckpt_path.is_file():
                 raise SystemExit(f"r3f-finetune: --resume: no checkpoint at {self.ckpt_path}; run without --resume")
             ckpt = _read_checkpoint(self.ckpt_path)
+            threads = ckpt.get("torch_threads")
+            if threads is not None and threads != torch.get_num_threads():
+                warnings.warn(f"r3f-finetune: the checkpoint's run used {threads} torch threads, this one "
+                              f"{torch.get_num_threads()}: sums are ordered differently, so the resumed run is not "
+                              f"bit-identical to an uninterrupted one (OMP_NUM_THREADS={threads} to match)")
             saved = {**LATER_KEYS, **ckpt["config"]}
             diff = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
             if diff:
@@ -355,7 +361,7 @@ class FineTune:
         state = {"format": CHECKPOINT_FORMAT, "config": self.config, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                  "scheduler": self.sched.state_dict(), "step": self.step, "history": self.history,
                  "train_seconds": self.train_seconds, "sums": self.sums, "rng": _rng_state(),
-                 "wall_seconds": self._wall()}
+                 "wall_seconds": self._wall(), "torch_threads": torch.get_num_threads()}
         atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
 
     def _wall(self) -> float:

@@ -17,7 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..kl import REDUCTIONS
 from ..methods import METHODS, RDrop, Standard, build_method
-from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, unwrap_model
+from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
 from ..optimizer import check_number
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
@@ -201,7 +201,7 @@ class R3FTrainerMixin:
         if a.ddp_find_unused_parameters is None:
             a.ddp_find_unused_parameters = False
         seed = getattr(a, "r3f_seed", None)
-        seed = a.seed * 0x9E3779B97F4A7C15 + 1 if seed is None else seed
+        seed = noise_seed(a.seed) if seed is None else seed
         seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
         self._r3f_seed = seed
         self.r3f_regularizer = build_method(

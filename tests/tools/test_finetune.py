@@ -113,6 +113,16 @@ def test_resume_continues_exactly(glue_dir, tiny_model_dir, tmp_path, monkeypatc
         run(glue_dir, tmp_path / "b", *args, model=tiny_model_dir)
     with pytest.raises(SystemExit, match="different arguments.*'lr'"):
         run(glue_dir, tmp_path / "b", *args, "--resume", "--lr", "1e-3", model=tiny_model_dir)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["torch_threads"] == torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:  # another thread count: a warning (the sums' order changes), and the argument check still refuses
+        with pytest.warns(UserWarning, match=f"used {threads} torch threads"), \
+                pytest.raises(SystemExit, match="different arguments"):
+            run(glue_dir, tmp_path / "b", *args, "--resume", "--lr", "1e-3", model=tiny_model_dir)
+    finally:
+        torch.set_num_threads(threads)
     resumed = run(glue_dir, tmp_path / "b", *args, "--resume", model=tiny_model_dir)
     assert resumed["resumed"] and resumed["steps"] == 8
     same_history(straight, resumed)
@@ -163,6 +173,10 @@ def test_noise_scale_relative(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ft.RegularizedOptimizer, "__init__", lambda self, *a, **k: (made.append(k), real(self, *a, **k))[1])
     res = run(glue_dir, tmp_path / "rel", *args, "--noise-scale", "relative", "--eps", "1e-2", model=tiny_model_dir)
     assert res["hyperparameters"]["noise_scale"] == "relative" and made[-1]["noise_scale"] == "relative"
+    # the noise stream is not the global one torch.manual_seed(seed) gives (which initialises the new head)
+    from r3f_opt.noise import noise_seed
+
+    assert made[-1]["seed"] == noise_seed(res["seed"]) != res["seed"]
     assert res["evaluations"][-1]["train_sym_kl"] > 0
     with pytest.raises(SystemExit):
         run(glue_dir, tmp_path / "bad", *args, "--noise-scale", "rms", model=tiny_model_dir)
