@@ -153,9 +153,13 @@ def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE: tl.constexpr):
         d_a = tl.where(e_a == 0, 0.0, d)
         d_b = tl.where(e_b == 0, 0.0, d)
     else:
-        # Fast pass: no guard, so 0 * inf makes S NaN; the caller sees that and redoes the row SAFE.
-        d_a = d
-        d_b = d
+        # Fast pass: no guard on the probabilities, so 0 * inf (an entry -inf on one side only) makes S NaN
+        # and the caller redoes the row SAFE. d' is NaN where both sides are -inf: the positions past the data
+        # (the last partial tile, the edge gather) and masked vocabulary entries. Both contribute exactly 0,
+        # so d' := 0 there, or every row with a partial tile would be read twice. (A NaN or +inf in the data
+        # makes Z NaN, and the row NaN, whatever S is.)
+        d_a = tl.where(d == d, d, 0.0)
+        d_b = d_a
     s_a = s_a + tl.sum(e_a * d_a, axis=1)  # a chain of FMAs in one thread
     s_b = s_b + tl.sum(e_b * d_b, axis=1)
     z_a = z_a * alpha_a + tl.sum(e_a, axis=1)

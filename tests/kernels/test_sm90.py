@@ -18,8 +18,9 @@ from bench import sm90
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Regression thresholds. Measured (triton 3.9.0, full set): forward <= 22.6 instructions per column for
-# 16-bit inputs, 24.5 for float32, 48-64 registers, 50-62 % occupancy; backward 28.5-29.9 instructions
+# Regression thresholds. Measured (triton 3.9.0, full set): forward <= 24.5 instructions per column for
+# 16-bit inputs, 26.5 for float32 (22.6 and 24.5 before d' := 0 where both sides are -inf, which spares rows
+# with a partial last tile a second read), 48-64 registers, 50-62 % occupancy; backward 28.5-29.9 instructions
 # per column, 32-35 registers; rows kernels 26-48 registers; fused spectral norm 40-64 registers.
 KL_FWD_MAX_INSTR_PER_COL_16BIT = 25.0  # the issue's bar
 KL_FWD_MAX_INSTR_PER_COL_FP32 = 28.0

@@ -391,3 +391,46 @@ def test_forced_paths_agree_with_pytorch_on_edge_values(monkeypatch, path):
     for want, got in zip(results["torch"], results["triton"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert results["triton"][0][2] == INF and results["triton"][0][5].isnan()
+
+
+class _PassSpy:
+    """Records the SAFE flag of every _fwd_pass call (the interpreter resolves the jitted helper by name at
+    each call, so a wrapper in the module sees them; compiled on a GPU it would not)."""
+
+    def __init__(self, real):
+        self.real, self.safe = real, []
+
+    def __call__(self, *args, **kwargs):
+        self.safe.append(bool(getattr(args[-1], "value", args[-1])))
+        return self.real(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts the interpreter's calls of a jitted helper")
+@pytest.mark.parametrize("vocab, dtype, view", [(1030, torch.float32, None), (2055, torch.bfloat16, None),
+                                                (61, torch.float16, None), (70, torch.float32, "slice")])
+def test_finite_rows_are_read_once_whatever_their_tiling(monkeypatch, triton_only, vocab, dtype, view):
+    """A row without -inf takes the fast, unguarded pass only, also when its last tile is partial or it has
+    unaligned edges (past-the-end positions read as -inf on both sides must not make it look like one), and so
+    does a masked vocabulary entry (-inf on both sides); a row with a one-sided -inf is redone with the guard.
+    Every value is the reference's."""
+    spy = _PassSpy(sym_kl._fwd_pass)
+    monkeypatch.setattr(sym_kl, "_fwd_pass", spy)
+    base_a, base_b = randn(4, vocab, dtype=dtype), randn(4, vocab, dtype=dtype)
+    a, b = (base_a[:, 3:-2], base_b[:, 3:-2]) if view == "slice" else (base_a, base_b)  # unaligned rows
+    check(a, b, reduction="none", rtol=1e-4, atol=1e-5)
+    assert spy.safe and not any(spy.safe), spy.safe
+    spy.safe.clear()
+    a, b = a.clone(), b.clone()
+    a[2, 5] = b[2, 5] = float("-inf")  # a masked vocabulary entry: contributes 0, no second pass either
+    a[3, 7] = float("-inf")  # on one side only, where b's probability underflows: 0, after a guarded pass
+    b[3, 7] = -1e4  # (representable in float16 too)
+    got = symmetric_kl(a, b, reduction="none").double()
+    want = reference_rows(a.double(), b.double())
+    for row, col in ((2, 5), (3, 7)):  # the reference's NaN there: compare with the row without the column
+        keep = torch.arange(a.shape[-1], device=a.device) != col
+        want[row] = reference_rows(a[row:row + 1, keep].double(), b[row:row + 1, keep].double())[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert spy.safe.count(True) == 1  # row 3 only
