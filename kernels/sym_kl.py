@@ -239,12 +239,13 @@ def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid
     e_q = tl.where(z_b == 0, 0.0, s_b / z_b)  # E_q[d']
     kl = tl.where(valid, e_p - e_q, 0.0)  # KL_S = E_p[d'] - E_q[d'] (= E_p[d] - E_q[d])
     tl.store(out_ptr + row, kl, mask=ok)
+    plane = row * 0 + n_rows  # n_rows in row's 64 bits: k * n_rows overflows int32 from 429M rows on
     tl.store(stats_ptr + row, m_a, mask=ok)
-    tl.store(stats_ptr + n_rows + row, m_b, mask=ok)
-    tl.store(stats_ptr + 2 * n_rows + row, lz_a, mask=ok)
-    tl.store(stats_ptr + 3 * n_rows + row, lz_b, mask=ok)
-    tl.store(stats_ptr + 4 * n_rows + row, e_p, mask=ok)
-    tl.store(stats_ptr + 5 * n_rows + row, e_q, mask=ok)
+    tl.store(stats_ptr + plane + row, m_b, mask=ok)
+    tl.store(stats_ptr + 2 * plane + row, lz_a, mask=ok)
+    tl.store(stats_ptr + 3 * plane + row, lz_b, mask=ok)
+    tl.store(stats_ptr + 4 * plane + row, e_p, mask=ok)
+    tl.store(stats_ptr + 5 * plane + row, e_q, mask=ok)
 
 
 @triton.jit
@@ -316,7 +317,7 @@ def _sym_kl_merge_kernel(part_ptr, mask_ptr, out_ptr, stats_ptr, n_rows, n_parts
     # Part i summed d'_i with its own maxima: merged like the lanes of one program (_merge).
     row = tl.program_id(0).to(tl.int64)
     valid = _row_valid(mask_ptr, row, HAS_MASK)
-    plane = n_rows * n_parts
+    plane = (row * 0 + n_rows) * n_parts  # 64-bit, as row
     p = tl.arange(0, PARTS)
     idx = row * n_parts + p
     ok = p < n_parts  # padding lanes: m = sentinel, Z = S = 0, so they add nothing
@@ -339,7 +340,7 @@ def _sym_kl_fwd_rows_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     valid = _row_valid(mask_ptr, tl.where(row_ok, rows, 0), HAS_MASK) & row_ok
-    cols = tl.arange(0, BV)
+    cols = tl.arange(0, BV).to(tl.int64)  # cols * sav: a vocabulary stride of 69M overflows int32
     ok = valid[:, None] & (cols < V)[None, :]  # masked rows and padding read as -inf: they add 0
     a_rows = _row_start(a_ptr, rows, n1a, sa0, sa1)
     b_rows = _row_start(b_ptr, rows, n1b, sb0, sb1)
@@ -401,12 +402,13 @@ def _sym_kl_bwd_kernel(
     valid = _row_valid(mask_ptr, row, HAS_MASK)
     g = tl.load(g_ptr + row * sg).to(tl.float32)  # upstream gradient of this row (stride 0: a scalar)
     g = tl.where(valid, g, 0.0)
+    plane = row * 0 + n_rows  # 64-bit, as row
     m_a = tl.load(stats_ptr + row)
-    m_b = tl.load(stats_ptr + n_rows + row)
-    lz_a = tl.load(stats_ptr + 2 * n_rows + row)
-    lz_b = tl.load(stats_ptr + 3 * n_rows + row)
-    e_p = tl.load(stats_ptr + 4 * n_rows + row)  # E_p[d']
-    e_q = tl.load(stats_ptr + 5 * n_rows + row)  # E_q[d']
+    m_b = tl.load(stats_ptr + plane + row)
+    lz_a = tl.load(stats_ptr + 2 * plane + row)
+    lz_b = tl.load(stats_ptr + 3 * plane + row)
+    e_p = tl.load(stats_ptr + 4 * plane + row)  # E_p[d']
+    e_q = tl.load(stats_ptr + 5 * plane + row)  # E_q[d']
     ce_y = -1
     ce_w = 0.0
     if WITH_CE:  # the row's label (-1: none) and CE weight, for dA += w (p - t) (linear_kl's objective)
@@ -456,13 +458,14 @@ def _sym_kl_bwd_rows_kernel(
     r = tl.where(row_ok, rows, 0)
     valid = _row_valid(mask_ptr, r, HAS_MASK) & row_ok
     g = tl.where(valid, tl.load(g_ptr + r * sg).to(tl.float32), 0.0)[:, None]
+    plane = tl.program_id(0).to(tl.int64) * 0 + n_rows  # 64-bit: k * n_rows overflows int32 from 429M rows
     m_a = tl.load(stats_ptr + r)[:, None]
-    m_b = tl.load(stats_ptr + n_rows + r)[:, None]
-    lz_a = tl.load(stats_ptr + 2 * n_rows + r)[:, None]
-    lz_b = tl.load(stats_ptr + 3 * n_rows + r)[:, None]
-    e_p = tl.load(stats_ptr + 4 * n_rows + r)[:, None]
-    e_q = tl.load(stats_ptr + 5 * n_rows + r)[:, None]
-    cols = tl.arange(0, BV)[None, :]
+    m_b = tl.load(stats_ptr + plane + r)[:, None]
+    lz_a = tl.load(stats_ptr + 2 * plane + r)[:, None]
+    lz_b = tl.load(stats_ptr + 3 * plane + r)[:, None]
+    e_p = tl.load(stats_ptr + 4 * plane + r)[:, None]
+    e_q = tl.load(stats_ptr + 5 * plane + r)[:, None]
+    cols = tl.arange(0, BV).to(tl.int64)[None, :]  # cols * sav: a vocabulary stride of 69M overflows int32
     in_row = cols < V
     a = tl.load(_row_start(a_ptr, r, n1a, sa0, sa1)[:, None] + cols * sav, mask=valid[:, None] & in_row,
                 other=float("-inf")).to(tl.float32)
@@ -714,9 +717,21 @@ def kl_ce_grads_(a: torch.Tensor, b: torch.Tensor, g: Optional[torch.Tensor], ce
     if a.dim() != 2 or not (a.is_contiguous() and b.is_contiguous()) or a.shape != b.shape:
         raise ValueError(f"kl_ce_grads_ works in place on two contiguous (n_rows, V) blocks of one shape, got "
                          f"{tuple(a.shape)} (strides {a.stride()}) and {tuple(b.shape)} (strides {b.stride()})")
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        raise ValueError(f"kl_ce_grads_ takes float32 logits blocks, got {a.dtype} and {b.dtype}")
+    if g is not None:  # it overwrites them: behind autograd's back, or one through the other
+        if a.requires_grad or b.requires_grad:
+            raise ValueError("kl_ce_grads_ overwrites its blocks in place, which autograd would not see; pass "
+                             "buffers that do not require grad (e.g. .detach().clone())")
+        ends = sorted((x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()) for x in (a, b))
+        if a.numel() and a.device.type != "meta" and ends[0][1] > ends[1][0]:  # (meta: bench.sm90's plans)
+            raise ValueError("kl_ce_grads_ got two blocks that overlap in memory; pass two separate buffers")
     kl, stats, layout, _, _ = _forward(a, b, None)
     if g is not None:
         _backward(a, b, None, stats, g, a, b if need_b else None, layout, a.shape[-1], ce)
+        torch.autograd.graph.increment_version(a)  # written through raw pointers: say so to autograd
+        if need_b:
+            torch.autograd.graph.increment_version(b)
     return kl, stats
 
 

@@ -126,6 +126,18 @@ def test_kl_ce_grads_refuses_blocks_it_cannot_overwrite_in_place():
         with pytest.raises(ValueError, match="two contiguous"):
             sym_kl.kl_ce_grads_(a, b, torch.ones(a.shape[0], device=DEVICE))
         assert torch.equal(buf, before)
+    g = torch.ones(4, device=DEVICE)
+    x = torch.randn(4, 5, device=DEVICE, requires_grad=True)
+    for a, b, match in ((x.exp(), torch.randn(4, 5, device=DEVICE), "autograd"),  # exp saved its output
+                        (buf[:, :5].contiguous(),) * 2 + ("overlap",),
+                        (torch.randn(4, 5, device=DEVICE).double(), torch.randn(4, 5, device=DEVICE).double(),
+                         "float32")):
+        with pytest.raises(ValueError, match=match):
+            sym_kl.kl_ce_grads_(a, b, g)
+    a, b = torch.randn(4, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
+    versions = a._version, b._version
+    sym_kl.kl_ce_grads_(a, b, g)
+    assert a._version > versions[0] and b._version > versions[1]  # autograd sees the writes
 
 
 def test_the_kernel_path_holds_two_blocks_and_no_workspace(monkeypatch):
