@@ -1,4 +1,5 @@
 """RegularizedOptimizer as an optimizer: delegation, schedulers, checkpoints, accumulation, AMP, errors."""
+import gc
 import io
 import warnings
 
@@ -312,8 +313,15 @@ def _live_bytes_at_backward(monkeypatch, step) -> tuple[int, int]:
     if not getattr(backward, "marked", False):
         marked.marked = True
         monkeypatch.setattr(optimizer_module._Passes, "backward", marked)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    # Garbage of earlier steps or tests (reference cycles) freed by a collection inside the measured step would
+    # count as this step's frees: collect it first, and let no collection run during the step.
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        gc.enable()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0
