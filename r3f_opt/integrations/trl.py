@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
+from ..methods import DEFAULT_REDUCTION
 from .trainer import _FLATTENED, R3FArguments, R3FTrainerMixin
 
 __all__ = ["R3FSFTTrainer", "R3FSFTConfig"]
@@ -70,7 +71,7 @@ class R3FSFTTrainer(R3FTrainerMixin, SFTTrainer):
                              "adds that term at the coefficient the model was loaded with and scales it as a "
                              "token-averaged loss (not as TRL does), and the fused head would drop it; set "
                              "router_aux_loss_coef=0.0, or r3f_method='standard'")
-        reduction = self.args.r3f_reduction or ("sum" if self.r3f_method == "rdrop" else "batchmean")
+        reduction = self.args.r3f_reduction or DEFAULT_REDUCTION.get(self.r3f_method, "batchmean")
         if getattr(self, "padding_free", False) and reduction == "batchmean":
             raise ValueError("padding_free (or packing with packing_strategy 'bfd'): " + _FLATTENED)
 
