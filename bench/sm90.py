@@ -20,8 +20,8 @@ Per compiled kernel it reports, from the cubin (``cuobjdump --dump-resource-usag
 * ``instructions_per_column``: the SASS instructions of the main loop body divided by the columns one
   thread handles per iteration of it. The main loop is the backward branch (``BRA`` to an earlier
   label) whose body holds the most global loads, the first in program order on a tie (the symmetric-KL
-  forward has two such loops: the fast pass every row takes, then the guarded pass only rows with -inf
-  entries redo); its body is every instruction from the branch target to the branch. The columns per iteration come from the same body: the bytes its ``LDG`` instructions load
+  forward's guarded pass, which only rows with one-sided -inf entries redo, is a kernel of its own:
+  ``_sym_kl_fwd_guarded_kernel``); its body is every instruction from the branch target to the branch. The columns per iteration come from the same body: the bytes its ``LDG`` instructions load
   divided by the bytes one column costs (``a`` + ``b`` element sizes for the symmetric KL), so unrolling
   by the compiler cannot fool the count. This is issue slots per column per thread: an H200 SM issues 4
   warp-instructions (128 thread-instructions) per cycle, so at ~1.98 GHz its 132 SMs sustain ~33e12
@@ -385,7 +385,8 @@ class Record:
     layout: str = "contiguous"  # of the inputs: "slice" (both logits[:, :-1]), "mixed" (a sliced, b not)
 
 
-_ROLES = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_merge_kernel": "merge", "_sym_kl_bwd_kernel": "backward"}
+_ROLES = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_merge_kernel": "merge",
+          "_sym_kl_fwd_guarded_kernel": "guarded forward", "_sym_kl_bwd_kernel": "backward"}
 
 
 def inspect_launch(launch: Launch, dtype: str, shape: tuple, masked: Optional[bool],
@@ -403,8 +404,8 @@ def inspect_launch(launch: Launch, dtype: str, shape: tuple, masked: Optional[bo
         driver_counts = {"driver_registers": compiled.n_regs, "driver_spills": compiled.n_spills} if on_gpu else {}
         cache[key] = (compiled.metadata.num_warps, res, smem_user, spills, sass, driver_counts)
     num_warps, res, smem_user, spills, sass, driver_counts = cache[key]
-    stats = analyse_sass(sass, bytes_per_column if launch.name in ("_sym_kl_fwd_kernel", "_sym_kl_bwd_kernel")
-                         else None)
+    looped = ("_sym_kl_fwd_kernel", "_sym_kl_fwd_guarded_kernel", "_sym_kl_bwd_kernel")  # column loops
+    stats = analyse_sass(sass, bytes_per_column if launch.name in looped else None)
     ctas, occ, limiter = occupancy(res["registers"], num_warps, smem_user)
     constexprs = {k: v for k, v in launch.meta.items() if k != "num_warps" and k.isupper()}
     return Record(kernel=launch.name, role=_ROLES.get(launch.name, launch.name.replace("_sn_", "sn ")),

@@ -33,8 +33,12 @@ with maxima m_i, M = max_i m_i, w_i = exp(m_i - M), delta_i = (M_a - m_a,i) - (M
 
 Then E_p[d'] = S_a / Z_a, E_q[d'] = S_b / Z_b (d' now with the row's maxima), KL_S = E_p[d'] - E_q[d'].
 The loop adds exp(x - m') * d' unguarded: where -inf entries make it 0 * inf, S turns NaN while Z does
-not, and the program redoes its columns with the guard 0 * (+-inf or NaN) := 0 (rows without -inf are
-read once). Exponentials are tl.exp2(x log2 e): one MUFU.EX2 on the GPU, which flushes results below
+not, so the row's value comes out NaN with finite log Z, and a second kernel (_sym_kl_fwd_guarded_kernel, a
+program per row that otherwise reads three floats) redoes such a row, whole, with the guard
+0 * (+-inf or NaN) := 0 (rows without -inf are read once; a kernel of its own, so that the guarded loop's
+registers do not lower the fast kernel's occupancy). That pass keeps entries that are -inf on one side only out of S and remembers the largest logit
+facing one (x_a, x_b: merged by max); with the row's m and log Z it decides whether that probability is
+positive (KL_S = +inf) or underflows (the entries add 0), which no lane can tell from its own maximum. Exponentials are tl.exp2(x log2 e): one MUFU.EX2 on the GPU, which flushes results below
 2^-126 to 0 (the interpreter and the PyTorch path keep them as subnormals).
 Six floats per row are saved (m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d']), plus the inputs: the maxima
 and log Z are kept apart, because lse = m + log Z rounded to float32 at |m| ~ 1e6 is off by up to 0.03
@@ -95,7 +99,7 @@ __all__ = ["symmetric_kl_rows", "kl_ce_grads_", "Plan", "plan", "launches", "ker
 # Finite "minus infinity" for running maxima: -inf - -inf would be NaN.
 _NEG_BIG = tl.constexpr(-3.4028234663852886e38)
 
-launches = {"forward": 0, "merge": 0, "backward": 0}  # kernel launches, so tests can prove the kernel ran
+launches = {"forward": 0, "merge": 0, "guarded": 0, "backward": 0}  # kernel launches, so tests can prove the kernel ran
 kernel_launches: Counter[str] = Counter()  # the same by kernel name (which tiling path ran)
 
 
@@ -118,9 +122,9 @@ def _row_valid(mask_ptr, row, HAS_MASK: tl.constexpr):
 def _recentre(s, z, delta, alpha):
     # S = sum exp(x - m) d' after the maxima moved: d' -> d' - delta and exp(x - m) -> alpha exp(x - m),
     # so S -> alpha (S - delta Z). Z == 0 (nothing summed yet; m may still be the -3.4e38 sentinel, so
-    # delta may be huge or inf): S stays 0. S = +-inf (an entry that is -inf on the other side only: the
-    # row is +inf) stays as it is rather than inf * 0 = NaN. A NaN Z or S stays NaN.
-    return tl.where((z == 0) | (tl.abs(s) == float("inf")), s, (s - delta * z) * alpha)
+    # delta may be huge or inf): S stays 0. A NaN Z or S stays NaN. (S is never +-inf in a guarded pass:
+    # entries that are -inf on one side only are kept apart, in x_a, x_b; see _lane_update.)
+    return tl.where(z == 0, s, (s - delta * z) * alpha)
 
 
 @triton.jit
@@ -132,9 +136,11 @@ def _exp(x):
 
 
 @triton.jit
-def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE: tl.constexpr):
+def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b, SAFE: tl.constexpr):
     # One tile [LANES, VEC] (float32, -inf where not read) into the per-lane statistics [LANES] of both
-    # sides. Every reduction is along axis 1, which one thread holds: no communication.
+    # sides. Every reduction is along axis 1, which one thread holds: no communication. x_a, x_b (guarded
+    # pass only; the fast pass returns them as they came): the largest logit of each side facing a -inf on
+    # the other side (see below).
     new_m_a = tl.maximum(m_a, tl.max(a, axis=1))
     new_m_b = tl.maximum(m_b, tl.max(b, axis=1))
     delta = (new_m_a - m_a) - (new_m_b - m_b)  # d' = (a - m_a) - (b - m_b) moves by -delta
@@ -149,9 +155,17 @@ def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE: tl.constexpr):
     d = la - lb  # d'; +-inf where one side only is -inf; NaN where both are
     if SAFE:
         # exp(x - m) * d' with 0 * (+-inf or NaN) := 0: a zero probability contributes nothing. A NaN exp
-        # (NaN or +inf in the row) is not 0 and reaches Z.
-        d_a = tl.where(e_a == 0, 0.0, d)
-        d_b = tl.where(e_b == 0, 0.0, d)
+        # (NaN or +inf in the row) is not 0 and reaches Z. An entry that is -inf on one side only (d' = +inf:
+        # b's; -inf: a's) makes the row +inf if the other side's probability is positive *against the row*,
+        # which a lane cannot tell: exp(x - m) may be positive against the lane's maximum and still underflow
+        # against the row's (then the entry contributes 0, as on the PyTorch path). So such entries stay out
+        # of S, and the lane keeps the largest logit facing one, x (the one with the largest probability);
+        # _finish decides once the row's m and Z are known.
+        one_sided = tl.abs(d) == float("inf")
+        x_a = tl.maximum(x_a, tl.max(tl.where(d == float("inf"), a, float("-inf")), axis=1))
+        x_b = tl.maximum(x_b, tl.max(tl.where(d == float("-inf"), b, float("-inf")), axis=1))
+        d_a = tl.where((e_a == 0) | one_sided, 0.0, d)
+        d_b = tl.where((e_b == 0) | one_sided, 0.0, d)
     else:
         # Fast pass: no guard on the probabilities, so 0 * inf (an entry -inf on one side only) makes S NaN
         # and the caller redoes the row SAFE. d' is NaN where both sides are -inf: the positions past the data
@@ -164,7 +178,7 @@ def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE: tl.constexpr):
     s_b = s_b + tl.sum(e_b * d_b, axis=1)
     z_a = z_a * alpha_a + tl.sum(e_a, axis=1)
     z_b = z_b * alpha_b + tl.sum(e_b, axis=1)
-    return new_m_a, z_a, s_a, new_m_b, z_b, s_b
+    return new_m_a, z_a, s_a, new_m_b, z_b, s_b, x_a, x_b
 
 
 @triton.jit
@@ -179,6 +193,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
     z_b = tl.zeros([LANES], tl.float32)
     s_a = tl.zeros([LANES], tl.float32)
     s_b = tl.zeros([LANES], tl.float32)
+    x_a = tl.full([LANES], float("-inf"), tl.float32)
+    x_b = tl.full([LANES], float("-inf"), tl.float32)
     if ALIGN > 1:
         row_off = (row // n1a) * sa0 + (row % n1a) * sa1  # b has a's strides on this path
         start, body_lo, body_hi, body_len, read_len, n_head, n_tail = _aligned_bounds(row_off, lo, hi, valid, ALIGN)
@@ -186,7 +202,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
             idx, ok = _edge_index(pos, start, body_hi, n_head, n_tail)
             a = tl.load(a_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
             b = tl.load(b_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
-            m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE)
+            m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b,
+                                                                  SAFE)
         a_body = a_ptr + body_lo  # 16-byte aligned, provably: loads below are 128-bit
         b_body = b_ptr + body_lo
         for t in range(0, body_len, LANES * VEC):
@@ -194,7 +211,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
             ok = cols < read_len  # constant over each vector: read_len is a multiple of ALIGN
             a = tl.load(a_body + cols, mask=ok, other=float("-inf")).to(tl.float32)
             b = tl.load(b_body + cols, mask=ok, other=float("-inf")).to(tl.float32)
-            m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE)
+            m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b,
+                                                                  SAFE)
     else:
         a_row = _row_start(a_ptr, row, n1a, sa0, sa1)
         b_row = _row_start(b_ptr, row, n1b, sb0, sb1)
@@ -205,9 +223,11 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
             # Out-of-range entries read as -inf on both sides, which contribute exactly 0.
             a = tl.load(a_row + cols * sav, mask=ok, other=float("-inf")).to(tl.float32)
             b = tl.load(b_row + cols * sbv, mask=ok, other=float("-inf")).to(tl.float32)
-            m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, SAFE)
+            m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b,
+                                                                  SAFE)
     # The one cross-thread reduction of the program: merge the lanes.
-    return _merge(m_a, z_a, s_a, m_b, z_b, s_b)
+    m_a, z_a, s_a, m_b, z_b, s_b = _merge(m_a, z_a, s_a, m_b, z_b, s_b)
+    return m_a, z_a, s_a, m_b, z_b, s_b, tl.max(x_a, axis=0), tl.max(x_b, axis=0)
 
 
 @triton.jit
@@ -229,12 +249,18 @@ def _merge(m_ai, z_ai, s_ai, m_bi, z_bi, s_bi):
 
 
 @triton.jit
-def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, ok):
+def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, x_b, valid, ok):
     # A row that is -inf everywhere on one side has Z = 0 there: log Z := 0 (so p = exp(-inf) = 0 in
     # backward) and E[d'] := 0. Only Z == 0 means empty: a NaN Z (NaN or +inf in the row) stays NaN and
     # makes the value and every gradient of the row NaN. Scalars or vectors of rows (``ok``: store mask).
-    lz_a = tl.where(z_a == 0, 0.0, tl.log(z_a))
-    lz_b = tl.where(z_b == 0, 0.0, tl.log(z_b))
+    lz_a = tl.log(tl.where(z_a == 0, 1.0, z_a))
+    lz_b = tl.log(tl.where(z_b == 0, 1.0, z_b))
+    # Entries -inf on one side only (x: the largest logit facing one; -inf: none): where its probability
+    # against the row, exp((x - m) - log Z) (the PyTorch path's and the backward's expression), is positive,
+    # the supports differ and KL_S = +inf: E_p[d'] = +inf (a finite, b = -inf) or E_q[d'] = -inf (the
+    # reverse). Otherwise those entries underflowed and add 0.
+    s_a = tl.where(_exp((x_a - m_a) - lz_a) > 0, float("inf"), s_a)
+    s_b = tl.where(_exp((x_b - m_b) - lz_b) > 0, float("-inf"), s_b)
     e_p = tl.where(z_a == 0, 0.0, s_a / z_a)  # E_p[d']
     e_q = tl.where(z_b == 0, 0.0, s_b / z_b)  # E_q[d']
     kl = tl.where(valid, e_p - e_q, 0.0)  # KL_S = E_p[d'] - E_q[d'] (= E_p[d] - E_q[d])
@@ -289,13 +315,12 @@ def _sym_kl_fwd_kernel(
     valid = _row_valid(mask_ptr, row, HAS_MASK)
     lo = part * chunk
     hi = tl.minimum(lo + chunk, V)
-    m_a, z_a, s_a, m_b, z_b, s_b = _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0,
-                                             sb1, sbv, V, LANES, VEC, ALIGN, False)
-    # S is NaN while Z is not only where the fast pass multiplied a zero probability by an infinite d'
-    # (-inf entries): redo those rows with the guard (rare; a NaN Z makes the row NaN either way).
-    if ((s_a != s_a) | (s_b != s_b)) & (z_a == z_a) & (z_b == z_b):
-        m_a, z_a, s_a, m_b, z_b, s_b = _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0,
-                                                 sb1, sbv, V, LANES, VEC, ALIGN, True)
+    # The fast pass only. S is NaN while Z is not only where it multiplied a zero probability by an infinite
+    # d' (-inf entries): such a row comes out with a NaN value and finite log Z, and _sym_kl_fwd_guarded_kernel
+    # redoes it (rare; a NaN Z makes the row NaN either way). A separate kernel, so that the guarded loop's
+    # registers do not count against this one's occupancy.
+    m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav,
+                                                       n1b, sb0, sb1, sbv, V, LANES, VEC, ALIGN, False)
     if SPLIT:
         # Partial statistics, layout (6, n_rows, n_parts); merged by _sym_kl_merge_kernel.
         n_parts = tl.num_programs(1).to(tl.int64)
@@ -308,7 +333,7 @@ def _sym_kl_fwd_kernel(
         tl.store(base + 4 * plane, z_b)
         tl.store(base + 5 * plane, s_b)
     else:
-        _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, True)
+        _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, x_b, valid, True)
 
 
 @triton.jit
@@ -327,7 +352,29 @@ def _sym_kl_merge_kernel(part_ptr, mask_ptr, out_ptr, stats_ptr, n_rows, n_parts
         tl.load(part_ptr + 3 * plane + idx, mask=ok, other=_NEG_BIG),
         tl.load(part_ptr + 4 * plane + idx, mask=ok, other=0.0),
         tl.load(part_ptr + 5 * plane + idx, mask=ok, other=0.0))
-    _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, True)
+    none = float("-inf")  # the fast pass has no one-sided entries to decide (x = -inf)
+    _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, none, m_b, z_b, s_b, none, valid, True)
+
+
+@triton.jit
+def _sym_kl_fwd_guarded_kernel(
+    a_ptr, b_ptr, out_ptr, stats_ptr,
+    n_rows, V, n1a, sa0, sa1, sav, n1b, sb0, sb1, sbv,
+    LANES: tl.constexpr, VEC: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # After the fast forward (and the merge): a row whose value came out NaN with finite log Z on both
+    # sides had an entry -inf on one side only (see _sym_kl_fwd_kernel); this program redoes it, the whole
+    # row, with the guard and the one-sided decision. Every other row costs three loads. (A masked row has
+    # value 0.)
+    row = tl.program_id(0).to(tl.int64)
+    plane = row * 0 + n_rows  # 64-bit, as row
+    kl = tl.load(out_ptr + row)
+    lz_a = tl.load(stats_ptr + 2 * plane + row)
+    lz_b = tl.load(stats_ptr + 3 * plane + row)
+    if (kl != kl) & (lz_a == lz_a) & (lz_b == lz_b):
+        m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _fwd_pass(a_ptr, b_ptr, row, 0, V, row >= 0, n1a, sa0, sa1, sav,
+                                                           n1b, sb0, sb1, sbv, V, LANES, VEC, ALIGN, True)
+        _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, x_b, True, True)
 
 
 @triton.jit
@@ -349,8 +396,9 @@ def _sym_kl_fwd_rows_kernel(
     m_a = tl.full([ROWS], _NEG_BIG, tl.float32)
     m_b = tl.full([ROWS], _NEG_BIG, tl.float32)
     zero = tl.zeros([ROWS], tl.float32)
-    m_a, z_a, s_a, m_b, z_b, s_b = _lane_update(a, b, m_a, zero, zero, m_b, zero, zero, True)
-    _finish(out_ptr, stats_ptr, rows, n_rows, m_a, z_a, s_a, m_b, z_b, s_b, valid, row_ok)
+    none = tl.full([ROWS], float("-inf"), tl.float32)
+    m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, zero, zero, m_b, zero, zero, none, none, True)
+    _finish(out_ptr, stats_ptr, rows, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, x_b, valid, row_ok)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -592,6 +640,7 @@ def _plan(n_rows: int, vocab: int, a: torch.Tensor, b: torch.Tensor) -> Plan:
 
 
 _KEYS = {"_sym_kl_fwd_kernel": "forward", "_sym_kl_fwd_rows_kernel": "forward", "_sym_kl_merge_kernel": "merge",
+         "_sym_kl_fwd_guarded_kernel": "guarded",
          "_sym_kl_bwd_kernel": "backward", "_sym_kl_bwd_rows_kernel": "backward"}
 
 
@@ -653,6 +702,8 @@ def _forward(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor]):
                 if split:
                     _launch(_sym_kl_merge_kernel, (n_rows,), part, mask_arg, out, stats, n_rows, n_parts,
                             HAS_MASK=has_mask, PARTS=triton.next_power_of_2(n_parts))
+                _launch(_sym_kl_fwd_guarded_kernel, (n_rows,), a, b, out, stats, n_rows, vocab, *lay_a, *lay_b,
+                        LANES=p.lanes, VEC=p.vec, ALIGN=p.align, num_warps=p.num_warps)
     return out, stats, (n_rows, lay_a, lay_b, p), a, b
 
 
