@@ -224,12 +224,15 @@ def compare(rows: list[dict], baseline: str = "standard", skip: Sequence[str] = 
                     "underpowered": need is not None and min(base["n"], r["n"]) < need})
     for name in {c["arm"] for c in out}:  # Holm over the tasks of this report, per comparison
         group = [c for c in out if c["arm"] == name]
-        for c, adjusted in zip(group, stats.holm([c["p"] for c in group])):
-            c["p_holm"] = adjusted
+        # a comparison without a test (no spread in either arm: p None) stays in the family as p = 1
+        for c, adjusted in zip(group, stats.holm([1.0 if c["p"] is None else c["p"] for c in group])):
+            c["p_holm"] = None if c["p"] is None else adjusted
     return out
 
 
-def _p(p: float) -> str:
+def _p(p: Optional[float]) -> str:
+    if p is None:
+        return "– (no spread)"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 

@@ -48,13 +48,18 @@ def t_two_sided_p(t: float, df: float) -> float:
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> Optional[dict]:
-    """Welch's t-test of mean(b) - mean(a): ``{"diff", "t", "df", "p"}``; None with fewer than 2 per arm."""
+    """Welch's t-test of mean(b) - mean(a): ``{"diff", "t", "df", "p"}``; None with fewer than 2 per arm.
+
+    Both arms without spread (every seed the same value, e.g. a model that never leaves the majority class):
+    equal means give ``p = 1``; different means give ``p = None``, no test, since there is no spread to test
+    against (the limit p = 0 would call two seeds per arm a certainty)."""
     if len(a) < 2 or len(b) < 2:
         return None
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     diff = statistics.fmean(b) - statistics.fmean(a)
     if va + vb == 0:
-        return {"diff": diff, "t": math.inf if diff else 0.0, "df": None, "p": 0.0 if diff else 1.0}
+        return {"diff": diff, "t": math.copysign(math.inf, diff) if diff else 0.0, "df": None,
+                "p": None if diff else 1.0}
     t = diff / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return {"diff": diff, "t": t, "df": df, "p": t_two_sided_p(t, df)}

@@ -184,6 +184,22 @@ def test_methods_are_compared_with_welch_bootstrap_and_holm(tmp_path):
     assert "| rte | accuracy | r3f − standard | +0.0600 |" in text and "n too small" in text
 
 
+def test_arms_without_spread_get_no_p_value(tmp_path):
+    """Both arms constant across seeds (e.g. stuck at the majority class) with different means: no test
+    (p and Holm's p None, printed as such), and Holm over the other task counts it as p = 1."""
+    vals = {("mrpc", "standard"): [0.60, 0.70, 0.65], ("mrpc", "r3f"): [0.62, 0.66, 0.80],
+            ("rte", "standard"): [0.50, 0.50, 0.50], ("rte", "r3f"): [0.53, 0.53, 0.53]}
+    for (task, method), vs in vals.items():
+        for seed, v in enumerate(vs, 1):
+            fake_run(tmp_path / "runs", task, method, seed, v, f1=v)
+    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    comps = {c["task"]: c for c in json.loads((tmp_path / "rep" / "comparison.json").read_text())}
+    assert comps["rte"]["p"] is None and comps["rte"]["p_holm"] is None
+    assert comps["mrpc"]["p_holm"] == pytest.approx(min(1.0, 2 * comps["mrpc"]["p"]))
+    assert "| rte | accuracy | r3f − standard | +0.0300 |" in (tmp_path / "rep" / "report.md").read_text()
+    assert "no spread" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_majority_baseline_recorded_or_from_files(tmp_path, glue_dir):
     from r3f_opt.experiments.data import load_examples
     from r3f_opt.experiments.glue import majority_baseline

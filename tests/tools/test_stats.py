@@ -28,6 +28,15 @@ def test_welch_by_hand():
     assert stats.welch([0.5], b) is None
 
 
+def test_welch_without_spread_gives_no_p_value():
+    """Every seed the same in both arms: equal means are p = 1; different ones have no test (not p = 0)."""
+    assert stats.welch([0.0, 0.0, 0.0], [0.0, 0.0])["p"] == 1.0
+    got = stats.welch([0.5, 0.5], [0.6, 0.6])
+    assert got["p"] is None and got["t"] == math.inf and got["diff"] == pytest.approx(0.1)
+    assert stats.welch([0.6, 0.6], [0.5, 0.5])["t"] == -math.inf
+    assert stats.welch([0.5, 0.5], [0.6, 0.7])["p"] > 0  # one arm with spread: a test
+
+
 def test_holm():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
