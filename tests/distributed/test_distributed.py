@@ -4,6 +4,7 @@ Every rank must end with identical parameters (and R4F buffers), equal to one pr
 combined batch with the same noise; accumulation must keep the micro-batches' gradients local (no_sync)
 until the last one. The workers run all scenarios in one spawn; the tests compare what they saved.
 """
+import copy
 import os
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import tiny_model, toy_batch
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -98,9 +101,52 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                        for k, v in model.state_dict().items()},
                 unsynced_differ=unsynced_differ,
             )
+        results["fsdp2_resume"] = _fsdp2_resume(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _full(model) -> dict:
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fsdp2_resume(rank: int) -> dict:
+    """docs/distributed.md's recipe: DCP's helpers save and restore the model and the inner optimizer (they
+    drop the wrapper's "r3f" entry), the entry is saved beside them and loaded back with
+    ``opt.load_state_dict({**opt.optimizer.state_dict(), "r3f": entry})``. Three runs of STEPS steps:
+    uninterrupted; resumed after step 0 with the entry; resumed without it."""
+    def build():
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.0)
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+        return model, RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, eps=EPS,
+                                           seed=200 + rank)
+
+    def steps(model, opt, which):
+        for step in which:
+            opt.zero_grad()
+            local = shard(batches(step), rank)
+            opt.step(lambda: model(**local))
+
+    model, opt = build()
+    steps(model, opt, [0])
+    saved = copy.deepcopy((get_model_state_dict(model), get_optimizer_state_dict(model, opt.optimizer),
+                           opt.state_dict()["r3f"]))
+    steps(model, opt, range(1, STEPS))
+    out = {"uninterrupted": _full(model)}
+    for name, with_entry in (("resumed", True), ("resumed_without_entry", False)):
+        model, opt = build()
+        msd, osd, entry = copy.deepcopy(saved)
+        set_model_state_dict(model, msd)
+        set_optimizer_state_dict(model, opt.optimizer, osd)
+        if with_entry:
+            opt.load_state_dict({**opt.optimizer.state_dict(), "r3f": entry})
+        steps(model, opt, range(1, STEPS))
+        out[name] = _full(model)
+    return out
 
 
 def single_process(name: str) -> dict:
@@ -149,6 +195,16 @@ def test_ranks_agree_and_match_one_process(ranks, name):
         torch.testing.assert_close(r0[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
     if name == "r4f":
         assert any(k.endswith("_u") for k in r0)
+
+
+def test_fsdp2_checkpoint_recipe_resumes_the_same_noise(ranks):
+    """Saved with DCP's helpers plus the "r3f" entry beside them, a resumed FSDP2 run continues exactly as the
+    uninterrupted one; without the entry it draws other noise and ends elsewhere."""
+    for r in ranks:
+        got = r["fsdp2_resume"]
+        for k, v in got["uninterrupted"].items():
+            torch.testing.assert_close(got["resumed"][k], v, rtol=0, atol=0, msg=k)
+        assert any(not torch.equal(got["resumed_without_entry"][k], v) for k, v in got["uninterrupted"].items())
 
 
 def test_accumulation_keeps_micro_batch_gradients_local(ranks):
