@@ -161,6 +161,15 @@ def test_errors(tmp_path):
         report.main([str(a)])
 
 
+def _compare(tmp_path, vals: dict) -> dict:
+    """Fake runs of ``{(task, method): [value per seed 1, 2, ...]}``, reported: the comparisons by task."""
+    for (task, method), vs in vals.items():
+        for seed, v in enumerate(vs, 1):
+            fake_run(tmp_path / "runs", task, method, seed, v, f1=v)
+    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    return {c["task"]: c for c in json.loads((tmp_path / "rep" / "comparison.json").read_text())}
+
+
 def test_methods_are_compared_with_welch_bootstrap_and_holm(tmp_path):
     """Two tasks, standard vs r3f: the printed comparison matches the statistics computed by hand, Holm runs
     over the two tasks, and n = 3 is flagged as too small for the paper's effect."""
@@ -168,11 +177,7 @@ def test_methods_are_compared_with_welch_bootstrap_and_holm(tmp_path):
 
     vals = {("mrpc", "standard"): [0.60, 0.70, 0.65], ("mrpc", "r3f"): [0.62, 0.66, 0.80],
             ("rte", "standard"): [0.50, 0.52, 0.51], ("rte", "r3f"): [0.56, 0.58, 0.57]}
-    for (task, method), vs in vals.items():
-        for seed, v in enumerate(vs, 1):
-            fake_run(tmp_path / "runs", task, method, seed, v, f1=v)
-    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
-    comps = {c["task"]: c for c in json.loads((tmp_path / "rep" / "comparison.json").read_text())}
+    comps = _compare(tmp_path, vals)
     for task in ("mrpc", "rte"):
         want = stats.welch(vals[task, "standard"], vals[task, "r3f"])
         assert comps[task]["p"] == pytest.approx(want["p"]) and comps[task]["diff"] == pytest.approx(want["diff"])
@@ -189,11 +194,7 @@ def test_arms_without_spread_get_no_p_value(tmp_path):
     (p and Holm's p None, printed as such), and Holm over the other task counts it as p = 1."""
     vals = {("mrpc", "standard"): [0.60, 0.70, 0.65], ("mrpc", "r3f"): [0.62, 0.66, 0.80],
             ("rte", "standard"): [0.50, 0.50, 0.50], ("rte", "r3f"): [0.53, 0.53, 0.53]}
-    for (task, method), vs in vals.items():
-        for seed, v in enumerate(vs, 1):
-            fake_run(tmp_path / "runs", task, method, seed, v, f1=v)
-    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
-    comps = {c["task"]: c for c in json.loads((tmp_path / "rep" / "comparison.json").read_text())}
+    comps = _compare(tmp_path, vals)
     assert comps["rte"]["p"] is None and comps["rte"]["p_holm"] is None
     assert comps["mrpc"]["p_holm"] == pytest.approx(min(1.0, 2 * comps["mrpc"]["p"]))
     assert "| rte | accuracy | r3f − standard | +0.0300 |" in (tmp_path / "rep" / "report.md").read_text()
