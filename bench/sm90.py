@@ -17,17 +17,18 @@ Per compiled kernel it reports, from the cubin (``cuobjdump --dump-resource-usag
 * ``ctas_per_sm`` and ``occupancy``: the theoretical occupancy on an H100 SXM / H200 (one SM type: 64K
   32-bit registers allocated per warp in units of 256, 64 warps = 2048 threads, 228 KB of shared memory
   with 1 KB reserved per CTA, at most 32 CTAs), active warps / 64;
-* ``instructions_per_column``: the SASS instructions of the main loop body divided by the columns one
-  thread handles per iteration of it. The main loop is the backward branch (``BRA`` to an earlier
-  label) whose body holds the most global loads, the first in program order on a tie (the symmetric-KL
-  forward's guarded pass, which only rows with one-sided -inf entries redo, is a kernel of its own:
-  ``_sym_kl_fwd_guarded_kernel``); its body is every instruction from the branch target to the branch. The columns per iteration come from the same body: the bytes its ``LDG`` instructions load
-  divided by the bytes one column costs (``a`` + ``b`` element sizes for the symmetric KL), so unrolling
-  by the compiler cannot fool the count. This is issue slots per column per thread: an H200 SM issues 4
-  warp-instructions (128 thread-instructions) per cycle, so at ~1.98 GHz its 132 SMs sustain ~33e12
-  thread-instructions/s, and reading two bf16 inputs at 4.3 TB/s is ~1.07e12 columns/s: about 31
-  instructions per column is the break-even, fewer leave the kernel bandwidth-bound. ``null`` for
-  kernels without a column loop (row-batched tiny vocabularies, fused or tiled spectral norm);
+* ``instructions_per_column``: the SASS instructions of the main loop body divided by the columns one thread
+  handles per iteration of it. The main loop is the backward branch (``BRA`` to an earlier label) whose body
+  holds the most global loads, the first in program order on a tie (the symmetric-KL forward's guarded pass,
+  which only rows with one-sided -inf entries redo, is a kernel of its own: ``_sym_kl_fwd_guarded_kernel``);
+  its body is every instruction from the branch target to the branch. The columns per iteration come from the
+  same body: the bytes its ``LDG`` instructions load divided by the bytes one column costs (``a`` + ``b``
+  element sizes for the symmetric KL), so unrolling by the compiler cannot fool the count. This is issue slots
+  per column per thread: an H200 SM issues 4 warp-instructions (128 thread-instructions) per cycle, so at
+  ~1.98 GHz its 132 SMs sustain ~33e12 thread-instructions/s, and reading two bf16 inputs at 4.3 TB/s is
+  ~1.07e12 columns/s: about 31 instructions per column is the break-even, fewer leave the kernel
+  bandwidth-bound. ``null`` for kernels without a column loop (row-batched tiny vocabularies, fused or tiled
+  spectral norm);
 * ``loads_128``/``stores_128``: whether every global load / store of the main loop (or of the kernel,
   without one) is 128 bits wide, and the widths seen;
 * ``barriers``/``shuffles`` in the main loop (block-wide reductions per iteration cost both).

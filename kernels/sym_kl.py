@@ -32,13 +32,14 @@ with maxima m_i, M = max_i m_i, w_i = exp(m_i - M), delta_i = (M_a - m_a,i) - (M
     Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
 
 Then E_p[d'] = S_a / Z_a, E_q[d'] = S_b / Z_b (d' now with the row's maxima), KL_S = E_p[d'] - E_q[d'].
-The loop adds exp(x - m') * d' unguarded: where -inf entries make it 0 * inf, S turns NaN while Z does
-not, so the row's value comes out NaN with finite log Z, and a second kernel (_sym_kl_fwd_guarded_kernel, a
-program per row that otherwise reads three floats) redoes such a row, whole, with the guard
-0 * (+-inf or NaN) := 0 (rows without -inf are read once; a kernel of its own, so that the guarded loop's
-registers do not lower the fast kernel's occupancy). That pass keeps entries that are -inf on one side only out of S and remembers the largest logit
-facing one (x_a, x_b: merged by max); with the row's m and log Z it decides whether that probability is
-positive (KL_S = +inf) or underflows (the entries add 0), which no lane can tell from its own maximum. Exponentials are tl.exp2(x log2 e): one MUFU.EX2 on the GPU, which flushes results below
+The loop adds exp(x - m') * d' unguarded: where -inf entries make it 0 * inf, S turns NaN while Z does not, so
+the row's value comes out NaN with finite log Z, and a second kernel (_sym_kl_fwd_guarded_kernel, a program
+per row that otherwise reads three floats) redoes such a row, whole, with the guard 0 * (+-inf or NaN) := 0
+(rows without -inf are read once; a kernel of its own, so that the guarded loop's registers do not lower the
+fast kernel's occupancy). That pass keeps entries that are -inf on one side only out of S and remembers the
+largest logit facing one (x_a, x_b: merged by max); with the row's m and log Z it decides whether that
+probability is positive (KL_S = +inf) or underflows (the entries add 0), which no lane can tell from its own
+maximum. Exponentials are tl.exp2(x log2 e): one MUFU.EX2 on the GPU, which flushes results below
 2^-126 to 0 (the interpreter and the PyTorch path keep them as subnormals).
 Six floats per row are saved (m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d']), plus the inputs: the maxima
 and log Z are kept apart, because lse = m + log Z rounded to float32 at |m| ~ 1e6 is off by up to 0.03

@@ -108,7 +108,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def _full(model) -> dict:
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.state_dict().items()}
 
 
 def _fsdp2_resume(rank: int) -> dict:

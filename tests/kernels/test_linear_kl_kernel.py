@@ -9,11 +9,11 @@ kl_div formula of kl_reference.py, through autograd). Shapes are small: the inte
 import pytest
 import torch
 import torch.nn.functional as F
-from kl_plans import small_tiles
+from kl_plans import lane_vs_row_rows, small_tiles
 from kl_reference import reference
 
 import r3f_opt.linear_kl as lk
-from r3f_opt import linear_r3f_loss, linear_symmetric_kl
+from r3f_opt import linear_r3f_loss, linear_symmetric_kl, symmetric_kl
 from r3f_opt.kernels import sym_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,6 +138,27 @@ def test_kl_ce_grads_refuses_blocks_it_cannot_overwrite_in_place():
     versions = a._version, b._version
     sym_kl.kl_ce_grads_(a, b, g)
     assert a._version > versions[0] and b._version > versions[1]  # autograd sees the writes
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-rows", "split-rows"])
+def test_kl_ce_grads_decides_one_sided_neg_inf_against_the_row(monkeypatch, split):
+    """The in-place step on rows whose -inf (one side only) faces a probability that underflows against the row
+    but not against its lane: the guarded kernel redoes them between the forward and the in-place backward, and
+    values and both gradients equal the PyTorch path's."""
+    a, b = (x[:5].to(DEVICE) for x in lane_vs_row_rows())
+    g = torch.linspace(0.5, 1.5, 5, device=DEVICE)
+    monkeypatch.setenv("R3F_KERNELS", "torch")
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    want = symmetric_kl(a1, b1, reduction="none")
+    (want * g).sum().backward()
+    small_tiles(monkeypatch, 16, 16 if split else 48)
+    before = sym_kl.launches["guarded"]
+    ka, kb = a.clone(), b.clone()
+    kl, _ = sym_kl.kl_ce_grads_(ka, kb, g)
+    assert sym_kl.launches["guarded"] == before + 1
+    torch.testing.assert_close(kl, want.detach(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(ka, a1.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(kb, b1.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_the_kernel_path_holds_two_blocks_and_no_workspace(monkeypatch):
