@@ -9,10 +9,12 @@
 # one runs; the exit status is 1 if any step failed):
 #   1. environment: GPU name, driver, CUDA, python/torch/triton/ptxas versions, git commit, date, command;
 #   2. tests: the correctness tests of both kernels against the PyTorch path and float64 references
-#      (tests/core/test_symmetric_kl.py, tests/kernels/test_sym_kl_*.py, test_linear_kl_kernel.py, test_spectral_norm_{kernel,torch_parity}.py: on a CUDA machine
-#      conftest leaves the interpreter off, so they run the compiled kernels on the GPU), JUnit XML kept;
-#   3. sm90: python -m bench.sm90 --gpu: every specialisation the launchers plan for this GPU, compiled
-#      through its driver and loaded (the driver's register/spill counts beside the SASS statistics);
+#      (tests/core/test_symmetric_kl.py, tests/kernels/test_sym_kl_*.py, test_linear_kl_kernel.py,
+#      test_spectral_norm_{kernel,torch_parity}.py: on a CUDA machine conftest leaves the interpreter off, so they run the compiled kernels on the GPU), one pytest process
+#      per file side by side (they compile ~250 specialisations), JUnit XML per file (tests-<file>.xml);
+#   3. sm90: python -m bench.sm90 --gpu --quick: the CI set of specialisations the launchers plan for this GPU,
+#      compiled through its driver and loaded (the driver's register/spill counts beside the SASS statistics;
+#      the full set compiles for some 4 minutes, cold, on a 2-core VM: too long for this step's limit);
 #   4. sym_kl: python -m bench.sym_kl on CUDA (the kernel vs eager, torch.compile, the PyTorch path, Liger)
 #      at 2048 rows x V in {2, 50257, 128256}, bfloat16 and float32: tiny, odd and large vocabularies;
 #   5. spectral_norm: python -m bench.spectral_norm on CUDA.
@@ -27,7 +29,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -52,13 +54,30 @@ PY
   git status --short --untracked-files=no | head -20
 }
 export -f environment
+
+parallel_tests() {  # one pytest process per file, side by side: compiling ~250 kernel specialisations one
+  # after another would take minutes; Triton's on-disk cache is shared between the processes. Each file's
+  # output is appended to the step's log when all are done; the exit status is 1 if any file failed.
+  local pids=() names=() rc=0 f name
+  for f in "$@"; do
+    name=$(basename "$f" .py)
+    "$PYTHON" -m pytest -q -p no:cacheprovider "$f" --junitxml="$OUT/tests-$name.xml" > "$LOGS/tests-$name.log" 2>&1 &
+    pids+=("$!"); names+=("$name")
+  done
+  for i in "${!pids[@]}"; do
+    if wait "${pids[$i]}"; then echo "== ${names[$i]}: passed"; else echo "== ${names[$i]}: FAILED"; rc=1; fi
+    cat "$LOGS/tests-${names[$i]}.log"
+  done
+  return $rc
+}
+export -f environment parallel_tests
 export PYTHON
 
 # name | time limit (s) | command (bash -c, in the repository root). The limits add up to 8 minutes.
 STEPS=(
   "environment|15|environment"
-  "tests|180|$PYTHON -m pytest -q -p no:cacheprovider tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py --junitxml=$OUT/tests.xml"
-  "sm90|90|$PYTHON -m bench.sm90 --gpu --quiet --json $OUT/sm90_gpu.json"
+  "tests|180|parallel_tests tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py"
+  "sm90|90|$PYTHON -m bench.sm90 --gpu --quick --quiet --json $OUT/sm90_gpu.json"
   "sym_kl|150|$PYTHON -m bench.sym_kl --device cuda --vocab 2 50257 128256 --rows 2048 --dtypes bfloat16 float32 --budget 0.3 --no-plot --out $OUT/sym_kl_cuda.json"
   "spectral_norm|45|$PYTHON -m bench.spectral_norm --out $OUT/spectral_norm_cuda.json"
 )
@@ -76,6 +95,7 @@ if [[ $DRY == 1 ]]; then
 fi
 
 mkdir -p "$LOGS"
+export OUT LOGS
 {
   echo "command: $COMMAND"
   echo "date (UTC): $(date -u '+%Y-%m-%d %H:%M:%S')"

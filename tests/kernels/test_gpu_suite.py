@@ -46,3 +46,20 @@ def test_a_failing_step_is_reported_and_the_next_steps_still_run(tmp_path):
     assert "stub python -m bench.sym_kl" in (out / "logs" / "4-sym_kl.log").read_text()
     assert "stub python -m bench.spectral_norm" in (out / "logs" / "5-spectral_norm.log").read_text()
     assert "git " in (out / "environment.txt").read_text()
+
+
+def test_test_files_run_side_by_side_and_a_failing_one_fails_the_step(tmp_path):
+    """The tests step runs one pytest process per file; a failing file makes the step fail, the others' logs
+    and results are kept."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\necho "stub python $*"\ncase "$*" in *test_linear_kl_kernel*) exit 1;; esac\n')
+    stub.chmod(0o755)
+    out = tmp_path / "results"
+    proc = subprocess.run(["bash", str(SUITE), "--out", str(out)], env={**os.environ, "PYTHON": str(stub)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "1 step(s) failed: tests" in proc.stderr
+    log = (out / "logs" / "2-tests.log").read_text()
+    assert "== test_linear_kl_kernel: FAILED" in log and "== test_sym_kl_faults: passed" in log
+    own_log = (out / "logs" / "tests-test_sym_kl_faults.log").read_text()
+    assert "--junitxml=" + str(out / "tests-test_sym_kl_faults.xml") in own_log
+
