@@ -11,7 +11,10 @@ import types
 
 import pytest
 import torch
-from kl_plans import lane_vs_row_rows, small_tiles
+from helpers import TOLERANCES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kl_plans import lane_vs_row_rows, rows_path, small_tiles
 from kl_reference import reference_rows
 
 import r3f_opt.kl
@@ -241,6 +244,62 @@ def test_neg_inf_underflowing_against_the_row_but_not_its_lane(monkeypatch, back
         torch.testing.assert_close(ga[r:r + 1, keep].double().cpu(), wa, **tol)
         torch.testing.assert_close(gb[r:r + 1, keep].double().cpu(), wb, **tol)
         assert torch.count_nonzero(ga[r, ~keep]) == 0 and torch.count_nonzero(gb[r, ~keep]) == 0
+
+
+# Offsets below the row's maximum for entries facing a -inf: 20 and 80 leave a probability (> 2^-126 even after
+# log Z <= log 200), 120 and 200 underflow to 0 in float32; none falls in the windows where the paths may
+# differ (87-104 below on the GPU, about 103.6-104 in the interpreter: docs/kernels.md).
+FAR = (-20.0, -80.0, -120.0, -200.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 6), vocab=st.integers(1, 120), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    path=st.sampled_from(["default", "aligned", "strided", "split", "rows"]), masked=st.booleans(),
+    holes=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 119), st.sampled_from(["a", "b", "both"]),
+                             st.sampled_from(FAR)), max_size=12),
+    sink=st.sampled_from([None, 0, 1, 2, 3]), seed=st.integers(0, 2**31 - 1),
+)
+def test_property_neg_inf_and_far_entries_agree_with_the_pytorch_path(rows, vocab, dtype, path, masked, holes,
+                                                                      sink, seed):
+    """Random rows with -inf on one side (facing an entry at a fixed offset below the row's maximum: a
+    probability or an underflow) or on both, in any lane, part or tiling path, masked rows among them: the
+    kernel's values and gradients (NaN and inf included) are the PyTorch path's. ``sink``: every column of
+    one lane of the 16-column test tiles (4 lanes of 4) sits about 150 below the row's maximum on both sides,
+    so a -inf there faces a probability that is positive against its lane and 0 against its row."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rows, vocab, generator=g) * 2, torch.randn(rows, vocab, generator=g) * 2
+    if sink is not None and vocab > 4:
+        cols = [c for c in range(vocab) if (c % 16) // 4 == sink]
+        for x in (a, b):
+            x[:, cols] = x.max(-1, keepdim=True).values - 150 + torch.rand(rows, len(cols), generator=g)
+    for r, c, side, far in holes:
+        r, c = r % rows, c % vocab
+        if side in ("a", "both"):
+            a[r, c] = float("-inf")
+        if side in ("b", "both"):
+            b[r, c] = float("-inf")
+        if side == "a":
+            b[r, c] = b[r].max() + far if vocab > 1 else b[r, c]
+        if side == "b":
+            a[r, c] = a[r].max() + far if vocab > 1 else a[r, c]
+    a, b = dev(a.to(dtype), b.to(dtype))
+    mask = dev(torch.rand(rows, generator=g) > 0.3) if masked else None
+    up = dev(torch.rand(rows, generator=g) + 0.5)
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "rows":
+            rows_path(mp, rows=2)
+        elif path != "default":
+            small_tiles(mp, 16, 16 if path == "split" else 128, aligned=None if path == "split" else path == "aligned")
+        for mode in ("torch", "triton"):
+            mp.setenv("R3F_KERNELS", mode)
+            before = sum(sym_kl.kernel_launches.values())
+            results[mode] = value_and_grads(a, b, up, mask=mask)
+            assert (sum(sym_kl.kernel_launches.values()) > before) == (mode == "triton")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else TOLERANCES[dtype]
+    for i, (want, got) in enumerate(zip(results["torch"], results["triton"])):
+        torch.testing.assert_close(got, want, equal_nan=True, **(dict(rtol=1e-5, atol=1e-6) if i == 0 else tol))
 
 
 EDGE_ROWS = [  # (a row, b row), V = 3
