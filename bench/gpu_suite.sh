@@ -11,7 +11,7 @@
 #   2. tests: the correctness tests of both kernels against the PyTorch path and float64 references
 #      (tests/core/test_symmetric_kl.py, tests/kernels/test_sym_kl_*.py, test_linear_kl_kernel.py,
 #      test_spectral_norm_{kernel,torch_parity}.py: on a CUDA machine conftest leaves the interpreter off, so they run the compiled kernels on the GPU), one pytest process
-#      per file side by side (they compile ~250 specialisations), JUnit XML per file (tests-<file>.xml);
+#      per file side by side (they compile ~220 specialisations), JUnit XML per file (tests-<file>.xml);
 #   3. sm90: python -m bench.sm90 --gpu --quick: the CI set of specialisations the launchers plan for this GPU,
 #      compiled through its driver and loaded (the driver's register/spill counts beside the SASS statistics;
 #      the full set compiles for some 4 minutes, cold, on a 2-core VM: too long for this step's limit);
@@ -55,7 +55,7 @@ PY
 }
 export -f environment
 
-parallel_tests() {  # one pytest process per file, side by side: compiling ~250 kernel specialisations one
+parallel_tests() {  # one pytest process per file, side by side: compiling ~220 kernel specialisations one
   # after another would take minutes; Triton's on-disk cache is shared between the processes. Each file's
   # output is appended to the step's log when all are done; the exit status is 1 if any file failed.
   local pids=() names=() rc=0 f name
