@@ -17,7 +17,9 @@
 #      the full set compiles for some 4 minutes, cold, on a 2-core VM: too long for this step's limit);
 #   4. sym_kl: python -m bench.sym_kl on CUDA (the kernel vs eager, torch.compile, the PyTorch path, Liger)
 #      at 2048 rows x V in {2, 50257, 128256}, bfloat16 and float32: tiny, odd and large vocabularies;
-#   5. spectral_norm: python -m bench.spectral_norm on CUDA.
+#   5. spectral_norm: python -m bench.spectral_norm on CUDA;
+#   6. lm_head: python -m bench.lm_step --objective-only on a real-size head (H 4096, V 128256, 8192 rows, bf16):
+#      CE + KL_S fused vs materialised logits vs Liger's fused linear CE alone (if liger-kernel is importable).
 # Commit DIR (without logs/ if they are large) and quote its summary.md in docs/kernels.md.
 set -euo pipefail
 
@@ -29,7 +31,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1; shift ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -77,9 +79,10 @@ export PYTHON
 STEPS=(
   "environment|15|environment"
   "tests|180|parallel_tests tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py"
-  "sm90|90|$PYTHON -m bench.sm90 --gpu --quick --quiet --json $OUT/sm90_gpu.json"
-  "sym_kl|150|$PYTHON -m bench.sym_kl --device cuda --vocab 2 50257 128256 --rows 2048 --dtypes bfloat16 float32 --budget 0.3 --no-plot --out $OUT/sym_kl_cuda.json"
+  "sm90|60|$PYTHON -m bench.sm90 --gpu --quick --quiet --json $OUT/sm90_gpu.json"
+  "sym_kl|120|$PYTHON -m bench.sym_kl --device cuda --vocab 2 50257 128256 --rows 2048 --dtypes bfloat16 float32 --budget 0.3 --no-plot --out $OUT/sym_kl_cuda.json"
   "spectral_norm|45|$PYTHON -m bench.spectral_norm --out $OUT/spectral_norm_cuda.json"
+  "lm_head|60|$PYTHON -m bench.lm_step --objective-only --hidden 4096 --vocab 128256 --batch 8 --seq 1024 --dtype bfloat16 --memory-dtypes bfloat16 --warmup 2 --steps 5 --no-plot --out $OUT/lm_head_cuda.json"
 )
 
 if [[ $DRY == 1 ]]; then

@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 METHODS = ("standard", "r3f_logits", "r3f_fused", "r3f_fused_nograd")
 OBJECTIVES = ("objective_logits", "objective_fused")
+LIGER = "objective_liger_ce"  # Liger's fused linear cross-entropy alone (the floor; CUDA with liger-kernel)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--objective-only", action="store_true",
+                    help="no model steps: the objective alone (hidden states -> loss), e.g. a real-size head on a "
+                         "GPU: --hidden 4096 --batch 8 --seq 1024 --dtype bfloat16")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written beside it)")
     ap.add_argument("--save", action="store_true", help="write bench/results/lm_step_<device>.json/.png")
     ap.add_argument("--no-plot", action="store_true")
@@ -194,7 +198,24 @@ def objective(name: str, chunk_size: Optional[int]) -> Callable:
         total, ce, _ = linear_r3f_loss(hc, hn, w, labels, chunk_size=chunk_size)
         return torch.autograd.grad(total, (hc, hn, w)), ce.detach()
 
-    return {"objective_logits": logits_path, "objective_fused": fused}[name]
+    def liger_ce(hc, hn, w, labels):  # the clean pass's CE alone, through Liger's fused linear CE
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        ce = LigerFusedLinearCrossEntropyLoss()(w, hc, labels)
+        return torch.autograd.grad(ce, (hc, w)), ce.detach()
+
+    return {"objective_logits": logits_path, "objective_fused": fused, LIGER: liger_ce}[name]
+
+
+def objectives_available(device) -> tuple[list[str], dict]:
+    """The objectives this device can time, and why any other is not run."""
+    if device.type != "cuda":
+        return list(OBJECTIVES), {LIGER: "Liger's kernels need a CUDA GPU"}
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        return list(OBJECTIVES), {LIGER: f"liger-kernel is not installed ({e})"}
+    return [*OBJECTIVES, LIGER], {}
 
 
 def measure_memory(args, device, dtype, objectives: bool = True) -> dict:
@@ -218,7 +239,8 @@ def measure_memory(args, device, dtype, objectives: bool = True) -> dict:
         return out
     from r3f_opt.linear_kl import _dtypes, default_chunk_size
 
-    for name, factor in (("objective_logits", 1), ("objective_fused", 1), ("objective_fused", args.rows_factor)):
+    names = [(n, 1) for n in objectives_available(device)[0]] + [("objective_fused", args.rows_factor)]
+    for name, factor in names:
         n = rows * factor
         hc, hn, w, labels = objective_inputs(args, device, dtype, n, args.seed)
         gemm, math = _dtypes(device, hc, hn, w, None)
@@ -248,7 +270,13 @@ def dtype_name(dtype) -> str:
 
 
 def check_same_objective(first: dict) -> None:
-    """The fused and the logits path must compute the same CE and KL on the same first batch."""
+    """The fused and the logits path must compute the same CE and KL on the same first batch (and the
+    objectives alone the same CE)."""
+    if "objective_logits" in first:
+        ce0 = first["objective_logits"][0]
+        for o in ("objective_fused", LIGER):
+            if o in first and abs(first[o][0] - ce0) > 1e-2 * abs(ce0) + 1e-6:
+                raise AssertionError(f"{o} computes CE {first[o][0]}; the logits path {ce0}")
     if "r3f_logits" not in first:
         return
     ce0, kl0 = first["r3f_logits"]
@@ -262,9 +290,9 @@ def check_same_objective(first: dict) -> None:
 
 def time_steps(args, device, dtype) -> dict:
     setups = {m: Setup(m, args, device, dtype) for m in args.methods}
-    objectives = {o: objective(o, args.chunk_size) for o in OBJECTIVES}
+    objectives = {o: objective(o, args.chunk_size) for o in objectives_available(device)[0]}
     obj_in = objective_inputs(args, device, dtype, args.batch * args.seq, args.seed)
-    names = list(args.methods) + list(OBJECTIVES)
+    names = list(args.methods) + list(objectives)
     times = {n: [] for n in names}
     values = {m: [] for m in args.methods}
     orders = []
@@ -283,11 +311,13 @@ def time_steps(args, device, dtype) -> dict:
             if n in setups:
                 ce, kl = setups[n].step(batch)
             else:
-                objectives[n](*obj_in)
+                _, obj_ce = objectives[n](*obj_in)
             sync(device)
             dt = time.perf_counter() - t0
             if n in setups:
                 first[n] = (float(ce), float(kl) if kl is not None else 0.0)
+            else:
+                first[n] = (float(obj_ce), None)
             if timed:
                 times[n].append(dt)
         if r == 0:
@@ -314,9 +344,11 @@ def time_steps(args, device, dtype) -> dict:
             rec["paired_ratio_to_standard"] = statistics.median(a / b for a, b in zip(xs, base))
         if n.startswith("r3f_fused") and "r3f_logits" in times:
             rec["paired_ratio_to_r3f_logits"] = statistics.median(a / b for a, b in zip(xs, times["r3f_logits"]))
-        if n == "objective_fused":
+        if n in ("objective_fused", LIGER):
             rec["paired_ratio_to_objective_logits"] = statistics.median(
                 a / b for a, b in zip(xs, times["objective_logits"]))
+        if n == "objective_fused" and LIGER in times:
+            rec["paired_ratio_to_liger_ce"] = statistics.median(a / b for a, b in zip(xs, times[LIGER]))
         summary[n] = rec
     return dict(summary=summary, raw_times_s=times, round_orders=orders, other_processes_cpu_s_per_round=other_cpu,
                 ce_kl_per_round=values, total_wall_s=time.perf_counter() - t_start)
@@ -425,10 +457,16 @@ def print_tables(result: dict) -> None:
             lp = s.get("paired_ratio_to_r3f_logits", s.get("paired_ratio_to_objective_logits"))
             print(f"| {n} | {s['median_s']:.3f} | {s['q1_s']:.3f}-{s['q3_s']:.3f} | "
                   f"{f'{std:.2f}x' if std else '-'} | {f'{lp:.2f}x' if lp else '-'} |")
+        fused = tm["summary"].get("objective_fused", {})
+        if "paired_ratio_to_liger_ce" in fused:
+            print(f"\nobjective_fused (CE + KL_S, both passes) / Liger's fused linear CE alone (one pass, the floor): "
+                  f"{fused['paired_ratio_to_liger_ce']:.2f}x")
         oc = [x for x in tm["other_processes_cpu_s_per_round"] if x is not None]
         if oc:
             print(f"\nother processes' CPU during the timed rounds: {sum(oc):.1f} CPU-s in {len(oc)} rounds "
                   f"(~0 means no contention)")
+    for name, why in result.get("not_run", {}).items():
+        print(f"not run: {name}: {why}")
     print("\nTargets (issue 16):")
     for k, v in result["targets"].items():
         print(f"  {k}: {v['value']:.3f} -> {'met' if v['met'] else 'NOT met'}")
@@ -468,6 +506,8 @@ def plot(result: dict, path: Path) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.objective_only:
+        args.methods = []
     command = shlex.join(["python", "-m", "bench.lm_step", *(sys.argv[1:] if argv is None else argv)])
     import transformers
 
@@ -478,7 +518,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads, batch=args.batch, seq=args.seq,
         dtype=args.dtype, memory_dtypes=args.memory_dtypes, steps=args.steps, warmup=args.warmup, eps=args.eps,
         lam=args.lam, lr=args.lr, seed=args.seed, chunk_size=args.chunk_size, rows_factor=args.rows_factor,
-        methods=list(args.methods)), env=environment(device, command))
+        methods=list(args.methods), objective_only=args.objective_only), env=environment(device, command),
+        not_run=objectives_available(device)[1])
     with warnings.catch_warnings():
         # bf16 embeddings cannot hold noise of scale 1e-5 (EmbeddingNoise warns): irrelevant to memory and time
         warnings.filterwarnings("ignore", message=".*cannot represent noise.*")

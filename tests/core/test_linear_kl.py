@@ -639,3 +639,19 @@ def test_lm_step_benchmark_runs_and_reports(tmp_path, capsys):
     assert result["env"]["torch"] == torch.__version__ and "bench.lm_step" in result["env"]["command"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert "Targets (issue 16)" in capsys.readouterr().out
+
+
+def test_lm_step_objective_only_times_the_objectives_and_names_what_did_not_run(tmp_path, capsys):
+    """``--objective-only`` (the GPU suite's real-size head): no model steps, the objectives alone; Liger's
+    fused linear CE is listed as not run where there is no CUDA GPU (or no liger-kernel)."""
+    import json
+
+    from bench import lm_step
+
+    out = tmp_path / "lm.json"
+    lm_step.main(["--device", "cpu", "--objective-only", "--vocab", "300", "--hidden", "16", "--batch", "2", "--seq",
+                  "8", "--steps", "1", "--warmup", "0", "--threads", "1", "--no-plot", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["memory"]["float32"]["steps"] == {} and result["config"]["objective_only"]
+    assert set(result["time"]["summary"]) == set(lm_step.OBJECTIVES)
+    assert lm_step.LIGER in result["not_run"] and f"not run: {lm_step.LIGER}" in capsys.readouterr().out
