@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import shlex
@@ -207,6 +208,7 @@ def objective(name: str, chunk_size: Optional[int]) -> Callable:
     return {"objective_logits": logits_path, "objective_fused": fused, LIGER: liger_ce}[name]
 
 
+@functools.lru_cache(maxsize=None)  # one import attempt per device, asked by memory, time and the report
 def objectives_available(device) -> tuple[list[str], dict]:
     """The objectives this device can time, and why any other is not run."""
     if device.type != "cuda":

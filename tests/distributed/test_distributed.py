@@ -97,8 +97,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 opt.backward(lambda: ddp(**second), weight=0.5)
                 opt.step()
             results[name] = dict(
-                state={k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-                       for k, v in model.state_dict().items()},
+                state=_full(model),
                 unsynced_differ=unsynced_differ,
             )
         results["fsdp2_resume"] = _fsdp2_resume(rank)
