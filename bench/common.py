@@ -60,7 +60,9 @@ def sync(device: torch.device) -> None:
 
 def peak_extra_bytes(device: torch.device, fn: Callable[[], object]) -> int:
     """Peak bytes allocated while ``fn`` runs, above what was allocated when it started: CUDA's allocator
-    statistics, or on CPU the running sum of the torch profiler's memory events."""
+    statistics, or on CPU the running sum of the torch profiler's memory events. On CPU, ``fn`` must not free
+    tensors allocated before it started (e.g. ``zero_grad()`` with ``set_to_none``): the profiler reports such a
+    free only when the block's address was seen allocated in an earlier profiling session, i.e. at random."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)

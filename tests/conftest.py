@@ -12,6 +12,18 @@ from helpers import data_dir
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+@pytest.fixture(autouse=True)
+def _same_torch_state_for_every_test():
+    """Each test starts from torch's global RNG seeded at 0 and leaves the thread count as it found it, so no
+    test's inputs or numerics depend on what ran before (a hypothesis test consumes a different number of
+    draws each run; the benchmarks' ``main`` sets one thread)."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def glue_dir():
     root = data_dir() / "glue"

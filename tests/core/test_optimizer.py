@@ -299,7 +299,8 @@ def test_default_seed_follows_manual_seed_without_consuming_the_global_rng():
 
 def _live_bytes_at_backward(monkeypatch, step) -> tuple[int, int]:
     """(bytes alive when the step's backward starts, peak bytes of the step) above those alive before it, from
-    the torch profiler's memory events; the backward start is marked by a small allocation of a unique size."""
+    the torch profiler's memory events; the backward start is marked by a small allocation of a unique size.
+    ``step`` must not free tensors allocated before it (see ``bench.common.peak_extra_bytes``)."""
     import r3f_opt.optimizer as optimizer_module
     from torch.profiler import ProfilerActivity, profile
 
@@ -358,10 +359,7 @@ def test_logits_path_holds_nothing_of_the_noisy_loss_at_the_backward(monkeypatch
         return closure
 
     def measured(noisy_labels: bool) -> int:
-        # zero_grad frees the last step's gradients outside the profiled window: the profiler reports the free
-        # of a block allocated before it started only when the block's address happens to be one it saw
-        # allocated earlier, so inside the window those frees would count or not at random (1 MiB here).
-        opt.zero_grad()
+        opt.zero_grad()  # outside the profiled window: it frees the last step's gradients (1 MiB here)
         closure = closure_for(noisy_labels)
         return _live_bytes_at_backward(monkeypatch, lambda: opt.step(closure))[0]
 
