@@ -201,6 +201,31 @@ def test_arms_without_spread_get_no_p_value(tmp_path):
     assert "no spread" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def test_plot_axes_start_at_the_majority_baseline_drawn_dashed(runs, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot() would close
+    rows = report.summarize(report.load_runs([str(runs[0])]))
+    report.plot(rows, tmp_path / "p.png", base={"mrpc": {"f1": 0.65}})  # accuracy has no baseline here
+    (fig,) = figures
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == {"mrpc: accuracy", "mrpc: f1"}
+    f1 = panels["mrpc: f1"]
+    lo, hi = f1.get_ylim()
+    values = [v + 0.1 for vs in runs[1].values() for v in vs]  # the f1 values of fake_run
+    pad = 0.08 * (max(values) - 0.65)
+    assert min(values) > 0.65 and lo == pytest.approx(0.65 - pad) and hi == pytest.approx(max(values) + pad)  # not from 0
+    (line,) = [ln for ln in f1.get_lines() if ln.get_label() == "majority class"]
+    assert set(line.get_ydata()) == {0.65} and line.get_linestyle() == "--"
+    assert not [ln for ln in panels["mrpc: accuracy"].get_lines() if ln.get_label() == "majority class"]
+    # a seed below the baseline stays visible: the axis then starts below it
+    report.plot(rows, tmp_path / "q.png", base={"mrpc": {"f1": 0.75}})
+    lo = figures[-1].axes[1].get_ylim()[0]
+    assert lo < min(values) < 0.75
+    plt.close("all")
+
+
 def test_majority_baseline_recorded_or_from_files(tmp_path, glue_dir):
     from r3f_opt.experiments.data import load_examples
     from r3f_opt.experiments.glue import majority_baseline
