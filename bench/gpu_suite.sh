@@ -10,7 +10,8 @@
 #   1. environment: GPU name, driver, CUDA, python/torch/triton/ptxas versions, git commit, date, command;
 #   2. tests: the correctness tests of both kernels against the PyTorch path and float64 references
 #      (tests/core/test_symmetric_kl.py, tests/kernels/test_sym_kl_*.py, test_linear_kl_kernel.py,
-#      test_spectral_norm_{kernel,torch_parity}.py: on a CUDA machine conftest leaves the interpreter off, so they run the compiled kernels on the GPU), one pytest process
+#      test_spectral_norm_{kernel,torch_parity}.py: on a CUDA machine conftest leaves the interpreter off, so they run the compiled kernels on the GPU;
+#      and tests/core/test_methods.py, whose CUDA cases check same_dropout's replay of the CUDA generator), one pytest process
 #      per file side by side (they compile ~220 specialisations), JUnit XML per file (tests-<file>.xml);
 #   3. sm90: python -m bench.sm90 --gpu --quick: the CI set of specialisations the launchers plan for this GPU,
 #      compiled through its driver and loaded (the driver's register/spill counts beside the SASS statistics;
@@ -78,7 +79,7 @@ export PYTHON
 # name | time limit (s) | command (bash -c, in the repository root). The limits add up to 8 minutes.
 STEPS=(
   "environment|15|environment"
-  "tests|180|parallel_tests tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py"
+  "tests|180|parallel_tests tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py tests/core/test_methods.py"
   "sm90|60|$PYTHON -m bench.sm90 --gpu --quick --quiet --json $OUT/sm90_gpu.json"
   "sym_kl|120|$PYTHON -m bench.sym_kl --device cuda --vocab 2 50257 128256 --rows 2048 --dtypes bfloat16 float32 --budget 0.3 --no-plot --out $OUT/sym_kl_cuda.json"
   "spectral_norm|45|$PYTHON -m bench.spectral_norm --out $OUT/spectral_norm_cuda.json"

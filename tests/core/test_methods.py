@@ -288,17 +288,24 @@ def test_rdrop_default_reduction_is_r_drops_sum():
         == "batchmean"
 
 
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", ["cpu", *CUDA])
 @pytest.mark.parametrize("method", ["r3f", "r4f"])
-def test_same_dropout_measures_the_noise_alone(method):
+def test_same_dropout_measures_the_noise_alone(method, device):
     """Train mode, dropout 0.3: with same_dropout and eps = 0 the KL is exactly 0; with eps > 0 it is the
     noise's alone (tiny); the global RNG ends where one plain forward leaves it. R4F: each training forward runs
     a power iteration on the head's u, v (random here, far from converged, so it moves the head): the noisy pass
-    starts from the clean pass's u, v too, and the step ends with the u, v one plain forward leaves."""
-    batch = toy_batch("bert")
+    starts from the clean pass's u, v too, and the step ends with the u, v one plain forward leaves. On CUDA
+    dropout draws from the device's generator, which is replayed and left where one forward leaves it too."""
+    batch = {k: v.to(device) for k, v in toy_batch("bert").items()}
+    rng_states = (lambda: [torch.get_rng_state(), torch.cuda.get_rng_state()]) if device == "cuda" else \
+        (lambda: [torch.get_rng_state()])
     kls = {}
     for same, eps in [(True, 0.0), (True, 1e-3), (False, 0.0)]:
         torch.manual_seed(0)
-        model = tiny_model("bert", dropout=0.3)
+        model = tiny_model("bert", dropout=0.3).to(device)
         opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=eps,
                                    same_dropout=same, seed=1)
         norms = [m for m in model.modules() if hasattr(m, "_u")]
@@ -311,14 +318,14 @@ def test_same_dropout_measures_the_noise_alone(method):
         torch.manual_seed(5)
         kls[same, eps] = opt.step(lambda: model(**batch)).sym_kl.item()
         if same:
-            after_step, after_uv = torch.get_rng_state(), [(m._u.clone(), m._v.clone()) for m in norms]
+            after_step, after_uv = rng_states(), [(m._u.clone(), m._v.clone()) for m in norms]
             with torch.no_grad():
                 for m, (u, v) in zip(norms, uv):
                     m._u.copy_(u)
                     m._v.copy_(v)
             torch.manual_seed(5)
             model(**batch)  # one plain forward
-            assert torch.equal(after_step, torch.get_rng_state())
+            assert all(map(torch.equal, after_step, rng_states()))
             for m, (u, v) in zip(norms, after_uv):
                 assert torch.equal(m._u, u) and torch.equal(m._v, v)
     assert kls[True, 0.0] == 0.0
