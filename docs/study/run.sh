@@ -11,6 +11,10 @@
 #   CPU, two lanes in the background:
 #     for l in 1 2; do nohup nice -n 19 bash docs/study/run.sh pilot --lane $l/2 > /tmp/pilot$l.log 2>&1 & done
 #   One GPU, everything:  bash docs/study/run.sh all --device cuda
+#   A fresh reproduction (the committed runs would otherwise be skipped as finished):
+#     R3F_STUDY_OUT=/tmp/study bash docs/study/run.sh all --device cuda
+#   The committed plan.env is kept, so the pilot runs but the main and ablation phases use the pre-registered
+#   plan; delete plan.env (then choose.py writes it from the new pilot) to let the new pilot choose.
 # (all: pilot, then docs/study/choose.py applies the pilot's rule and writes plan.env if it is missing, then main
 # and ablation; with several lanes, run the pilot in every lane first.)
 # The main and ablation phases read their learning rate and epochs from docs/study/plan.env, fixed after the pilot
