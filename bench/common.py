@@ -110,12 +110,7 @@ def save(result: dict, out, plot=None) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name from /proc/cpuinfo (else what platform says)."""
-    import platform
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo, else what platform says)."""
+    from r3f_opt.experiments.data import cpu_model
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()

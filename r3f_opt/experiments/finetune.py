@@ -29,7 +29,7 @@ from ..methods import METHODS, check_method_kwargs
 from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
-from .data import LATER_KEYS, atomic_write, collate, default_model, encode, load_examples
+from .data import LATER_KEYS, atomic_write, collate, cpu_model, default_model, encode, load_examples
 from .glue import TASKS, GlueDataError, compute_metrics, majority_baseline, resolve
 
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
@@ -476,7 +476,7 @@ class FineTune:
             "versions": {"r3f_opt": __version__, "torch": torch.__version__,
                          "transformers": __import__("transformers").__version__,
                          "python": platform.python_version()},
-            "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
+            "hardware": {"machine": platform.machine(), "processor": cpu_model(),
                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "gpu": torch.cuda.get_device_name(a.device) if str(a.device).startswith("cuda") else None},
         }

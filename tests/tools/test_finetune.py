@@ -42,6 +42,7 @@ def test_every_task_and_method(glue_dir, tiny_model_dir, tmp_path, capsys, task,
     preds = res["final"]["predictions"]
     assert len(preds) == 16 and set(preds) <= set(range(len(TASKS[task].labels)))
     assert res["seconds_per_step"] > 0 and res["versions"]["r3f_opt"] and res["hardware"]["cpu_count"]
+    assert isinstance(res["hardware"]["processor"], str) and res["hardware"]["processor"]  # the CPU model
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # a finished run leaves results.json only
     assert f"{task} {method} seed=3:" in capsys.readouterr().out
 
