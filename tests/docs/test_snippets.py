@@ -14,7 +14,9 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -73,10 +75,27 @@ for line in sys.stdin:
 """
 
 
-def _read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"{what}: nothing after {timeout} s"
-    return proc.stdout.readline().strip()
+def _read_line(proc: subprocess.Popen, timeout: float) -> Optional[str]:
+    """The zygote's next line, or None after ``timeout`` seconds. Read with os.read into our own buffer: a
+    buffered readline could take two lines at once (pid and status, when the test process stalls), and select
+    would then wait for a line that is already read."""
+    buf = proc.__dict__.setdefault("lines", bytearray())
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return None
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, "the zygote exited"
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    buf[:] = rest
+    return line.decode().strip()
+
+
+def _expect_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    line = _read_line(proc, timeout)
+    assert line is not None, f"{what}: nothing after {timeout} s"
+    return line
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +103,7 @@ def zygote():
     proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=snippet_env(False), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert _read_line(proc, 300, "the zygote's imports") == "ready"
+        assert _expect_line(proc, 300, "the zygote's imports") == "ready"
         yield proc
     finally:
         proc.stdin.close()
@@ -102,14 +121,13 @@ def run_forked(zygote, script: Path, args=(), cwd: Path = None, timeout: float =
     job = dict(script=str(script), args=[str(a) for a in args], cwd=str(cwd), stdout=str(out), stderr=str(err))
     zygote.stdin.write(json.dumps(job) + "\n")
     zygote.stdin.flush()
-    pid = int(_read_line(zygote, 60, "the zygote's fork"))
-    ready, _, _ = select.select([zygote.stdout], [], [], timeout)
-    if not ready:
+    pid = int(_expect_line(zygote, 60, "the zygote's fork"))
+    status = _read_line(zygote, timeout)
+    if status is None:
         os.kill(pid, signal.SIGKILL)
-        _read_line(zygote, 60, "the killed snippet's status")
+        _expect_line(zygote, 60, "the killed snippet's status")
         pytest.fail(f"{script} still running after {timeout} s: killed")
-    rc = int(zygote.stdout.readline())
-    return rc, out.read_text(), err.read_text()
+    return int(status), out.read_text(), err.read_text()
 
 
 @pytest.mark.parametrize("code, torchrun", list(snippets()))
