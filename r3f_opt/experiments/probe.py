@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import statistics
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 
 from ..methods import METHODS
 from . import finetune as ft
-from .data import atomic_write, collate, default_model, encode, load_examples, subset
-from .glue import TASKS, GlueDataError, compute_metrics, resolve
+from .data import HelpFormatter, atomic_write, collate, default_model, encode, load_examples, loading_bars, subset
+from .glue import TASKS, GlueDataError, compute_metrics, default_data_dir, resolve
 
 __all__ = ["main", "extract_features", "train_probe", "probe_predict", "linear_cka", "param_distance"]
 
@@ -451,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r3f-probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for cmd in COMMANDS:
-        s = sub.add_parser(cmd, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = sub.add_parser(cmd, formatter_class=HelpFormatter)
         if cmd == "generalization":
             s.add_argument("--source", required=True, choices=sorted(TASKS), help="task fine-tuned on")
             s.add_argument("--targets", nargs="+", required=True, choices=sorted(TASKS), help="tasks probed")
@@ -459,31 +458,33 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--chain", nargs="+", required=True, choices=sorted(TASKS),
                            help="source, then the tasks fine-tuned on in turn")
         if cmd == "retention":
-            s.add_argument("--cycles", type=int, default=3)
-        s.add_argument("--methods", nargs="+", default=["standard", "r3f", "r4f"], choices=METHODS)
-        s.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-        s.add_argument("--output-dir", required=True)
-        s.add_argument("--data-dir", default=os.environ.get("R3F_GLUE_DIR"), help="GLUE task folders")
+            s.add_argument("--cycles", type=int, default=3, help="times the chain is repeated")
+        s.add_argument("--methods", nargs="+", default=["standard", "r3f", "r4f"], choices=METHODS,
+                       help="fine-tuning methods compared")
+        s.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="one run per method and seed")
+        s.add_argument("--output-dir", required=True, help="stages, features and the report go here (resumable)")
+        s.add_argument("--data-dir", default=default_data_dir(), help="folder holding the GLUE task folders; "
+                       "default $R3F_GLUE_DIR, else $R3F_DATA_DIR/glue")
         s.add_argument("--model", help="pretrained model folder (default: all-MiniLM-L6-v2)")
         g = s.add_argument_group("fine-tuning budget of every stage (the same for every method)")
-        g.add_argument("--steps", type=int, default=200)
-        g.add_argument("--batch-size", type=int, default=32)
-        g.add_argument("--lr", type=float, default=1e-4)
-        g.add_argument("--max-length", type=int, default=128)
+        g.add_argument("--steps", type=int, default=200, help="optimizer steps per stage")
+        g.add_argument("--batch-size", type=int, default=32, help="training examples per step")
+        g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+        g.add_argument("--max-length", type=int, default=128, help="tokens per example")
         g.add_argument("--max-train-examples", type=int, help="train subset per stage")
-        g.add_argument("--lam", type=float, default=1.0)
-        g.add_argument("--eps", type=float, default=1e-5)
+        g.add_argument("--lam", type=float, default=1.0, help="weight of the symmetric KL term")
+        g.add_argument("--eps", type=float, default=1e-5, help="noise scale")
         g.add_argument("--stage-eval-examples", type=int, default=256,
                        help="dev examples r3f-finetune evaluates each stage on (for its own results.json)")
         g = s.add_argument_group("probes")
-        g.add_argument("--probe-train-examples", type=int, default=2000)
-        g.add_argument("--probe-eval-examples", type=int, help="default: the whole dev set")
-        g.add_argument("--probe-l2", type=float, default=1e-2)
-        g.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+        g.add_argument("--probe-train-examples", type=int, default=2000, help="train examples of each linear probe")
+        g.add_argument("--probe-eval-examples", type=int, help="dev examples of each probe (default: the whole dev set)")
+        g.add_argument("--probe-l2", type=float, default=1e-2, help="L2 penalty of the probes' logistic regression")
+        g.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="sentence features from the encoder")
         g.add_argument("--cka-task", choices=sorted(TASKS), help="dev set of the CKA probe set (default: the source, "
                    "or the first task of the chain)")
-        g.add_argument("--cka-examples", type=int, default=500)
-        s.add_argument("--no-progress", action="store_true")
+        g.add_argument("--cka-examples", type=int, default=500, help="examples of the CKA probe set")
+        s.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' too)")
     return p
 
 
@@ -502,16 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.model = args.model or default_model("r3f-probe")
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if args.no_progress:  # transformers' own "Loading weights" bars too, until r3f-probe returns
-        hf_logging.disable_progress_bar()
-    try:
+    with loading_bars(not args.no_progress):  # transformers' own "Loading weights" bars too
         _run(args)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -265,10 +265,53 @@ def test_bad_data_names_file_and_line(glue_dir, tiny_model_dir, tmp_path, kind, 
     assert not out.exists()  # nothing half-written
 
 
-def test_relative_files_resolve_against_data_dir(glue_dir, tiny_model_dir, tmp_path):
+def test_relative_files_resolve_against_data_dir(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
     res = run(glue_dir, tmp_path / "run", "--task", "qqp", "--train-file", "QQP/train_subset9k.tsv",
               "--eval-file", "QQP/heldout1k_from_train.tsv", "--max-steps", "1", model=tiny_model_dir)
     assert res["data"]["train_file"] == str(glue_dir / "QQP" / "train_subset9k.tsv")
+    # a path that exists only relative to the current folder is taken from there
+    monkeypatch.chdir(glue_dir.parent)
+    res = run(glue_dir, tmp_path / "run2", "--task", "qqp", "--train-file", f"{glue_dir.name}/QQP/train_subset9k.tsv",
+              "--eval-file", "QQP/heldout1k_from_train.tsv", "--max-steps", "1", model=tiny_model_dir)
+    assert Path(res["data"]["train_file"]).resolve() == (glue_dir / "QQP" / "train_subset9k.tsv").resolve()
+
+
+def test_data_dir_defaults_to_the_glue_env_then_the_shared_data_folder(monkeypatch):
+    monkeypatch.delenv("R3F_GLUE_DIR", raising=False)
+    monkeypatch.setenv("R3F_DATA_DIR", "/data/shared")
+    assert ft.build_parser().parse_args(["--task", "rte", "--output-dir", "o"]).data_dir == "/data/shared/glue"
+    monkeypatch.setenv("R3F_GLUE_DIR", "/elsewhere/glue")
+    assert ft.build_parser().parse_args(["--task", "rte", "--output-dir", "o"]).data_dir == "/elsewhere/glue"
+    monkeypatch.delenv("R3F_GLUE_DIR")
+    monkeypatch.delenv("R3F_DATA_DIR")
+    assert ft.build_parser().parse_args(["--task", "rte", "--output-dir", "o"]).data_dir is None
+
+
+def test_help_gives_every_default_once():
+    from r3f_opt.experiments import probe
+
+    text = ft.build_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    flat = " ".join(text.split())
+    for shown in ("--seed SEED sets the head's init, the data order, dropout and the noise (default: 0)",
+                  "--lr LR peak learning rate (AdamW) (default: 5e-05)", "(default: r3f)"):
+        assert shown in flat
+    assert flat.count("(default: the task's train file") == 1
+    sub = probe.build_parser()._subparsers._group_actions[0].choices["retention"].format_help()
+    assert "(default: None)" not in sub and "--steps STEPS optimizer steps per stage (default: 200)" in " ".join(sub.split())
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_no_progress_hides_the_model_loading_bars_too(glue_dir, tiny_model_dir, tmp_path, capfd, quiet):
+    from transformers.utils import logging as hf_logging
+
+    argv = ["--data-dir", str(glue_dir), "--output-dir", str(tmp_path / "run"), "--task", "rte", "--max-steps", "1",
+            "--max-train-examples", "8", "--max-eval-examples", "8", "--batch-size", "4", "--max-length", "16",
+            "--model", tiny_model_dir] + (["--no-progress"] if quiet else [])
+    ft.main(argv)
+    err = capfd.readouterr().err
+    assert ("Loading weights" in err) != quiet
+    assert hf_logging.is_progress_bar_enabled()  # restored afterwards
 
 
 @pytest.mark.parametrize("bad,match", [(["--lr", "0"], "--lr must be > 0"),
