@@ -382,10 +382,10 @@ def plot(rows: list[dict], path: Path, title: str = "", base: Optional[dict] = N
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles = [h for ax in axes.flat for h in ax.get_lines() if h.get_label() == "majority class"][:1]
-    if handles:
-        fig.legend(handles=handles, loc="upper right", fontsize=8)
-    fig.suptitle(title or "points: seeds; bars: mean ± std")
-    fig.tight_layout()
+    if handles:  # below the panels, where it covers neither a title nor a point
+        fig.legend(handles=handles, loc="lower right", fontsize=8, frameon=False)
+    fig.suptitle(title or "points: seeds; bars: mean ± std", fontsize=10, wrap=True)
+    fig.tight_layout(rect=(0, 0.25 / fig.get_figheight() if handles else 0, 1, 1))
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
@@ -453,14 +453,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "95 % bootstrap interval of the difference of means; Holm over the tasks compared: "
                  + "; ".join(f"{a}: {', '.join(t)}" for a, t in families.items()) + "):\n\n"
                  + comparison_markdown(comparisons) + "\n")
-        missing = [f"{r['arm']} on {r['task']}" for r in rows if r["metric"] == first[r["task"]] and
-                   r["arm"] != baseline and r["task"] not in mismatched and r["task"] not in families[r["arm"]]]
-        if missing:
-            text += ("\n⚠ Not compared (fewer than 2 seeds in an arm, or no such arm): " + ", ".join(missing)
-                     + "; Holm covers fewer tasks for those arms.\n")
         if any(c["underpowered"] for c in comparisons):
             text += ("\n⚠ Too few seeds to detect the paper's effect at this seed spread (80 % power, α = 0.05): "
                      "a non-significant difference here says little.\n")
+    compared = {(c["arm"], c["task"]) for c in comparisons}
+    missing = [f"{r['arm']} on {r['task']}" for r in rows if r["metric"] == first[r["task"]] and
+               r["arm"] != baseline and r["task"] not in mismatched and (r["arm"], r["task"]) not in compared]
+    if missing:
+        text += (f"\n⚠ Not compared with {baseline} (fewer than 2 seeds in an arm, or no such arm): "
+                 + ", ".join(missing) + ("; Holm covers fewer tasks for those arms" if comparisons else "") + ".\n")
     if warnings:
         text += ("\n**Not comparable: settings differ** (no comparison for "
                  + ", ".join(mismatched) + ": runs of different budgets are not pooled)\n"
@@ -476,7 +477,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except ImportError:
             raise SystemExit("r3f-report: the plot needs matplotlib: `pip install matplotlib`, or pass --no-plot")
     print(text, end="")
-    print(f"-> {out / 'report.md'}, {out / 'report.json'}" + ("" if args.no_plot else f", {out / 'report.png'}"))
+    print(f"-> {out / 'report.md'}, {out / 'report.json'}, {out / 'comparison.json'}"
+          + ("" if args.no_plot else f", {out / 'report.png'}"))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,16 @@ def test_single_seed_and_budget_mismatch(tmp_path):
     assert not (tmp_path / "rep" / "report.png").exists()
 
 
+def test_one_seed_per_arm_says_it_is_not_compared(tmp_path, capsys):
+    fake_run(tmp_path, "rte", "standard", 1, 0.5)
+    fake_run(tmp_path, "rte", "r3f", 1, 0.6)
+    report.main([str(tmp_path), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    assert "⚠ Not compared with standard (fewer than 2 seeds in an arm, or no such arm): r3f on rte." in \
+        (tmp_path / "rep" / "report.md").read_text()
+    assert json.loads((tmp_path / "rep" / "comparison.json").read_text()) == []
+    assert "comparison.json" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_method_settings_make_arms_and_unofficial_eval_is_flagged(tmp_path, monkeypatch):
     fake_run(tmp_path, "qqp", "r3f", 1, 0.5, f1=0.4, lam=1.0, official=False)  # QQP runs report f1 too
     fake_run(tmp_path, "qqp", "r3f", 2, 0.6, f1=0.5, lam=0.1, official=False)
