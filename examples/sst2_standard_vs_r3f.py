@@ -43,6 +43,8 @@ def train(method: str, args: argparse.Namespace, tokenizer, train_f: list, train
         seconds += time.perf_counter() - t0
         kl_sum += result.sym_kl.item()
         share_sum += (opt.lam * result.sym_kl / result.loss).item()
+        if (step + 1) % 10 == 0 and step + 1 < args.steps:  # a sign of life on a slow machine
+            print(f"  {method}: step {step + 1}/{args.steps}, {seconds / (step + 1):.2f} s/step", flush=True)
     return {"model": model, "kl": kl_sum / args.steps, "kl_share": share_sum / args.steps,
             "s_per_step": seconds / args.steps}
 
