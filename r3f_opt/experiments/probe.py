@@ -294,6 +294,9 @@ def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int,
     old = _read_stage(spec_path)
     same = old is not None and _same_stage(old, spec)
     if same and (out / "results.json").is_file() and (out / "model").is_dir():
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{out}: finished earlier with the same arguments and input: reused")
         return str(out / "model")
     resume = same and (out / "checkpoint.pt").is_file()
     if not same:  # invalidate the old stage's outputs first, then record the new spec (a crash in between
@@ -384,7 +387,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {method} | {stage} | {cycle} | {after or '–'} | " + " | ".join(cells) + " | "
                          + _fmt([r["cka_to_pretrained"] for r in group]) + " | "
                          + _fmt([r["param_distance"]["relative"] for r in group]) + " |")
-    return "\n".join(lines) + "\n\nValues: median over seeds (mean ± sample std).\n"
+    return "\n".join(lines) + ("\n\nValues: median over seeds (mean ± sample std; the plot shows the means); a "
+                               "single seed's value where there is one seed.\n")
 
 
 def plot(result: dict, path: Path) -> None:

@@ -122,7 +122,8 @@ TINY = ["--steps", "2", "--batch-size", "4", "--max-length", "24", "--max-train-
     ("degradation", ["--chain", "rte", "mnli"], 2, {"rte"}),  # a 3-label stage after a 2-label one
     ("retention", ["--chain", "rte", "mrpc", "--cycles", "2"], 4, {"rte", "mrpc"}),
 ])
-def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch, command, extra, n_stages, probed):
+def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch, capsys, command, extra, n_stages,
+                                probed):
     argv = [command, *extra, "--data-dir", str(glue_dir), "--model", tiny_model_dir, "--output-dir",
             str(tmp_path / "out"), *TINY]
     probe.main(argv)
@@ -152,8 +153,10 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
     real_main = ft.main
     monkeypatch.setattr(ft, "main", lambda *a: pytest.fail("a finished stage was fine-tuned again"))
     monkeypatch.setattr(probe, "_feature_model", lambda *a: pytest.fail("cached features were extracted again"))
+    capsys.readouterr()
     probe.main(argv)
     assert json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"] == rows
+    assert capsys.readouterr().out.count("with the same arguments and input: reused") == 2 * n_stages  # said so
     # ... and when the data folder is given by a relative path.
     shutil.copytree(tiny_model_dir, tmp_path / "copy")
     monkeypatch.chdir(glue_dir.parent)
