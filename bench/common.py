@@ -111,6 +111,6 @@ def save(result: dict, out, plot=None) -> None:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name (from /proc/cpuinfo, else what platform says)."""
-    from r3f_opt.experiments.data import cpu_model
+    from r3f_opt.experiments.cli import cpu_model
 
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()

@@ -11,7 +11,8 @@
 #   2. tests: the correctness tests of both kernels against the PyTorch path and float64 references
 #      (tests/core/test_symmetric_kl.py, tests/kernels/test_sym_kl_*.py, test_linear_kl_kernel.py,
 #      test_spectral_norm_{kernel,torch_parity}.py: on a CUDA machine conftest leaves the interpreter off, so they run the compiled kernels on the GPU;
-#      and tests/core/test_methods.py, whose CUDA cases check same_dropout's replay of the CUDA generator), one pytest process
+#      and the same_dropout test of tests/core/test_methods.py, whose CUDA cases check the replay of the CUDA
+#      generator), one pytest process
 #      per file side by side (they compile ~220 specialisations), JUnit XML per file (tests-<file>.xml);
 #   3. sm90: python -m bench.sm90 --gpu --quick: the CI set of specialisations the launchers plan for this GPU,
 #      compiled through its driver and loaded (the driver's register/spill counts beside the SASS statistics;
@@ -63,7 +64,7 @@ parallel_tests() {  # one pytest process per file, side by side: compiling ~220 
   # output is appended to the step's log when all are done; the exit status is 1 if any file failed.
   local pids=() names=() rc=0 f name
   for f in "$@"; do
-    name=$(basename "$f" .py)
+    name=$(basename "${f%%::*}" .py)  # a test's node id (file::test) logs under its file's name
     "$PYTHON" -m pytest -q -p no:cacheprovider "$f" --junitxml="$OUT/tests-$name.xml" > "$LOGS/tests-$name.log" 2>&1 &
     pids+=("$!"); names+=("$name")
   done
@@ -79,7 +80,7 @@ export PYTHON
 # name | time limit (s) | command (bash -c, in the repository root). The limits add up to 8 minutes.
 STEPS=(
   "environment|15|environment"
-  "tests|180|parallel_tests tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py tests/core/test_methods.py"
+  "tests|180|parallel_tests tests/core/test_symmetric_kl.py tests/kernels/test_sym_kl_kernel.py tests/kernels/test_sym_kl_faults.py tests/kernels/test_linear_kl_kernel.py tests/kernels/test_spectral_norm_kernel.py tests/kernels/test_spectral_norm_torch_parity.py tests/core/test_methods.py::test_same_dropout_measures_the_noise_alone"
   "sm90|60|$PYTHON -m bench.sm90 --gpu --quick --quiet --json $OUT/sm90_gpu.json"
   "sym_kl|120|$PYTHON -m bench.sym_kl --device cuda --vocab 2 50257 128256 --rows 2048 --dtypes bfloat16 float32 --budget 0.3 --no-plot --out $OUT/sym_kl_cuda.json"
   "spectral_norm|45|$PYTHON -m bench.spectral_norm --out $OUT/spectral_norm_cuda.json"

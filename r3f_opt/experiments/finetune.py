@@ -30,8 +30,8 @@ from ..methods import METHODS, check_method_kwargs
 from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
-from .data import (LATER_KEYS, HelpFormatter, atomic_write, collate, cpu_model, default_model, encode, load_examples,
-                   loading_bars)
+from .cli import HelpFormatter, cpu_model, loading_bars
+from .data import LATER_KEYS, atomic_write, collate, default_model, encode, load_examples
 from .glue import TASKS, GlueDataError, compute_metrics, default_data_dir, majority_baseline, resolve
 
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
@@ -54,10 +54,11 @@ def _json_dict(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r3f-finetune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="r3f-finetune", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="the GLUE task")
     p.add_argument("--data-dir", default=default_data_dir(), help="folder holding the GLUE task folders (SST-2/, "
-                   "RTE/, ...); default $R3F_GLUE_DIR, else $R3F_DATA_DIR/glue")
+                   "RTE/, ...) (default: $R3F_GLUE_DIR, else $R3F_DATA_DIR/glue)")
     p.add_argument("--train-file", help="train TSV of the task's format, absolute or relative to --data-dir (or "
                    "to the current folder where only that file exists) (default: the task's train file, e.g. "
                    "RTE/train.tsv, QQP/train_subset9k.tsv)")
@@ -261,8 +262,11 @@ class FineTune:
         args.model = args.model or default_model()
         if not Path(args.model).is_dir():
             raise SystemExit(f"r3f-finetune: --model {args.model}: no such folder; pass a local Hugging Face model folder")
-        train_path = resolve(args.train_file or f"{task.folder}/{task.train_file}", args.data_dir)
-        eval_path = resolve(args.eval_file or f"{task.folder}/{task.eval_file}", args.data_dir)
+        # a file the user named may also be relative to the current folder; the task's own files are not
+        train_path = resolve(args.train_file or f"{task.folder}/{task.train_file}", args.data_dir,
+                             from_cwd=bool(args.train_file))
+        eval_path = resolve(args.eval_file or f"{task.folder}/{task.eval_file}", args.data_dir,
+                            from_cwd=bool(args.eval_file))
         self.official_eval = task.eval_official and args.eval_file is None and args.max_eval_examples is None
         args.train_file, args.eval_file = str(train_path), str(eval_path)
         self.args, self.out = args, Path(args.output_dir)

@@ -65,14 +65,16 @@ def default_data_dir() -> Optional[str]:
     return os.path.join(os.environ["R3F_DATA_DIR"], "glue") if os.environ.get("R3F_DATA_DIR") else None
 
 
-def resolve(path: Union[str, os.PathLike], data_dir: Optional[Union[str, os.PathLike]]) -> Path:
-    """``path`` as given if absolute or if there is no ``data_dir``; else relative to ``data_dir``, or to the
-    current folder where only that file exists (``--train-file ../data/MRPC/train.tsv``)."""
+def resolve(path: Union[str, os.PathLike], data_dir: Optional[Union[str, os.PathLike]],
+            from_cwd: bool = False) -> Path:
+    """``path`` as given if absolute or if there is no ``data_dir``, else relative to ``data_dir``. With
+    ``from_cwd`` (a file the user named, e.g. ``--train-file ../data/MRPC/train.tsv``), a path that exists
+    only relative to the current folder is taken from there, made absolute."""
     p = Path(path)
     if p.is_absolute() or data_dir is None:
         return p
     joined = Path(data_dir) / p
-    return p if p.is_file() and not joined.exists() else joined
+    return p.absolute() if from_cwd and p.is_file() and not joined.exists() else joined
 
 
 def _rows(path: Path) -> list[tuple[int, list[str]]]:

@@ -27,7 +27,8 @@ import torch
 
 from ..methods import METHODS
 from . import finetune as ft
-from .data import HelpFormatter, atomic_write, collate, default_model, encode, load_examples, loading_bars, subset
+from .cli import HelpFormatter, loading_bars
+from .data import atomic_write, collate, default_model, encode, load_examples, subset
 from .glue import TASKS, GlueDataError, compute_metrics, default_data_dir, resolve
 
 __all__ = ["main", "extract_features", "train_probe", "probe_predict", "linear_cka", "param_distance"]
@@ -467,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tuning methods compared")
         s.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="one run per method and seed")
         s.add_argument("--output-dir", required=True, help="stages, features and the report go here (resumable)")
-        s.add_argument("--data-dir", default=default_data_dir(), help="folder holding the GLUE task folders; "
-                       "default $R3F_GLUE_DIR, else $R3F_DATA_DIR/glue")
+        s.add_argument("--data-dir", default=default_data_dir(), help="folder holding the GLUE task folders "
+                       "(default: $R3F_GLUE_DIR, else $R3F_DATA_DIR/glue)")
         s.add_argument("--model", help="pretrained model folder (default: all-MiniLM-L6-v2)")
         g = s.add_argument_group("fine-tuning budget of every stage (the same for every method)")
         g.add_argument("--steps", type=int, default=200, help="optimizer steps per stage")
@@ -482,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dev examples r3f-finetune evaluates each stage on (for its own results.json)")
         g = s.add_argument_group("probes")
         g.add_argument("--probe-train-examples", type=int, default=2000, help="train examples of each linear probe")
-        g.add_argument("--probe-eval-examples", type=int, help="dev examples of each probe (default: the whole dev set)")
+        g.add_argument("--probe-eval-examples", type=int,
+                       help="dev examples of each probe (default: the whole dev set)")
         g.add_argument("--probe-l2", type=float, default=1e-2, help="L2 penalty of the probes' logistic regression")
         g.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="sentence features from the encoder")
         g.add_argument("--cka-task", choices=sorted(TASKS), help="dev set of the CKA probe set (default: the source, "

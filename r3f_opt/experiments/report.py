@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -384,7 +385,8 @@ def plot(rows: list[dict], path: Path, title: str = "", base: Optional[dict] = N
     handles = [h for ax in axes.flat for h in ax.get_lines() if h.get_label() == "majority class"][:1]
     if handles:  # below the panels, where it covers neither a title nor a point
         fig.legend(handles=handles, loc="lower right", fontsize=8, frameon=False)
-    fig.suptitle(title or "points: seeds; bars: mean ± std", fontsize=10, wrap=True)
+    fig.suptitle(textwrap.fill(title or "points: seeds; bars: mean ± std", max(40, int(12 * fig.get_figwidth()))),
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.25 / fig.get_figheight() if handles else 0, 1, 1))
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -457,11 +459,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             text += ("\n⚠ Too few seeds to detect the paper's effect at this seed spread (80 % power, α = 0.05): "
                      "a non-significant difference here says little.\n")
     compared = {(c["arm"], c["task"]) for c in comparisons}
-    missing = [f"{r['arm']} on {r['task']}" for r in rows if r["metric"] == first[r["task"]] and
+    missing = [(r["arm"], r["task"]) for r in rows if r["metric"] == first[r["task"]] and
                r["arm"] != baseline and r["task"] not in mismatched and (r["arm"], r["task"]) not in compared]
     if missing:
+        partly = sorted({a for a, _ in compared} & {a for a, _ in missing})  # compared on other tasks only
         text += (f"\n⚠ Not compared with {baseline} (fewer than 2 seeds in an arm, or no such arm): "
-                 + ", ".join(missing) + ("; Holm covers fewer tasks for those arms" if comparisons else "") + ".\n")
+                 + ", ".join(f"{a} on {t}" for a, t in missing)
+                 + (f"; Holm covers fewer tasks for {', '.join(partly)}" if partly else "") + ".\n")
     if warnings:
         text += ("\n**Not comparable: settings differ** (no comparison for "
                  + ", ".join(mismatched) + ": runs of different budgets are not pooled)\n"

@@ -298,20 +298,24 @@ def test_help_gives_every_default_once():
         assert shown in flat
     assert flat.count("(default: the task's train file") == 1
     sub = probe.build_parser()._subparsers._group_actions[0].choices["retention"].format_help()
-    assert "(default: None)" not in sub and "--steps STEPS optimizer steps per stage (default: 200)" in " ".join(sub.split())
+    assert "(default: None)" not in sub
+    assert "--steps STEPS optimizer steps per stage (default: 200)" in " ".join(sub.split())
 
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_no_progress_hides_the_model_loading_bars_too(glue_dir, tiny_model_dir, tmp_path, capfd, quiet):
     from transformers.utils import logging as hf_logging
 
-    argv = ["--data-dir", str(glue_dir), "--output-dir", str(tmp_path / "run"), "--task", "rte", "--max-steps", "1",
-            "--max-train-examples", "8", "--max-eval-examples", "8", "--batch-size", "4", "--max-length", "16",
-            "--model", tiny_model_dir] + (["--no-progress"] if quiet else [])
-    ft.main(argv)
-    err = capfd.readouterr().err
-    assert ("Loading weights" in err) != quiet
-    assert hf_logging.is_progress_bar_enabled()  # restored afterwards
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process (an earlier test may have turned them off)
+    try:
+        ft.main(["--data-dir", str(glue_dir), "--output-dir", str(tmp_path / "run"), "--task", "rte",
+                 "--max-steps", "1", "--max-train-examples", "8", "--max-eval-examples", "8", "--batch-size", "4",
+                 "--max-length", "16", "--model", tiny_model_dir] + (["--no-progress"] if quiet else []))
+        assert ("Loading weights" in capfd.readouterr().err) != quiet
+        assert hf_logging.is_progress_bar_enabled()  # restored afterwards
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 @pytest.mark.parametrize("bad,match", [(["--lr", "0"], "--lr must be > 0"),

@@ -1,9 +1,10 @@
 """GLUE readers (formats and bad files) and metric functions against hand-computed values."""
 import math
+from pathlib import Path
 
 import pytest
 
-from r3f_opt.experiments.glue import TASKS, GlueDataError, accuracy, compute_metrics, f1, mcc, read_examples
+from r3f_opt.experiments.glue import TASKS, GlueDataError, accuracy, compute_metrics, f1, mcc, read_examples, resolve
 
 # preds/labels: TP = 2 (0, 3), FP = 1 (2), FN = 1 (4), TN = 2 (1, 5)
 PREDS, LABELS = [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 1, 0]
@@ -73,3 +74,18 @@ def test_real_files_match_published_counts(glue_dir):
         task = TASKS[name]
         _, labels = read_examples(glue_dir / task.folder / task.eval_file, name)
         assert (len(labels), labels.count(0)) == (n, n0), name
+
+
+def test_resolve_relative_to_the_data_dir_or_for_a_named_file_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "data" / "RTE").mkdir(parents=True)
+    (tmp_path / "RTE").mkdir()
+    for f in ("data/RTE/both.tsv", "RTE/both.tsv", "RTE/cwd_only.tsv"):
+        (tmp_path / f).write_text("x")
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    assert resolve("RTE/both.tsv", data, from_cwd=True) == data / "RTE" / "both.tsv"  # the data folder wins
+    assert resolve("RTE/cwd_only.tsv", data, from_cwd=True) == tmp_path / "RTE" / "cwd_only.tsv"  # made absolute
+    assert resolve("RTE/cwd_only.tsv", data) == data / "RTE" / "cwd_only.tsv"  # a task's own file: never the cwd
+    assert resolve("RTE/neither.tsv", data, from_cwd=True) == data / "RTE" / "neither.tsv"  # the error names this
+    assert resolve(tmp_path / "RTE" / "both.tsv", data) == tmp_path / "RTE" / "both.tsv"
+    assert resolve("RTE/both.tsv", None) == Path("RTE/both.tsv")
