@@ -159,16 +159,22 @@ class EmbeddingNoise:
         noisy = (x.to(wide) + z.to(wide)).to(x.dtype)
         if x.dtype != wide and x.dtype not in self._checked_dtypes and self.eps > 0:
             self._checked_dtypes.add(x.dtype)
-            perturbed = z != 0  # positions that noise_mask left out do not count
-            kept = (noisy != x)[perturbed].float().mean().item() if bool(perturbed.any()) else 1.0
-            if kept < 0.5:
+            # How much of the drawn noise survives the rounding: the noise actually added, (noisy - x), against
+            # z, where noise was added (positions that noise_mask left out do not count). Above 1/2 the rounding
+            # error rivals the noise, i.e. the dtype's spacing near x is about eps or more.
+            perturbed = z != 0
+            added, drawn = (noisy.to(wide) - x.to(wide))[perturbed], z.to(wide)[perturbed]
+            lost = ((added - drawn).norm() / drawn.norm()).item() if bool(perturbed.any()) else 0.0
+            if lost > 0.5:
+                kept = (added != 0).float().mean().item()
                 hint = ("raise eps (with 16-bit embeddings, relative eps >= 1e-2 for bfloat16, >= 1e-3 for float16)"
                         if self.scale == "relative" else
                         "scale the noise to the embeddings: noise_scale='relative' (R3FTrainingArguments."
                         "r3f_noise_scale) with eps >= 1e-2 for bfloat16, >= 1e-3 for float16")
                 warnings.warn(
                     f"the embeddings' output is {x.dtype}, which cannot represent noise of scale "
-                    f"eps={self.eps:g} ({self.scale}): only {kept:.0%} of entries changed. Keep the embeddings in float32 (use "
+                    f"eps={self.eps:g} ({self.scale}): rounding changed the noise by {lost:.0%} of its size and "
+                    f"only {kept:.0%} of entries changed. Keep the embeddings in float32 (use "
                     f"torch.autocast for mixed precision), or {hint}.",
                     stacklevel=2,
                 )

@@ -1,4 +1,6 @@
 """The noise reaches the model where it should, and only there."""
+import re
+
 import pytest
 import torch
 from helpers import kl_mask, tiny_model, toy_batch
@@ -249,6 +251,27 @@ def test_relative_noise_survives_16bit_embeddings_where_absolute_noise_does_not(
     assert (z != 0).float().mean() > least
     with pytest.warns(UserWarning, match="raise eps"):  # relative but too small: the hint says what to do
         _perturbation(emb, ids, eps=1e-5, noise="uniform", scale="relative")
+
+
+@pytest.mark.parametrize("std, warns", [(0.02, True), (0.005, False)])
+def test_float16_warns_when_rounding_loses_half_the_noise(std, warns):
+    """fp16 at eps=1e-5: with entries of std 0.02 (a common init) half of them still change, but the rounding
+    error is 63 % of the noise: warned; at std 0.005 the spacing is finer than eps (17 % lost): silent."""
+    import warnings
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(1000, 64)
+    nn.init.normal_(emb.weight, std=std)
+    emb.half()
+    ids = torch.randint(0, 1000, (8, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, z = _perturbation(emb, ids, eps=1e-5, noise="uniform")
+    messages = [str(w.message) for w in caught if "cannot represent noise" in str(w.message)]
+    assert bool(messages) == warns
+    assert (z != 0).float().mean() > (0.4 if warns else 0.8)  # many entries change either way
+    if warns:
+        assert re.search(r"rounding changed the noise by (5[1-9]|[6-9]\d)% of its size", messages[0])
 
 
 def test_relative_noise_through_the_optimizer_on_a_bf16_model():
