@@ -112,12 +112,19 @@ class _NonFinite(Exception):
 class _Passes:
     """The passes a method runs within one (micro-)step of :class:`RegularizedOptimizer`."""
 
-    def __init__(self, opt: "RegularizedOptimizer", closure: Callable[[], Any], weight: float, sync: bool) -> None:
-        self.opt, self.closure, self.weight, self.sync = opt, closure, weight, sync
+    def __init__(self, opt: "RegularizedOptimizer", closure: Callable[[], Any], weight: float, sync: bool,
+                 masked: bool = True) -> None:
+        self.opt, self.closure, self.weight, self.sync, self.masked = opt, closure, weight, sync, masked
 
     def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
         out = self.opt._forward(self.closure)
         loss, logits = _loss_and_logits(out)
+        if not self.masked and logits.dim() >= 3 and self.opt.method != "standard" and not self.opt._warned_unmasked:
+            self.opt._warned_unmasked = True  # the reference's seq2seq defect: padded targets in the KL
+            warnings.warn(f"the logits have a sequence dimension ({tuple(logits.shape)}) and no mask= was given, so "
+                          "every position counts in the KL term, padding included; pass mask=labels != -100 (or "
+                          "the attention mask) to count the real tokens only, or an all-True mask to count every "
+                          "position and silence this warning", stacklevel=2)
         return out, loss, logits
 
     def forward(self) -> Any:
@@ -261,6 +268,7 @@ class RegularizedOptimizer(Optimizer):
                                         noise_scale=noise_scale, fused_lm_head=fused_lm_head)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
+        self._warned_unmasked = False
         self.reduction = getattr(self.regularizer, "reduction", reduction)  # None resolved by the method
         self.max_grad_norm, self.on_nonfinite = max_grad_norm, on_nonfinite
         self.grad_scaler, self._backward = grad_scaler, backward
@@ -418,8 +426,8 @@ class RegularizedOptimizer(Optimizer):
             mask = _bool_mask(mask)  # its dtype and values checked before any pass (its shape needs the logits)
         with torch.enable_grad(), _grad_sync(self.model, sync):
             try:
-                return self.regularizer.step(_Passes(self, closure, weight, sync), lam=self.lam, mask=mask,
-                                             noise_mask=noise_mask)
+                passes = _Passes(self, closure, weight, sync, masked=mask is not None)
+                return self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
             except _NonFinite as e:
                 return self._nonfinite(e.result, e.where)
 

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_model, toy_batch
+from helpers import kl_mask, tiny_model, toy_batch
 from torch import nn
 
 from r3f_opt import RegularizedOptimizer
@@ -270,3 +270,22 @@ def test_generator_state_moved_by_map_location_still_loads(setup):
     sd["r3f"]["noise"]["generator_state"] = sd["r3f"]["noise"]["generator_state"].to(torch.float32)
     opt.load_state_dict(sd)
     assert torch.equal(opt.noise.sample((5,), torch.device("cpu")), want)
+
+
+@pytest.mark.parametrize("kind, method, mask, warns", [
+    ("bart-seq2seq", "r3f", False, True), ("gpt2-lm", "rdrop", False, True), ("bart-seq2seq", "r3f", True, False),
+    ("bert", "r3f", False, False), ("bart-seq2seq", "standard", False, False)])
+def test_a_sequence_of_logits_without_a_mask_warns_once(kind, method, mask, warns):
+    """Padded target positions in the KL were the reference's seq2seq defect: without mask= every position
+    counts, so the wrapper says so (once); with the labels' mask, or for one row per example, it is silent."""
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    batch = toy_batch(kind)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method)
+    kw = {"mask": kl_mask(kind, batch)} if mask else {}
+    for step in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(lambda: model(**batch), **kw)
+        said = [w for w in caught if "no mask= was given" in str(w.message)]
+        assert len(said) == (warns and step == 0), [str(w.message) for w in caught]
