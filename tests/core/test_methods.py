@@ -317,6 +317,8 @@ def test_same_dropout_measures_the_noise_alone(method, device):
         uv = [(m._u.clone(), m._v.clone()) for m in norms]
         torch.manual_seed(5)
         kls[same, eps] = opt.step(lambda: model(**batch)).sym_kl.item()
+        if eps > 0:  # the noise is drawn where the embeddings are, from the wrapper's own generator
+            assert opt.noise.generator.device.type == model.get_input_embeddings().weight.device.type == device
         if same:
             after_step, after_uv = rng_states(), [(m._u.clone(), m._v.clone()) for m in norms]
             with torch.no_grad():

@@ -28,6 +28,26 @@ def assert_same_params(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_step_inside_no_grad_and_the_inner_state_untouched_until_it():
+    """The wrapper adds nothing to the inner optimizer's per-parameter state (a state_dict round trip
+    included) before the first step, and step() enables grad itself, as torch's optimizers do, so an outer
+    torch.no_grad() changes nothing."""
+    model, opt = make()
+    twin_model, twin = make()
+    assert len(opt.optimizer.state) == 0
+    opt.load_state_dict(opt.state_dict())
+    assert len(opt.optimizer.state) == 0
+    batch = toy_batch("bert")
+    torch.manual_seed(1)  # the same dropout masks in both
+    with torch.no_grad():
+        res = opt.step(lambda: model(**batch))
+    torch.manual_seed(1)
+    ref = twin.step(lambda: twin_model(**batch))
+    assert res.sym_kl > 0 and torch.equal(res.loss, ref.loss)
+    assert_same_params(params_of(model), params_of(twin_model))
+    assert len(opt.optimizer.state) == len(list(model.parameters()))
+
+
 def test_is_an_optimizer_and_delegates():
     model, opt = make()
     inner = opt.optimizer
