@@ -76,6 +76,47 @@ def reference_value_and_grads(a, b, upstream):
     return rows.detach(), a2.grad, b2.grad
 
 
+# ------------------------------------------------------------------------------- poisoned fresh buffers
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every floating-point tensor from torch.empty / empty_like / empty_strided starts as NaN, so an output,
+    statistic or workspace entry that a path reads or returns before writing it shows up."""
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+
+
+@pytest.mark.parametrize("path", ["default", "rows", "split", "strided"])
+@pytest.mark.parametrize("shape, masked", [((5, 7), True), ((3, 4, 300), True), ((2, 3000), False), ((9, 2), True)])
+def test_fresh_buffers_are_written_before_they_are_read(monkeypatch, backend, poisoned_allocations, path, shape,
+                                                        masked):
+    if path != "default":
+        if backend == "torch":
+            pytest.skip("tiling paths are the kernel's")
+        if path == "rows":
+            rows_path(monkeypatch, rows=2)
+        else:
+            small_tiles(monkeypatch, 16, 16 if path == "split" else 48, aligned=path != "strided")
+    torch.manual_seed(0)
+    a, b = dev(torch.randn(*shape) * 2, torch.randn(*shape) * 2)
+    mask = dev(torch.rand(shape[:-1]) > 0.4) if masked else None
+    g = dev(torch.rand(shape[:-1]) + 0.5)
+    got, ga, gb = value_and_grads(a, b, g, mask)
+    m = torch.ones(shape[:-1], dtype=torch.bool) if mask is None else mask.cpu()
+    want, wa, wb = reference_value_and_grads(a, b, g)
+    want, wa, wb = want * m, wa * m[..., None], wb * m[..., None]  # masked rows: 0 and no gradient
+    for x in (got, ga, gb):
+        assert not torch.isnan(x).any(), "an unwritten (NaN) entry came out"
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga.double().cpu(), wa, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb.double().cpu(), wb, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- NaN / +inf
 POISON = {  # name -> (a entries, b entries) written into row 1 at column 5 (None: leave the entry as is)
     "nan in p": (NAN, None),
