@@ -39,6 +39,8 @@ class R3FArguments:
     r3f_reduction: Optional[str] = field(default=None, metadata={
         "help": f"KL reduction, one of {REDUCTIONS[:-1]} (default: 'sum' for rdrop, else 'batchmean')"})
     r3f_seed: Optional[int] = field(default=None, metadata={"help": "noise seed, offset per process (default: from --seed)"})
+    r3f_noisy_embed_grad: bool = field(default=False, metadata={
+        "help": "the noisy pass trains the embedding table too (fairseq's seq2seq criterion); default: detached"})
     r3f_same_dropout: bool = field(default=False, metadata={
         "help": "r3f/r4f: the noisy pass replays the clean pass's dropout masks (the KL measures the noise alone)"})
     r3f_fused_lm_head: bool = field(default=False, metadata={
@@ -208,7 +210,8 @@ class R3FTrainerMixin:
             self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
             noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
             method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False),
-            noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head)
+            noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head,
+            noisy_embed_grad=getattr(a, "r3f_noisy_embed_grad", False))
         self.r3f_noise = self.r3f_regularizer.noise
 
     def _r3f_refuse(self) -> None:

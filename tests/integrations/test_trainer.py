@@ -189,3 +189,14 @@ def test_relative_noise_scale_argument(tmp_path):
     trainer = R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, r3f_noise_scale="relative"),
                          train_dataset=Rows(4))
     assert trainer.r3f_noise.scale == "relative"
+
+
+def test_noisy_embed_grad_reaches_the_trainer(tmp_path):
+    """r3f_noisy_embed_grad=True: the noise is added to the lookup without detaching it, so the noisy pass
+    trains the word embeddings too and they end elsewhere than with the default (detached)."""
+    tables = {}
+    for flag in (False, True):
+        trainer, state = train(args(tmp_path / str(flag), r3f_noisy_embed_grad=flag))
+        assert trainer.r3f_noise.detach is not flag
+        tables[flag] = state["bert.embeddings.word_embeddings.weight"]
+    assert not torch.equal(tables[False], tables[True])
