@@ -169,6 +169,26 @@ def test_gradient_against_float64_autograd(request, C, H, path):
 
 
 @pytest.mark.parametrize("path", ["fused", "tiled"])
+@pytest.mark.parametrize("C, H", [(1, 17), (7, 33), (3, 100)])
+def test_fresh_buffers_are_written_before_they_are_read(request, C, H, path):
+    """Every buffer the launchers allocate starts as NaN (u, v, sigma, partial sums, the output and dW): none
+    comes out unwritten, and the weight and its gradient equal float64 autograd."""
+    if path == "tiled":
+        request.getfixturevalue("tiny_tiles")
+    _, ours = pair(C, H)
+    G = torch.randn(C, H, device=DEVICE)
+    request.getfixturevalue("poisoned_allocations")
+    w_eff, u, v, grad = forward_backward(ours, G)
+    for x in (w_eff, u, v, grad):
+        assert not torch.isnan(x).any(), "an unwritten (NaN) entry came out"
+    W64 = state(ours)[0].detach().double().requires_grad_()
+    out64 = W64 / (u.double() @ W64 @ v.double())
+    out64.backward(G.double())
+    close(w_eff.double(), out64.detach(), rel=2e-6)
+    close(grad.double(), W64.grad, rel=2e-5)
+
+
+@pytest.mark.parametrize("path", ["fused", "tiled"])
 def test_two_training_forwards_then_one_backward(request, path):
     """The R3F pattern: the second forward updates u, v before the first forward's backward."""
     if path == "tiled":

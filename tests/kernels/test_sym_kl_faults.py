@@ -77,20 +77,6 @@ def reference_value_and_grads(a, b, upstream):
 
 
 # ------------------------------------------------------------------------------- poisoned fresh buffers
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every floating-point tensor from torch.empty / empty_like / empty_strided starts as NaN, so an output,
-    statistic or workspace entry that a path reads or returns before writing it shows up."""
-    def poisoned(make):
-        def alloc(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-        return alloc
-
-    for name in ("empty", "empty_like", "empty_strided"):
-        monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
-
-
 @pytest.mark.parametrize("path", ["default", "rows", "split", "strided"])
 @pytest.mark.parametrize("shape, masked", [((5, 7), True), ((3, 4, 300), True), ((2, 3000), False), ((9, 2), True)])
 def test_fresh_buffers_are_written_before_they_are_read(monkeypatch, backend, poisoned_allocations, path, shape,
