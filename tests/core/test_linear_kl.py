@@ -100,6 +100,15 @@ def test_matches_materialised_float32(reduction, bias):
     check_kl(hp, hq, w, b, None, reduction, chunk_size=7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_buffers_are_written_before_they_are_read(poisoned_allocations, dtype):
+    """Every chunk buffer, workspace and gradient the path allocates starts as NaN (masked rows included):
+    the values and gradients still equal the materialised float64 path."""
+    hp, hq, w, b = inputs((3, 5), 8, 257, dtype)
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    check_kl(hp, hq, w, b, mask, "batchmean", chunk_size=4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_odd_vocab(dtype):
     hp, hq, w, b = inputs((3,), 5, 32003, dtype)
