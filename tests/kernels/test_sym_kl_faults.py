@@ -45,12 +45,16 @@ def _trap(torch_path):
     return trap
 
 
+def use_backend(monkeypatch, name: str) -> str:
+    monkeypatch.setenv("R3F_KERNELS", name)
+    if name == "triton":
+        monkeypatch.setattr(r3f_opt.kl._SymmetricKLRows, "apply", _trap(r3f_opt.kl._SymmetricKLRows.apply))
+    return name
+
+
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    monkeypatch.setenv("R3F_KERNELS", request.param)
-    if request.param == "triton":
-        monkeypatch.setattr(r3f_opt.kl._SymmetricKLRows, "apply", _trap(r3f_opt.kl._SymmetricKLRows.apply))
-    return request.param
+    return use_backend(monkeypatch, request.param)
 
 
 @pytest.fixture(params=[None, (16, 16)], ids=["default-tiles", "split-rows"])
@@ -77,13 +81,13 @@ def reference_value_and_grads(a, b, upstream):
 
 
 # ------------------------------------------------------------------------------- poisoned fresh buffers
-@pytest.mark.parametrize("path", ["default", "rows", "split", "strided"])
+@pytest.mark.parametrize("backend, path", [("torch", "default"), ("triton", "default"), ("triton", "rows"),
+                                           ("triton", "split"), ("triton", "strided")])
 @pytest.mark.parametrize("shape, masked", [((5, 7), True), ((3, 4, 300), True), ((2, 3000), False), ((9, 2), True)])
-def test_fresh_buffers_are_written_before_they_are_read(monkeypatch, backend, poisoned_allocations, path, shape,
+def test_fresh_buffers_are_written_before_they_are_read(monkeypatch, poisoned_allocations, backend, path, shape,
                                                         masked):
-    if path != "default":
-        if backend == "torch":
-            pytest.skip("tiling paths are the kernel's")
+    use_backend(monkeypatch, backend)
+    if path != "default":  # the kernel's tiling paths, forced
         if path == "rows":
             rows_path(monkeypatch, rows=2)
         else:
