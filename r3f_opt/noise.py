@@ -158,31 +158,36 @@ class EmbeddingNoise:
             z = z * noise_mask.to(device=z.device, dtype=z.dtype).unsqueeze(-1)
         noisy = (x.to(wide) + z.to(wide)).to(x.dtype)
         if x.dtype != wide and x.dtype not in self._checked_dtypes and self.eps > 0:
-            self._checked_dtypes.add(x.dtype)
-            # How much of the drawn noise survives the rounding: the noise actually added, (noisy - x), against
-            # z, where noise was added (positions that noise_mask left out do not count). Above 1/2 the rounding
-            # error rivals the noise, i.e. the dtype's spacing near x is about eps or more.
-            perturbed = z != 0
-            added, drawn = (noisy.to(wide) - x.to(wide))[perturbed], z.to(wide)[perturbed]
-            lost = ((added - drawn).norm() / drawn.norm()).item() if bool(perturbed.any()) else 0.0
-            if lost > 0.5:
-                kept = (added != 0).float().mean().item()
-                hint = ("raise eps (with 16-bit embeddings, relative eps >= 1e-2 for bfloat16, >= 1e-3 for float16)"
-                        if self.scale == "relative" else
-                        "scale the noise to the embeddings: noise_scale='relative' (R3FTrainingArguments."
-                        "r3f_noise_scale) with eps >= 1e-2 for bfloat16, >= 1e-3 for float16")
-                warnings.warn(
-                    f"the embeddings' output is {x.dtype}, which cannot represent noise of scale "
-                    f"eps={self.eps:g} ({self.scale}): rounding changed the noise by {lost:.0%} of its size and "
-                    f"only {kept:.0%} of entries changed. Keep the embeddings in float32 (use "
-                    f"torch.autocast for mixed precision), or {hint}.",
-                    stacklevel=2,
-                )
+            self._check_precision(x, z, noisy, wide)
         if torch.is_grad_enabled() and not noisy.requires_grad:
             # Reentrant activation checkpointing (use_reentrant=True) records a graph only for segments
             # whose inputs require grad: with the lookup detached, the noisy pass's gradient would vanish.
             noisy.requires_grad_(True)
         return noisy
+
+    @torch.no_grad()
+    def _check_precision(self, x: torch.Tensor, z: torch.Tensor, noisy: torch.Tensor, wide: torch.dtype) -> None:
+        """Warn (once per dtype) when x's dtype cannot hold the noise: the noise actually added, noisy - x,
+        against the noise drawn, z. Above 1/2 the rounding error rivals the noise, i.e. the dtype's spacing
+        near x is about eps or more. Positions without noise (z = 0: noise_mask) add 0 to both norms; a batch
+        with none leaves the check to the next one."""
+        z = z.detach().to(wide)
+        drawn = z.norm()
+        if not bool(drawn > 0):
+            return
+        self._checked_dtypes.add(x.dtype)
+        lost = ((noisy.to(wide) - x.detach().to(wide) - z).norm() / drawn).item()
+        if lost <= 0.5:
+            return
+        kept = (noisy != x.detach())[z != 0].float().mean().item()
+        hint = ("raise eps (with 16-bit embeddings, relative eps >= 1e-2 for bfloat16, >= 1e-3 for float16)"
+                if self.scale == "relative" else
+                "scale the noise to the embeddings: noise_scale='relative' (R3FTrainingArguments.r3f_noise_scale) "
+                "with eps >= 1e-2 for bfloat16, >= 1e-3 for float16")
+        warnings.warn(f"the embeddings' output is {x.dtype}, which cannot represent noise of scale eps={self.eps:g} "
+                      f"({self.scale}): rounding changed the noise by {lost:.0%} of its size and only {kept:.0%} of "
+                      f"entries changed. Keep the embeddings in float32 (use torch.autocast for mixed precision), "
+                      f"or {hint}.", stacklevel=3)
 
     @contextlib.contextmanager
     def active(self, noise_mask: Optional[torch.Tensor] = None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -109,22 +111,29 @@ class _NonFinite(Exception):
         self.result, self.where = result, where
 
 
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel, from the function calling this, that names the first frame outside
+    r3f_opt and torch (the user's ``opt.step(...)`` or ``opt.backward(...)``)."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class _Passes:
     """The passes a method runs within one (micro-)step of :class:`RegularizedOptimizer`."""
 
     def __init__(self, opt: "RegularizedOptimizer", closure: Callable[[], Any], weight: float, sync: bool,
                  masked: bool = True) -> None:
         self.opt, self.closure, self.weight, self.sync, self.masked = opt, closure, weight, sync, masked
+        self.unmasked_sequence: Optional[tuple] = None  # the logits' shape, if they need a mask and got none
 
     def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
         out = self.opt._forward(self.closure)
         loss, logits = _loss_and_logits(out)
-        if not self.masked and logits.dim() >= 3 and self.opt.method != "standard" and not self.opt._warned_unmasked:
-            self.opt._warned_unmasked = True  # the reference's seq2seq defect: padded targets in the KL
-            warnings.warn(f"the logits have a sequence dimension ({tuple(logits.shape)}) and no mask= was given, so "
-                          "every position counts in the KL term, padding included; pass mask=labels != -100 (or "
-                          "the attention mask) to count the real tokens only, or an all-True mask to count every "
-                          "position and silence this warning", stacklevel=2)
+        if not self.masked and logits.dim() >= 3 and self.opt.regularizer.kl_mask:
+            self.unmasked_sequence = tuple(logits.shape)
         return out, loss, logits
 
     def forward(self) -> Any:
@@ -427,9 +436,16 @@ class RegularizedOptimizer(Optimizer):
         with torch.enable_grad(), _grad_sync(self.model, sync):
             try:
                 passes = _Passes(self, closure, weight, sync, masked=mask is not None)
-                return self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
+                result = self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
             except _NonFinite as e:
                 return self._nonfinite(e.result, e.where)
+        if passes.unmasked_sequence is not None and not self._warned_unmasked:
+            self._warned_unmasked = True  # the reference's seq2seq defect: padded targets in the KL
+            warnings.warn(f"the logits have a sequence dimension {passes.unmasked_sequence} and no mask= was given, "
+                          "so every position counts in the KL term, padding included; pass mask=labels != -100 "
+                          "(or the attention mask) to count the real tokens only, or an all-True mask to count "
+                          "every position and silence this warning", stacklevel=_caller_level())
+        return result
 
     def _on_all_ranks(self, ok: torch.Tensor) -> bool:
         """``ok`` on every rank of a data-parallel model (an all-reduce of the flag), else on this one."""

@@ -26,16 +26,22 @@ def _same_torch_state_for_every_test():
 
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
-    """Every floating-point tensor from torch.empty / empty_like / empty_strided starts as NaN, so an output,
-    statistic or workspace entry that a path reads or returns before writing it shows up."""
+    """Every floating-point tensor from torch.empty / empty_like / empty_strided (and Tensor.new_empty /
+    new_empty_strided) starts as NaN, so an output, statistic or workspace entry that a path reads or returns
+    before writing it shows up."""
     def poisoned(make):
         def alloc(*args, **kwargs):
             t = make(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
+            if t.is_floating_point():
+                with torch.no_grad():
+                    t.fill_(float("nan"))
+            return t
         return alloc
 
     for name in ("empty", "empty_like", "empty_strided"):
         monkeypatch.setattr(torch, name, poisoned(getattr(torch, name)))
+    for name in ("new_empty", "new_empty_strided"):
+        monkeypatch.setattr(torch.Tensor, name, poisoned(getattr(torch.Tensor, name)))
 
 
 @pytest.fixture

@@ -85,6 +85,10 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     if fused_lm_head and method not in ("r3f", "r4f"):
         raise ValueError(f"fused_lm_head applies to r3f and r4f (one clean and one noisy pass of a causal LM), not "
                          f"to method={method!r}; use the logits path (fused_lm_head=False)")
+    if noisy_embed_grad and method not in ("r3f", "r4f", "smart"):
+        raise ValueError(f"noisy_embed_grad applies to r3f, r4f and smart (whose perturbed lookup is detached by "
+                         f"default), not to method={method!r}" + (", whose lookup is never detached"
+                                                                   if method == "freelb" else ", which adds no noise"))
     if noise_scale != "absolute" and method not in ("r3f", "r4f"):
         raise ValueError(f"noise_scale={noise_scale!r} applies to r3f and r4f (their random noise), not to "
                          f"method={method!r}, whose perturbation scales are its own hyper-parameters")

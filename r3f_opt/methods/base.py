@@ -84,6 +84,7 @@ class Standard:
     """
 
     noise: Optional[EmbeddingNoise] = None
+    kl_mask = False  # whether step()'s mask selects rows of a KL term (r3f, r4f, rdrop, smart)
     terms: dict = {}  # what the last term() measured besides its value (read-only here; methods rebind it)
 
     def step_scope(self) -> ContextManager:

@@ -53,6 +53,8 @@ class R3F(Standard):
             LM head (:class:`~r3f_opt.linear_kl.FusedLMHead`, :func:`~r3f_opt.linear_r3f_loss`), no logits.
     """
 
+    kl_mask = True
+
     def __init__(self, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool, reduction: str, seed: int,
                  embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False,
                  same_dropout: bool = False, noise_scale: str = "absolute", fused_lm_head: bool = False) -> None:

@@ -20,6 +20,8 @@ __all__ = ["RDrop"]
 class RDrop(Standard):
     """R-Drop: no input noise; both passes run in the model's mode (train mode: independent dropout)."""
 
+    kl_mask = True
+
     def __init__(self, *, reduction: str = "sum") -> None:
         self.reduction = reduction
 

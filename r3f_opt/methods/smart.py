@@ -34,6 +34,8 @@ class SMART(Standard):
     """SMART's adversarial term. ``sigma`` is the optimizer's ``eps``; the start is drawn from the wrapper's
     seeded generator (saved in ``state_dict``), so a resumed run draws the same."""
 
+    kl_mask = True
+
     def __init__(self, model: nn.Module, *, sigma: float, noisy_grad: bool, reduction: str, seed: int,
                  embeddings: Optional[nn.Module] = None, noisy_embed_grad: bool = False, adv_steps: int = 1,
                  step_size: float = 1e-3, epsilon: Optional[float] = 1e-5, proximal: float = 0.0,

@@ -274,7 +274,8 @@ def test_generator_state_moved_by_map_location_still_loads(setup):
 
 @pytest.mark.parametrize("kind, method, mask, warns", [
     ("bart-seq2seq", "r3f", False, True), ("gpt2-lm", "rdrop", False, True), ("bart-seq2seq", "r3f", True, False),
-    ("bert", "r3f", False, False), ("bart-seq2seq", "standard", False, False)])
+    ("bert", "r3f", False, False), ("bart-seq2seq", "standard", False, False),
+    ("bart-seq2seq", "freelb", False, False)])  # freelb has no KL term
 def test_a_sequence_of_logits_without_a_mask_warns_once(kind, method, mask, warns):
     """Padded target positions in the KL were the reference's seq2seq defect: without mask= every position
     counts, so the wrapper says so (once); with the labels' mask, or for one row per example, it is silent."""
@@ -289,3 +290,13 @@ def test_a_sequence_of_logits_without_a_mask_warns_once(kind, method, mask, warn
             opt.step(lambda: model(**batch), **kw)
         said = [w for w in caught if "no mask= was given" in str(w.message)]
         assert len(said) == (warns and step == 0), [str(w.message) for w in caught]
+        assert all(w.filename == __file__ for w in said)  # it points at the user's opt.step(...) line
+
+
+@pytest.mark.parametrize("method", ["standard", "rdrop", "freelb"])
+def test_noisy_embed_grad_is_refused_where_nothing_is_detached(method):
+    model = tiny_model("bert")
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="noisy_embed_grad applies to r3f, r4f and smart"):
+        RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method=method, noisy_embed_grad=True)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
