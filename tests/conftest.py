@@ -1,6 +1,5 @@
 """Fixtures and test-session setup; plain helpers are in helpers.py."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
