@@ -94,6 +94,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import device_context as _device_context  # the name the tests wrap
+from ..kl import differentiable_once
 
 __all__ = ["symmetric_kl_rows", "kl_ce_grads_", "Plan", "plan", "launches", "kernel_launches"]
 
@@ -744,7 +745,7 @@ class SymmetricKLRows(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx, grad_rows: torch.Tensor):
         a, b, mask, stats = ctx.saved_tensors
         shape, layout = ctx.layout

@@ -25,12 +25,30 @@ quantities with running maxima and re-centres its sums as the maxima move.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ._dispatch import use_triton
+
+
+def differentiable_once(backward: Callable) -> Callable:
+    """For an autograd Function's ``backward`` written in closed form (the row statistics held constant): like
+    torch's ``once_differentiable``, but a backward whose result could be differentiated again
+    (``create_graph=True``) raises, instead of returning a gradient whose own gradient is silently wrong (it
+    would flow only through whatever produced the logits, e.g. a matmul, not through the closed form)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():  # the engine enables grad in backward exactly when create_graph=True
+            raise RuntimeError(
+                "the symmetric KL's backward is a closed form, differentiable once: a double backward "
+                "(create_graph=True, e.g. a gradient penalty through the KL) is not supported; write that KL "
+                "with torch.log_softmax instead")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+    return run
 
 __all__ = ["symmetric_kl", "REDUCTIONS"]
 
@@ -343,7 +361,7 @@ class _SymmetricKLRows(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the closed form treats the row statistics as constants
+    @differentiable_once  # the closed form treats the row statistics as constants
     def backward(ctx, grad_rows: torch.Tensor):
         a, b, mask, stats = ctx.saved_tensors
         g = grad_rows.to(stats.dtype).unsqueeze(-1)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ._dispatch import use_triton
-from .kl import REDUCTIONS, _bool_mask, _row_max
+from .kl import REDUCTIONS, _bool_mask, _row_max, differentiable_once
 from .noise import unwrap_model
 
 __all__ = [
@@ -373,7 +373,7 @@ class _LinearR3F(torch.autograd.Function):
         return total, ce, kl
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx, g_total, g_ce, g_kl):
         hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale, *grads = ctx.saved_tensors
         none = (None,) * 8
@@ -406,7 +406,7 @@ class _LinearSymKLRows(torch.autograd.Function):
         return rows
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx, g_rows):
         hp, hq, weight, bias, kmask = ctx.saved_tensors
         with torch.autocast(ctx.spec.device_type, enabled=False):

@@ -100,6 +100,17 @@ def test_matches_materialised_float32(reduction, bias):
     check_kl(hp, hq, w, b, None, reduction, chunk_size=7)
 
 
+def test_double_backward_raises():
+    """Both functions' backwards are closed forms: a gradient that would be differentiated again (a gradient
+    penalty) raises instead of silently dropping its second-order term."""
+    hp, hq, w, b = (t.requires_grad_() for t in inputs((3, 5), 8, 50, torch.float64))
+    with pytest.raises(RuntimeError, match="differentiable once: a double backward"):
+        torch.autograd.grad(linear_symmetric_kl(hp, hq, w, b), hp, create_graph=True)
+    labels = torch.randint(0, 50, (3, 5))
+    with pytest.raises(RuntimeError, match="differentiable once: a double backward"):
+        torch.autograd.grad(linear_r3f_loss(hp, hq, w, labels, bias=b)[0], w, create_graph=True)  # total
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fresh_buffers_are_written_before_they_are_read(poisoned_allocations, dtype):
     """Every chunk buffer, workspace and gradient the path allocates starts as NaN (masked rows included):

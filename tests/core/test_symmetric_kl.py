@@ -138,10 +138,14 @@ def test_gradcheck_float64():
     b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([True, False, True])
     assert torch.autograd.gradcheck(lambda x, y: symmetric_kl(x, y, mask=mask, reduction="none"), (a, b))
-    # The closed-form backward is not itself differentiable: double backward must fail loudly.
-    (g,) = torch.autograd.grad(symmetric_kl(a, b), a, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        g.sum().backward()
+    # The closed-form backward is not itself differentiable: a double backward must fail loudly, also when the
+    # logits come from a matmul (the second-order term would otherwise flow through the matmul alone, wrong).
+    with pytest.raises(RuntimeError, match="differentiable once: a double backward"):
+        torch.autograd.grad(symmetric_kl(a, b), a, create_graph=True)
+    w = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="differentiable once: a double backward"):
+        torch.autograd.grad(symmetric_kl(a @ w, b @ w), a, create_graph=True)
+    torch.autograd.grad(symmetric_kl(a @ w, b @ w), a, retain_graph=True)  # a first-order gradient is fine
 
 
 def test_symmetric_and_nonnegative():
