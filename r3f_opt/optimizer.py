@@ -442,9 +442,10 @@ class RegularizedOptimizer(Optimizer):
         if passes.unmasked_sequence is not None and not self._warned_unmasked:
             self._warned_unmasked = True  # the reference's seq2seq defect: padded targets in the KL
             warnings.warn(f"the logits have a sequence dimension {passes.unmasked_sequence} and no mask= was given, "
-                          "so every position counts in the KL term, padding included; pass mask=labels != -100 "
-                          "(or the attention mask) to count the real tokens only, or an all-True mask to count "
-                          "every position and silence this warning", stacklevel=_caller_level())
+                          "so every position counts in the KL term, padding included; pass the rows that count "
+                          "(mask=labels != -100 for a seq2seq model's targets, mask=attention_mask.bool() for a "
+                          "causal LM), or an all-True mask to count every position and silence this warning",
+                          stacklevel=_caller_level())
         return result
 
     def _on_all_ranks(self, ok: torch.Tensor) -> bool:

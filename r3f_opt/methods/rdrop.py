@@ -7,6 +7,7 @@ default here); ``"batchmean"`` divides that by the batch size, as R3F does.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -24,11 +25,20 @@ class RDrop(Standard):
 
     def __init__(self, *, reduction: str = "sum") -> None:
         self.reduction = reduction
+        self._checked = False  # whether the two passes were seen to differ (checked once: one host sync)
 
     def combine(self, task_1: torch.Tensor, logits_1: torch.Tensor, task_2: torch.Tensor, logits_2: torch.Tensor,
                 *, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """R-Drop's task loss (the mean of both passes') and its KL term from two passes."""
         check_same_shape(logits_1, logits_2)
+        if not self._checked:
+            self._checked = True
+            if torch.equal(logits_1, logits_2):
+                warnings.warn("R-Drop's two passes gave identical logits, so its KL term is 0 and the second pass "
+                              "is wasted: no dropout is active (the model is in eval mode, or has no dropout, as "
+                              "Llama and Qwen2 configs by default). Call model.train(), or set the config's "
+                              "dropout (e.g. attention_dropout / hidden_dropout), or train without R-Drop",
+                              stacklevel=3)
         return (task_1 + task_2) / 2, symmetric_kl(logits_1, logits_2, mask=mask, reduction=self.reduction) / 2
 
     def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,

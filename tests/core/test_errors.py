@@ -300,3 +300,20 @@ def test_noisy_embed_grad_is_refused_where_nothing_is_detached(method):
     with pytest.raises(ValueError, match="noisy_embed_grad applies to r3f, r4f and smart"):
         RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method=method, noisy_embed_grad=True)
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dropout, train, warns", [(0.1, True, False), (0.0, True, True), (0.1, False, True)])
+def test_rdrop_without_active_dropout_warns_once(dropout, train, warns):
+    """R-Drop's passes differ only by dropout: with none active (eval mode, or a model without dropout) its KL
+    is 0 and the second pass is wasted, which it says once."""
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=dropout).train(train)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="rdrop")
+    batch = toy_batch("bert")
+    for step in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = opt.step(lambda: model(**batch))
+        said = [w for w in caught if "identical logits" in str(w.message)]
+        assert len(said) == (warns and step == 0)
+        assert (res.sym_kl == 0) == warns
