@@ -5,6 +5,7 @@ combined batch with the same noise; accumulation must keep the micro-batches' gr
 until the last one. The workers run all scenarios in one spawn; the tests compare what they saved.
 """
 import copy
+import gc
 import os
 
 import pytest
@@ -53,57 +54,62 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        results = {}
-        torch.manual_seed(0)
-        model = tiny_model("bert", dropout=0.0)
-        try:
-            RegularizedOptimizer(torch.optim.SGD(model.parameters()), DDP(model, find_unused_parameters=True))
-            results["find_unused_error"] = None
-        except ValueError as e:
-            results["find_unused_error"] = str(e)
-        try:
-            RegularizedOptimizer(torch.optim.SGD(model.parameters()), DDP(model), method="r4f")
-            results["r4f_after_ddp_error"] = None
-        except ValueError as e:
-            results["r4f_after_ddp_error"] = str(e)
-        for name, kw in SCENARIOS.items():
-            torch.manual_seed(0)
-            model = tiny_model("bert", dropout=0.0)  # dropout would draw differently per process
-            if rank == 1:
-                torch.rand(7)  # rank 1's RNG now differs: R4F's random u, v must come from rank 0
-            if kw["method"] == "r4f":
-                apply_r4f(model)  # before DDP / FSDP: it re-registers the head's weight
-            if name.startswith("fsdp2"):  # FSDP2 (fully_shard) on CPU with gloo
-                for layer in model.bert.encoder.layer:
-                    fully_shard(layer)
-                ddp = fully_shard(model)
-            else:
-                ddp = DDP(model, find_unused_parameters=False)
-            opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, eps=EPS, seed=100 + rank, **kw)
-            unsynced_differ = []
-            for step in range(STEPS):
-                opt.zero_grad()
-                local = shard(batches(step), rank)
-                if not name.endswith("accum"):
-                    opt.step(lambda: ddp(**local))
-                    continue
-                first, second = shard(local, 0, 2), shard(local, 1, 2)  # two micro-batches per rank
-                opt.backward(lambda: ddp(**first), weight=0.5, sync=False)
-                if name == "r3f_accum":  # DDP: each rank must still hold only its own gradient
-                    mine = torch.cat([p.grad.flatten() for p in ddp.parameters()])
-                    other = [torch.zeros_like(mine) for _ in range(WORLD)]
-                    dist.all_gather(other, mine)
-                    unsynced_differ.append(not torch.allclose(other[0], other[1]))
-                opt.backward(lambda: ddp(**second), weight=0.5)
-                opt.step()
-            results[name] = dict(
-                state=_full(model),
-                unsynced_differ=unsynced_differ,
-            )
-        results["fsdp2_resume"] = _fsdp2_resume(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+        _run(rank, out_dir)
+    finally:  # DDP/FSDP lived and died inside _run: none of it outlives the group (that can abort at exit)
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _run(rank: int, out_dir: str) -> None:
+    results = {}
+    torch.manual_seed(0)
+    model = tiny_model("bert", dropout=0.0)
+    try:
+        RegularizedOptimizer(torch.optim.SGD(model.parameters()), DDP(model, find_unused_parameters=True))
+        results["find_unused_error"] = None
+    except ValueError as e:
+        results["find_unused_error"] = str(e)
+    try:
+        RegularizedOptimizer(torch.optim.SGD(model.parameters()), DDP(model), method="r4f")
+        results["r4f_after_ddp_error"] = None
+    except ValueError as e:
+        results["r4f_after_ddp_error"] = str(e)
+    for name, kw in SCENARIOS.items():
+        torch.manual_seed(0)
+        model = tiny_model("bert", dropout=0.0)  # dropout would draw differently per process
+        if rank == 1:
+            torch.rand(7)  # rank 1's RNG now differs: R4F's random u, v must come from rank 0
+        if kw["method"] == "r4f":
+            apply_r4f(model)  # before DDP / FSDP: it re-registers the head's weight
+        if name.startswith("fsdp2"):  # FSDP2 (fully_shard) on CPU with gloo
+            for layer in model.bert.encoder.layer:
+                fully_shard(layer)
+            ddp = fully_shard(model)
+        else:
+            ddp = DDP(model, find_unused_parameters=False)
+        opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, eps=EPS, seed=100 + rank, **kw)
+        unsynced_differ = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            local = shard(batches(step), rank)
+            if not name.endswith("accum"):
+                opt.step(lambda: ddp(**local))
+                continue
+            first, second = shard(local, 0, 2), shard(local, 1, 2)  # two micro-batches per rank
+            opt.backward(lambda: ddp(**first), weight=0.5, sync=False)
+            if name == "r3f_accum":  # DDP: each rank must still hold only its own gradient
+                mine = torch.cat([p.grad.flatten() for p in ddp.parameters()])
+                other = [torch.zeros_like(mine) for _ in range(WORLD)]
+                dist.all_gather(other, mine)
+                unsynced_differ.append(not torch.allclose(other[0], other[1]))
+            opt.backward(lambda: ddp(**second), weight=0.5)
+            opt.step()
+        results[name] = dict(
+            state=_full(model),
+            unsynced_differ=unsynced_differ,
+        )
+    results["fsdp2_resume"] = _fsdp2_resume(rank)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _full(model) -> dict:

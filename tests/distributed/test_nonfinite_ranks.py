@@ -4,6 +4,7 @@ Two gloo processes on CPU; a collective timeout and a join deadline turn a regre
 instead of a hung CI run.
 """
 import datetime
+import gc
 import os
 import time
 
@@ -23,27 +24,32 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        model = DDP(tiny_model("bert", dropout=0.0))
-        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, eps=1e-2, seed=rank)
-        skipped = []
-        for step in range(STEPS):
-            batch = toy_batch("bert", batch=4, seq=6, seed=10 * step + rank)
-
-            def closure():
-                out = model(**batch)
-                bad = rank == 1 and step == POISONED
-                return (out.loss * float("nan") if bad else out.loss), out.logits
-
-            opt.zero_grad()
-            with __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore")
-                skipped.append(opt.step(closure).skipped)
-        torch.save({"skipped": skipped, "nonfinite": opt.nonfinite_steps,
-                    "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+        _run(rank, out_dir)
+    finally:  # DDP lived and died inside _run: none of it outlives the group (that aborted the process at exit)
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _run(rank: int, out_dir: str) -> None:
+    torch.manual_seed(0)
+    model = DDP(tiny_model("bert", dropout=0.0))
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, eps=1e-2, seed=rank)
+    skipped = []
+    for step in range(STEPS):
+        batch = toy_batch("bert", batch=4, seq=6, seed=10 * step + rank)
+
+        def closure():
+            out = model(**batch)
+            bad = rank == 1 and step == POISONED
+            return (out.loss * float("nan") if bad else out.loss), out.logits
+
+        opt.zero_grad()
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            skipped.append(opt.step(closure).skipped)
+    torch.save({"skipped": skipped, "nonfinite": opt.nonfinite_steps,
+                "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_one_rank_nonfinite_all_ranks_skip(tmp_path):
