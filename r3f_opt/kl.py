@@ -33,6 +33,10 @@ import torch
 
 from ._dispatch import use_triton
 
+__all__ = ["symmetric_kl", "REDUCTIONS"]
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
 
 def differentiable_once(backward: Callable) -> Callable:
     """For an autograd Function's ``backward`` written in closed form (the row statistics held constant): like
@@ -49,10 +53,6 @@ def differentiable_once(backward: Callable) -> Callable:
         with torch.no_grad():
             return backward(ctx, *grads)
     return run
-
-__all__ = ["symmetric_kl", "REDUCTIONS"]
-
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
 def _compute_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ._warn import warn_user
 
 __all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "noise_seed", "NOISE_TYPES",
            "NOISE_SCALES"]
@@ -184,10 +185,10 @@ class EmbeddingNoise:
                 if self.scale == "relative" else
                 "scale the noise to the embeddings: noise_scale='relative' (R3FTrainingArguments.r3f_noise_scale) "
                 "with eps >= 1e-2 for bfloat16, >= 1e-3 for float16")
-        warnings.warn(f"the embeddings' output is {x.dtype}, which cannot represent noise of scale eps={self.eps:g} "
-                      f"({self.scale}): rounding changed the noise by {lost:.0%} of its size and only {kept:.0%} of "
-                      f"entries changed. Keep the embeddings in float32 (use torch.autocast for mixed precision), "
-                      f"or {hint}.", stacklevel=3)
+        warn_user(f"the embeddings' output is {x.dtype}, which cannot represent noise of scale eps={self.eps:g} "
+                  f"({self.scale}): rounding changed the noise by {lost:.0%} of its size and only {kept:.0%} of "
+                  f"entries changed. Keep the embeddings in float32 (use torch.autocast for mixed precision), "
+                  f"or {hint}.")
 
     @contextlib.contextmanager
     def active(self, noise_mask: Optional[torch.Tensor] = None,

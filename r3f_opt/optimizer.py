@@ -4,8 +4,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
-import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -14,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
 from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
 from .noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, default_seed
@@ -111,29 +110,17 @@ class _NonFinite(Exception):
         self.result, self.where = result, where
 
 
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel, from the function calling this, that names the first frame outside
-    r3f_opt and torch (the user's ``opt.step(...)`` or ``opt.backward(...)``)."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class _Passes:
     """The passes a method runs within one (micro-)step of :class:`RegularizedOptimizer`."""
 
-    def __init__(self, opt: "RegularizedOptimizer", closure: Callable[[], Any], weight: float, sync: bool,
-                 masked: bool = True) -> None:
-        self.opt, self.closure, self.weight, self.sync, self.masked = opt, closure, weight, sync, masked
-        self.unmasked_sequence: Optional[tuple] = None  # the logits' shape, if they need a mask and got none
+    def __init__(self, opt: "RegularizedOptimizer", closure: Callable[[], Any], weight: float, sync: bool) -> None:
+        self.opt, self.closure, self.weight, self.sync = opt, closure, weight, sync
+        self.logits_shape: Optional[tuple] = None  # of the last run() (None: the method never read logits)
 
     def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
         out = self.opt._forward(self.closure)
         loss, logits = _loss_and_logits(out)
-        if not self.masked and logits.dim() >= 3 and self.opt.regularizer.kl_mask:
-            self.unmasked_sequence = tuple(logits.shape)
+        self.logits_shape = tuple(logits.shape)
         return out, loss, logits
 
     def forward(self) -> Any:
@@ -435,17 +422,18 @@ class RegularizedOptimizer(Optimizer):
             mask = _bool_mask(mask)  # its dtype and values checked before any pass (its shape needs the logits)
         with torch.enable_grad(), _grad_sync(self.model, sync):
             try:
-                passes = _Passes(self, closure, weight, sync, masked=mask is not None)
+                passes = _Passes(self, closure, weight, sync)
                 result = self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
             except _NonFinite as e:
                 return self._nonfinite(e.result, e.where)
-        if passes.unmasked_sequence is not None and not self._warned_unmasked:
+        shape = passes.logits_shape
+        if mask is None and self.regularizer.kl_mask and shape is not None and len(shape) >= 3 \
+                and not self._warned_unmasked:
             self._warned_unmasked = True  # the reference's seq2seq defect: padded targets in the KL
-            warnings.warn(f"the logits have a sequence dimension {passes.unmasked_sequence} and no mask= was given, "
-                          "so every position counts in the KL term, padding included; pass the rows that count "
-                          "(mask=labels != -100 for a seq2seq model's targets, mask=attention_mask.bool() for a "
-                          "causal LM), or an all-True mask to count every position and silence this warning",
-                          stacklevel=_caller_level())
+            warn_user(f"the logits have a sequence dimension {shape} and no mask= was given, so every position "
+                      "counts in the KL term, padding included; pass the rows that count (mask=labels != -100 for "
+                      "a seq2seq model's targets, mask=attention_mask.bool() for a causal LM), or an all-True mask "
+                      "to count every position and silence this warning")
         return result
 
     def _on_all_ranks(self, ok: torch.Tensor) -> bool:

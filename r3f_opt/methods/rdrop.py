@@ -7,11 +7,11 @@ default here); ``"batchmean"`` divides that by the batch size, as R3F does.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
+from .._warn import warn_user
 from ..kl import symmetric_kl
 from .base import Passes, Standard, StepResult, check_same_shape
 
@@ -34,11 +34,10 @@ class RDrop(Standard):
         if not self._checked:
             self._checked = True
             if torch.equal(logits_1, logits_2):
-                warnings.warn("R-Drop's two passes gave identical logits, so its KL term is 0 and the second pass "
-                              "is wasted: no dropout is active (the model is in eval mode, or has no dropout, as "
-                              "Llama and Qwen2 configs by default). Call model.train(), or set the config's "
-                              "dropout (e.g. attention_dropout / hidden_dropout), or train without R-Drop",
-                              stacklevel=3)
+                warn_user("R-Drop's two passes gave identical logits, so its KL term is 0 and the second pass is "
+                          "wasted: no dropout is active (the model is in eval mode, or has no dropout, as Llama "
+                          "and Qwen2 configs by default). Call model.train(), or set the config's dropout (e.g. "
+                          "attention_dropout / hidden_dropout), or train without R-Drop")
         return (task_1 + task_2) / 2, symmetric_kl(logits_1, logits_2, mask=mask, reduction=self.reduction) / 2
 
     def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
