@@ -261,7 +261,7 @@ class RegularizedOptimizer(Optimizer):
                                         reduction=reduction, seed=seed, embeddings=embeddings,
                                         noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
                                         method_kwargs=method_kwargs, same_dropout=same_dropout,
-                                        noise_scale=noise_scale, fused_lm_head=fused_lm_head)
+                                        noise_scale=noise_scale, fused_lm_head=fused_lm_head, lam=lam)
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self._warned_unmasked = False

@@ -104,3 +104,11 @@ def tol(*dtypes: torch.dtype) -> dict:
     """The loosest tolerance of ``dtypes`` (e.g. ``tol(a.dtype, b.dtype)`` for mixed inputs)."""
     rows = [TOLERANCES[d] for d in dtypes]
     return {k: max(r[k] for r in rows) for k in ("rtol", "atol")}
+
+
+def settings(method: str, **kw) -> dict:
+    """The wrapper settings in ``kw`` that ``method`` reads: a parametrised test passes only those (the others
+    have no effect, and the wrapper warns about them)."""
+    from r3f_opt.methods import USES
+
+    return {k: v for k, v in kw.items() if k in USES[method]}

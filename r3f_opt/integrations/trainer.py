@@ -211,7 +211,7 @@ class R3FTrainerMixin:
             noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
             method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False),
             noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head,
-            noisy_embed_grad=getattr(a, "r3f_noisy_embed_grad", False))
+            noisy_embed_grad=getattr(a, "r3f_noisy_embed_grad", False), lam=self.r3f_lambda)
         self.r3f_noise = self.r3f_regularizer.noise
 
     def _r3f_refuse(self) -> None:

@@ -20,6 +20,7 @@ from typing import Optional
 
 from torch import nn
 
+from .._warn import warn_user
 from ..noise import NOISE_SCALES
 from .base import Passes, Standard, StepResult, is_distributed_wrapper
 from .freelb import FreeLB
@@ -40,6 +41,15 @@ METHOD_KWARGS = {
                "init_mag": (float, 0.1, 0.0, False), "max_norm": (float, 0.0, 0.0, False)},
 }
 DEFAULT_REDUCTION = {"rdrop": "sum"}  # R-Drop's code sums the KL; every other method: "batchmean"
+# The wrapper's settings each method reads; set away from its default, one a method does not read is reported.
+SETTINGS = {"lam": 1.0, "eps": 1e-5, "noise": "uniform", "noisy_grad": True, "reduction": None}
+USES = {"standard": (), "r3f": tuple(SETTINGS), "r4f": tuple(SETTINGS), "rdrop": ("lam", "reduction"),
+        "smart": ("lam", "eps", "noisy_grad", "reduction"), "freelb": ()}
+WHY_UNUSED = {"standard": "it runs one clean pass and adds no term",
+              "rdrop": "it adds no input noise and backpropagates through both passes",
+              "smart": "its starting perturbation is always N(0, eps^2)",
+              "freelb": "it adds no KL term; its perturbation is set by method_kwargs (adv_steps, adv_lr, "
+                        "init_mag, max_norm)"}
 
 
 def check_method_kwargs(method: str, kwargs: Optional[dict]) -> dict:
@@ -63,15 +73,27 @@ def check_method_kwargs(method: str, kwargs: Optional[dict]) -> dict:
     return kwargs
 
 
+def warn_unused(method: str, **settings) -> None:
+    """Warn once per call about the :data:`SETTINGS` given away from their defaults that ``method`` never reads
+    (e.g. ``eps`` with ``rdrop``): they have no effect, and a sweep over them would compare identical runs."""
+    unused = [f"{k}={v!r}" for k, v in settings.items() if k not in USES[method] and v != SETTINGS[k]]
+    if unused:
+        warn_user(f"method={method!r} does not use {', '.join(unused)}: {WHY_UNUSED[method]}, so "
+                  f"{'they have' if len(unused) > 1 else 'it has'} no effect; leave {'them' if len(unused) > 1 else 'it'} "
+                  f"at the default to silence this")
+
+
 def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool,
                  reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
                  noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
                  method_kwargs: Optional[dict] = None, same_dropout: bool = False,
-                 noise_scale: str = "absolute", fused_lm_head: bool = False) -> Standard:
-    """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model."""
+                 noise_scale: str = "absolute", fused_lm_head: bool = False, lam: float = 1.0) -> Standard:
+    """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model; ``lam`` is
+    only checked for use (the optimizer applies it)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     kw = check_method_kwargs(method, method_kwargs)
+    given = dict(lam=lam, eps=eps, noise=noise, noisy_grad=noisy_grad, reduction=reduction)
     reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
     common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
                   noisy_embed_grad=noisy_embed_grad)
@@ -92,6 +114,7 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     if noise_scale != "absolute" and method not in ("r3f", "r4f"):
         raise ValueError(f"noise_scale={noise_scale!r} applies to r3f and r4f (their random noise), not to "
                          f"method={method!r}, whose perturbation scales are its own hyper-parameters")
+    warn_unused(method, **given)
     if method == "standard":
         return Standard()
     if method == "r3f":

@@ -1,16 +1,19 @@
 """SMART, FreeLB and R-Drop under RegularizedOptimizer: hand-written float64 references of one step, the
 ascent, training on BERT / BART / GPT-2, accumulation, resume and non-finite steps for every method."""
 import copy
+import inspect
 import math
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import kl_mask, tiny_model, toy_batch
+from helpers import kl_mask, settings, tiny_model, toy_batch
 from kl_reference import reference as kl_reference
 
 from r3f_opt import RegularizedOptimizer
+from r3f_opt.methods import SETTINGS, USES
 from r3f_opt.noise import EmbeddingNoise
 
 METHODS = ["standard", "r3f", "r4f", "rdrop", "smart", "freelb"]
@@ -150,8 +153,8 @@ def test_every_method_trains(kind, method):
     model = tiny_model(kind)
     # HF's token-level CE is a mean over tokens: R-Drop's summed KL would outweigh it T-fold, so "mean" here
     reduction = "mean" if method == "rdrop" and kind != "bert" else None
-    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method, eps=1e-3,
-                               seed=0, reduction=reduction)
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method, seed=0,
+                               **settings(method, eps=1e-3, reduction=reduction))
     batch = toy_batch(kind)
     losses = []
     for _ in range(25):
@@ -172,7 +175,8 @@ def test_encoder_decoder_perturbs_the_encoder_only(method):
             lambda mod, args, kw, part=part: seen[part].append(args[0].detach().clone() if args else
                                                                kw["hidden_states"].detach().clone()),
             with_kwargs=True)
-    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=1e-2)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method,
+                               **settings(method, eps=1e-2))
     batch = toy_batch("bart-seq2seq")
     opt.step(lambda: model(**batch), mask=kl_mask("bart-seq2seq", batch))
     dec, enc = seen["decoder"], seen["encoder"]
@@ -198,8 +202,8 @@ def test_accumulation_equals_the_big_batch(method, monkeypatch):
     for parts in ([batch], halves):
         torch.manual_seed(0)
         model = tiny_model("bert", dropout=0.0).double()
-        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, eps=1e-2,
-                                   reduction="batchmean", seed=1)
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method, seed=1,
+                                   **settings(method, eps=1e-2, reduction="batchmean"))
         for part in parts:
             opt.backward(lambda: model(**part), noise_mask=part["attention_mask"], weight=1 / len(parts))
         results.append(grads(model))
@@ -215,7 +219,7 @@ def _resume_twice(method: str, method_kwargs=None, corrupt=None):
         torch.manual_seed(0)
         model = tiny_model("bert", dropout=0.1)
         return model, RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method,
-                                           eps=1e-3, seed=5, method_kwargs=method_kwargs)
+                                           seed=5, method_kwargs=method_kwargs, **settings(method, eps=1e-3))
 
     def train(model, opt, part):
         for b in part:
@@ -286,6 +290,32 @@ def test_rdrop_default_reduction_is_r_drops_sum():
     assert opt.regularizer.reduction == "sum"
     assert RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method="smart").regularizer.reduction \
         == "batchmean"
+
+
+@pytest.mark.parametrize("method, kwargs, named", [
+    ("rdrop", dict(eps=1e-3, noise="normal"), "eps=0.001, noise='normal'"),
+    ("freelb", dict(lam=5.0), "lam=5.0"),
+    ("smart", dict(noise="normal"), "noise='normal'"),
+    ("standard", dict(noisy_grad=False, reduction="sum"), "noisy_grad=False, reduction='sum'"),
+])
+def test_a_setting_the_method_never_reads_is_reported(method, kwargs, named):
+    model = tiny_model("bert")
+    with pytest.warns(UserWarning, match=f"method='{method}' does not use {re.escape(named)}:") as caught:
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method=method, **kwargs)
+    assert caught[0].filename == __file__  # the user's line, not the library's
+
+
+@pytest.mark.parametrize("method", ["r3f", "r4f", "rdrop", "smart", "freelb", "standard"])
+def test_defaults_and_read_settings_are_quiet(method):
+    """The wrapper's defaults are the ones the check compares with; each method's own settings never warn."""
+    defaults = {k: v.default for k, v in inspect.signature(RegularizedOptimizer).parameters.items() if k in SETTINGS}
+    assert defaults == SETTINGS
+    changed = dict(lam=2.0, eps=1e-3, noise="normal", noisy_grad=False, reduction="mean")
+    model = tiny_model("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method=method,
+                             **{k: v for k, v in changed.items() if k in USES[method]})
 
 
 CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -399,8 +429,8 @@ def test_grad_scaler_gives_the_unscaled_step(method):
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
         torch.manual_seed(0)
         model = tiny_model("bert", dropout=0.0)
-        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, method=method, eps=1e-2,
-                                   seed=1, grad_scaler=scaler, max_grad_norm=1.0)
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, method=method,
+                                   seed=1, grad_scaler=scaler, max_grad_norm=1.0, **settings(method, eps=1e-2))
         for _ in range(2):
             opt.zero_grad()
             assert not opt.step(lambda: model(**batch), noise_mask=batch["attention_mask"]).skipped
