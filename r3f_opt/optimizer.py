@@ -188,7 +188,7 @@ class RegularizedOptimizer(Optimizer):
             states before the LM head and its weight (:func:`linear_r3f_loss`), never materialising the logits.
             The closure calls the model with ``labels=`` as usual; the model computes no loss and no logits
             (``StepResult.output.logits`` is a placeholder). ``mask`` defaults to the rows whose shifted label
-            counts. See :class:`~r3f_opt.linear_kl.FusedLMHead` for what is refused.
+            counts. See :class:`~r3f_opt.lm_head.FusedLMHead` for what is refused.
 
     Example:
         >>> opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-5), model)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from ..kl import symmetric_kl
-from ..linear_kl import CapturedPass, FusedLMHead
+from ..lm_head import CapturedPass, FusedLMHead
 from ..noise import EmbeddingNoise, find_embeddings, refuse_other_noise
 from ..r4f import _is_normalised, apply_r4f, find_head
 from .base import (Passes, Standard, StepResult, check_noise_reached, check_same_shape, global_rng,
@@ -50,7 +50,7 @@ class R3F(Standard):
         noise_scale: ``"absolute"`` (``eps`` in the embeddings' units) or ``"relative"`` (a fraction of each
             token's embedding RMS; see :class:`~r3f_opt.noise.EmbeddingNoise`).
         fused_lm_head: for a Hugging Face causal LM: the task loss and the KL from the hidden states before the
-            LM head (:class:`~r3f_opt.linear_kl.FusedLMHead`, :func:`~r3f_opt.linear_r3f_loss`), no logits.
+            LM head (:class:`~r3f_opt.lm_head.FusedLMHead`, :func:`~r3f_opt.linear_r3f_loss`), no logits.
     """
 
     kl_mask = True
@@ -84,7 +84,7 @@ class R3F(Standard):
     def fused_objective(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
                         noise_mask: Optional[torch.Tensor] = None, **loss_kwargs: Any) -> tuple[Any, torch.Tensor,
                                                                                                torch.Tensor, torch.Tensor]:
-        """Both passes through :class:`~r3f_opt.linear_kl.FusedLMHead`: ``(clean output, total, ce, kl)`` with
+        """Both passes through :class:`~r3f_opt.lm_head.FusedLMHead`: ``(clean output, total, ce, kl)`` with
         ``total = ce + lam * kl`` (``loss_kwargs`` go to :meth:`FusedLMHead.loss`)."""
         with self.fused.capture() as clean:
             out = passes.forward()

@@ -8,7 +8,8 @@ import transformers
 from torch import nn
 
 from r3f_opt import RegularizedOptimizer
-from r3f_opt.linear_kl import CHUNK_BUDGET_BYTES, FusedLMHead
+from r3f_opt.linear_kl import CHUNK_BUDGET_BYTES
+from r3f_opt.lm_head import FusedLMHead
 
 VOCAB = 97
 
