@@ -219,7 +219,10 @@ def compare(rows: list[dict], baseline: str = "standard", skip: Sequence[str] = 
         sd = math.sqrt(statistics.fmean([statistics.variance(base["values"]), statistics.variance(r["values"])]))
         effect = stats.PAPER_EFFECT.get(task)
         need = stats.seeds_needed(sd, effect) if effect else None
+        mine, theirs = (dict(zip(x.get("seeds", ()), x["values"])) for x in (r, base))  # rows without seeds: none
+        shared = sorted(set(mine) & set(theirs))
         out.append({"task": task, "metric": metric, "arm": name, "method": r["method"], "baseline": baseline,
+                    "shared_seeds": shared, "identical_seeds": [s for s in shared if mine[s] == theirs[s]],
                     "n": [base["n"], r["n"]], **test, "ci95": stats.bootstrap_ci(base["values"], r["values"]),
                     "paper_effect": effect, "seeds_needed": need,
                     "underpowered": need is not None and min(base["n"], r["n"]) < need})
@@ -273,6 +276,29 @@ def comparison_markdown(comparisons: list[dict]) -> str:
                      f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['t']:.2f} ({df}) | {_p(c['p'])} | "
                      f"{_p(c['p_holm'])} | {need} |")
     return "\n".join(lines)
+
+
+def per_seed_markdown(rows: list[dict]) -> str:
+    """Per task, the primary metric of every arm at every seed (a seed's runs share the head's initialisation
+    and the data order, so a column that repeats another seed by seed is visible at a glance)."""
+    parts = []
+    for task, metric in _primary(rows).items():
+        arms = [r for r in rows if r["task"] == task and r["metric"] == metric]
+        seeds = sorted({s for r in arms for s in r["seeds"]})
+        by_seed = [dict(zip(r["seeds"], r["values"])) for r in arms]
+        lines = [f"| {task} {metric}, seed | " + " | ".join(r["arm"] for r in arms) + " |",
+                 "|---" * (len(arms) + 1) + "|"]
+        lines += [f"| {s} | " + " | ".join(f"{v[s]:.4f}" if s in v else "–" for v in by_seed) + " |" for s in seeds]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def identical_notes(comparisons: list[dict]) -> list[str]:
+    """Where an arm scored exactly what the baseline scored at some of their shared seeds: at those seeds the
+    two settings trained the same model, whatever the other seeds show."""
+    return [f"{c['task']}: {c['arm']} and {c['baseline']} gave identical {c['metric']} at "
+            f"{len(c['identical_seeds'])} of {len(c['shared_seeds'])} shared seeds ({_span(c['identical_seeds'])})"
+            for c in comparisons if c["identical_seeds"]]
 
 
 def _primary(rows: list[dict]) -> dict:
@@ -455,6 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  "95 % bootstrap interval of the difference of means; Holm over the tasks compared: "
                  + "; ".join(f"{a}: {', '.join(t)}" for a, t in families.items()) + "):\n\n"
                  + comparison_markdown(comparisons) + "\n")
+        text += "".join(f"\n≡ {n}.\n" for n in identical_notes(comparisons))
         if any(c["underpowered"] for c in comparisons):
             text += ("\n⚠ Too few seeds to detect the paper's effect at this seed spread (80 % power, α = 0.05): "
                      "a non-significant difference here says little.\n")
@@ -466,6 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         text += (f"\n⚠ Not compared with {baseline} (fewer than 2 seeds in an arm, or no such arm): "
                  + ", ".join(f"{a} on {t}" for a, t in missing)
                  + (f"; Holm covers fewer tasks for {', '.join(partly)}" if partly else "") + ".\n")
+    text += f"\n**Per seed** ({args.metric} primary metric):\n\n" + per_seed_markdown(rows) + "\n"
     if warnings:
         text += ("\n**Not comparable: settings differ** (no comparison for "
                  + ", ".join(mismatched) + ": runs of different budgets are not pooled)\n"

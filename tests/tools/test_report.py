@@ -153,6 +153,31 @@ def test_ablation_arms_against_a_baseline_arm_on_chosen_seeds(tmp_path):
     assert report.parse_seeds("1-3,7") == {1, 2, 3, 7}
 
 
+def test_identical_seeds_are_named_and_every_seed_is_listed(tmp_path):
+    """An arm that scores exactly the baseline's value at a seed trained the same model there (R3F with
+    same_dropout at sigma 1e-5 against standard): the report says at which seeds, and lists every seed."""
+    std = {11: 0.61, 12: 0.67, 13: 0.64}
+    other = {11: 0.61, 12: 0.67, 13: 0.66}  # identical at 11 and 12
+    for s in std:
+        fake_run(tmp_path / "runs", "rte", "standard", s, std[s])
+        fake_run(tmp_path / "runs", "rte", "rdrop", s, other[s])
+    fake_run(tmp_path / "runs", "rte", "r3f", 14, 0.7)  # one seed only: in the per-seed table, not compared
+    out = tmp_path / "rep"
+    report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot"])
+    (c,) = json.loads((out / "comparison.json").read_text())
+    assert c["arm"] == "rdrop" and c["shared_seeds"] == [11, 12, 13] and c["identical_seeds"] == [11, 12]
+    text = (out / "report.md").read_text()
+    assert "≡ rte: rdrop and standard gave identical accuracy at 2 of 3 shared seeds (11-12)." in text
+    assert "| rte accuracy, seed | standard | r3f | rdrop |" in text
+    assert "| 11 | 0.6100 | – | 0.6100 |" in text and "| 14 | – | 0.7000 | – |" in text
+    fake_run(tmp_path / "runs2", "rte", "standard", 1, 0.6)
+    fake_run(tmp_path / "runs2", "rte", "standard", 2, 0.7)
+    fake_run(tmp_path / "runs2", "rte", "rdrop", 1, 0.65)
+    fake_run(tmp_path / "runs2", "rte", "rdrop", 2, 0.75)
+    report.main([str(tmp_path / "runs2"), "--output-dir", str(out), "--no-plot"])
+    assert "≡" not in (out / "report.md").read_text()  # equal spreads, no equal values: nothing to say
+
+
 def test_errors(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         report.main([str(tmp_path)])
