@@ -293,6 +293,31 @@ def per_seed_markdown(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def add_prediction_differences(runs: list[dict], comparisons: list[dict]) -> None:
+    """Per comparison, ``differing_predictions``: for each shared seed whose two runs both stored their final
+    per-example predictions, the number of eval examples the two models label differently (and
+    ``eval_examples``). How far apart two arms' models are, beyond what a metric shows."""
+    final = {(r["task"], r["arm"], r["seed"]): r["final"].get("predictions") for r in runs}
+    for c in comparisons:
+        diffs, n = {}, None
+        for seed in c["shared_seeds"]:
+            a, b = final.get((c["task"], c["arm"], seed)), final.get((c["task"], c["baseline"], seed))
+            if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+                diffs[seed], n = sum(x != y for x, y in zip(a, b)), len(a)
+        c["differing_predictions"], c["eval_examples"] = diffs, n
+
+
+def predictions_markdown(comparisons: list[dict]) -> str:
+    """The comparisons with stored predictions: eval examples labelled differently, per shared seed."""
+    lines = ["| task | arm − baseline | seeds | examples labelled differently, per seed | of |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        d = c.get("differing_predictions")
+        if d:
+            lines.append(f"| {c['task']} | {c['arm']} − {c['baseline']} | {_span(list(d))} | "
+                         f"{', '.join(str(v) for v in d.values())} | {c['eval_examples']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def identical_notes(comparisons: list[dict]) -> list[str]:
     """Where an arm scored exactly what the baseline scored at some of their shared seeds: at those seeds the
     two settings trained the same model, whatever the other seeds show."""
@@ -473,6 +498,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"\n⚠ Left out, no results.json yet (unfinished): {', '.join(left)}." if left else "") + "\n"
     baseline = args.baseline or "standard"
     comparisons = compare(rows, baseline, skip=mismatched)
+    if args.metric == "final":
+        add_prediction_differences(runs, comparisons)
     if comparisons:
         families = defaultdict(list)
         for c in comparisons:
@@ -494,6 +521,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  + ", ".join(f"{a} on {t}" for a, t in missing)
                  + (f"; Holm covers fewer tasks for {', '.join(partly)}" if partly else "") + ".\n")
     text += f"\n**Per seed** ({args.metric} primary metric):\n\n" + per_seed_markdown(rows) + "\n"
+    table = predictions_markdown(comparisons)
+    if table:
+        text += (f"\n**Predictions against {baseline}** (final models, at the seeds both arms share):\n\n"
+                 + table + "\n")
     if warnings:
         text += ("\n**Not comparable: settings differ** (no comparison for "
                  + ", ".join(mismatched) + ": runs of different budgets are not pooled)\n"

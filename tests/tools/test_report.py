@@ -162,10 +162,22 @@ def test_identical_seeds_are_named_and_every_seed_is_listed(tmp_path):
         fake_run(tmp_path / "runs", "rte", "standard", s, std[s])
         fake_run(tmp_path / "runs", "rte", "rdrop", s, other[s])
     fake_run(tmp_path / "runs", "rte", "r3f", 14, 0.7)  # one seed only: in the per-seed table, not compared
+    preds = {("standard", 11): [0, 1, 1, 0], ("rdrop", 11): [0, 1, 1, 0], ("standard", 12): [1, 1, 1, 0],
+             ("rdrop", 12): [0, 0, 1, 1], ("standard", 13): [1, 1, 0, 0]}  # rdrop 13 stored none
+    for (method, seed), p in preds.items():
+        f = tmp_path / "runs" / f"rte-{method}-{seed}" / "results.json"
+        r = json.loads(f.read_text())
+        r["final"]["predictions"] = p
+        f.write_text(json.dumps(r))
     out = tmp_path / "rep"
     report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot"])
     (c,) = json.loads((out / "comparison.json").read_text())
     assert c["arm"] == "rdrop" and c["shared_seeds"] == [11, 12, 13] and c["identical_seeds"] == [11, 12]
+    assert c["differing_predictions"] == {"11": 0, "12": 3} and c["eval_examples"] == 4
+    assert "| rte | rdrop − standard | 11-12 | 0, 3 | 4 |" in (out / "report.md").read_text()
+    report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot", "--metric", "best"])
+    assert "Predictions against" not in (out / "report.md").read_text()  # stored for the final models only
+    report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot"])
     text = (out / "report.md").read_text()
     assert "≡ rte: rdrop and standard gave identical accuracy at 2 of 3 shared seeds (11-12)." in text
     assert "| rte accuracy, seed | standard | r3f | rdrop |" in text
