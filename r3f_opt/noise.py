@@ -133,6 +133,7 @@ class EmbeddingNoise:
             self.generator = gen  # only once fully set up: a failure above leaves nothing half-done
         return self.generator
 
+    @torch.compiler.disable  # under torch.compile: run eagerly (a graph break), as a seeded generator needs
     def sample(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         z = torch.empty(shape, dtype=torch.float32, device=device)
         if self.noise == "uniform":
