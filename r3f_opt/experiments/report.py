@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -318,6 +319,31 @@ def predictions_markdown(comparisons: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def seed_disagreement(runs: list[dict]) -> list[dict]:
+    """Per task and arm, over every pair of its seeds whose runs stored final predictions of the same length:
+    the number of eval examples the two models label differently (median, min, max): how much the seed
+    alone moves an arm's model, the yardstick for an arm-to-arm difference at one seed."""
+    groups: dict = defaultdict(list)
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        p = r["final"].get("predictions")
+        if isinstance(p, list):
+            groups[r["task"], r["arm"]].append(p)
+    out = []
+    for (task, name), preds in sorted(groups.items(), key=lambda kv: (kv[0][0], _arms(runs).index(kv[0][1]))):
+        counts = [sum(x != y for x, y in zip(a, b)) for a, b in itertools.combinations(preds, 2) if len(a) == len(b)]
+        if counts:
+            out.append({"task": task, "arm": name, "pairs": len(counts), "eval_examples": len(preds[0]),
+                        "median": statistics.median(counts), "min": min(counts), "max": max(counts)})
+    return out
+
+
+def disagreement_markdown(rows: list[dict]) -> str:
+    lines = ["| task | arm | seed pairs | examples labelled differently: median (min–max) | of |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['arm']} | {r['pairs']} | {r['median']:g} ({r['min']}–{r['max']}) | "
+              f"{r['eval_examples']} |" for r in rows]
+    return "\n".join(lines)
+
+
 def identical_notes(comparisons: list[dict]) -> list[str]:
     """Where an arm scored exactly what the baseline scored at some of their shared seeds: at those seeds the
     two settings trained the same model, whatever the other seeds show."""
@@ -525,6 +551,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if table:
         text += (f"\n**Predictions against {baseline}** (final models, at the seeds both arms share):\n\n"
                  + table + "\n")
+    between = seed_disagreement(runs) if args.metric == "final" else []
+    if between:
+        text += ("\n**Predictions between the seeds of one arm** (final models, every pair of seeds):\n\n"
+                 + disagreement_markdown(between) + "\n")
     if warnings:
         text += ("\n**Not comparable: settings differ** (no comparison for "
                  + ", ".join(mismatched) + ": runs of different budgets are not pooled)\n"

@@ -174,7 +174,10 @@ def test_identical_seeds_are_named_and_every_seed_is_listed(tmp_path):
     (c,) = json.loads((out / "comparison.json").read_text())
     assert c["arm"] == "rdrop" and c["shared_seeds"] == [11, 12, 13] and c["identical_seeds"] == [11, 12]
     assert c["differing_predictions"] == {"11": 0, "12": 3} and c["eval_examples"] == 4
-    assert "| rte | rdrop − standard | 11-12 | 0, 3 | 4 |" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "| rte | rdrop − standard | 11-12 | 0, 3 | 4 |" in text
+    # between seeds: standard's pairs (11,12) 1, (11,13) 2, (12,13) 1; rdrop's one pair 2; r3f has one seed
+    assert "| rte | standard | 3 | 1 (1–2) | 4 |\n| rte | rdrop | 1 | 2 (2–2) | 4 |\n\n" in text + "\n"
     report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot", "--metric", "best"])
     assert "Predictions against" not in (out / "report.md").read_text()  # stored for the final models only
     report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot"])
