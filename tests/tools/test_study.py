@@ -166,3 +166,32 @@ def test_all_runs_the_phases_with_the_rule_between(tmp_path):
     # plan written, then the first main job calls the (fake) r3f-finetune, which fails: set -e stops there
     assert (study / "plan.env").exists() and "LR_MRPC=0.0001" in (study / "plan.env").read_text()
     assert res.returncode == 9 and "called" in res.stderr and res.stdout.rstrip().endswith("main/mrpc-standard-seed11")
+
+
+spec = importlib.util.spec_from_file_location("study_disagreement", ROOT / "docs" / "study" / "disagreement.py")
+disagreement = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(disagreement)
+
+
+def test_disagreement_permutation_is_exact(tmp_path, capsys):
+    """Arm A's four models agree everywhere; arm B's are one-hot at different examples (pairwise 2 apart, 1
+    from A's). Of the 2^4 within-seed swaps only the observed split and its mirror reach |difference| 2
+    (a 3-1 split gives 0.5 - 1.5), so p = 2/16; identical arms give p = 1."""
+    zeros, onehot = [0] * 6, [[int(i == k) for i in range(6)] for k in range(4)]
+    r = disagreement.within_seed_permutation([zeros] * 4, onehot)
+    assert (r["first"], r["second"], r["difference"], r["relabellings"], r["p"]) == (0, 2, -2, 16, 2 / 16)
+    assert disagreement.within_seed_permutation(onehot, onehot)["p"] == 1.0
+    with pytest.raises(ValueError, match="not the same eval set"):
+        disagreement.within_seed_permutation([zeros] * 3, [[0] * 5] * 3)
+    with pytest.raises(ValueError, match="at least 3"):
+        disagreement.within_seed_permutation([zeros] * 2, [zeros] * 2)
+    for arm, preds in (("standard", [zeros] * 4), ("r3f", onehot)):
+        for seed, p in enumerate(preds, 11):
+            d = tmp_path / f"rte-{arm}-{seed}"
+            d.mkdir()
+            final = {"metrics": {"accuracy": 0.5}, "predictions": p}
+            (d / "results.json").write_text(json.dumps({"task": "rte", "method": arm, "seed": seed,
+                                                        "primary_metric": "accuracy", "final": final, "best": final}))
+    disagreement.main([str(tmp_path), "--task", "rte", "--arms", "standard", "r3f"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["seed_list"] == [11, 12, 13, 14] and out["p"] == 2 / 16
