@@ -133,8 +133,14 @@ class EmbeddingNoise:
             self.generator = gen  # only once fully set up: a failure above leaves nothing half-done
         return self.generator
 
-    @torch.compiler.disable  # under torch.compile: run eagerly (a graph break), as a seeded generator needs
     def sample(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Noise of ``shape`` in float32 from this object's generator. Inside a ``torch.compile``d forward it
+        is drawn eagerly (one graph break): Dynamo cannot trace a seeded generator."""
+        if torch.compiler.is_compiling():
+            return _eager_draw()(self, shape, device)
+        return self._draw(shape, device)
+
+    def _draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         z = torch.empty(shape, dtype=torch.float32, device=device)
         if self.noise == "uniform":
             return z.uniform_(-self.eps, self.eps, generator=self._generator(device))
@@ -245,3 +251,14 @@ class EmbeddingNoise:
             gen_state = gen_state.detach().to("cpu", torch.uint8)
         self.seed = int(state["seed"])
         self.generator, self._pending_state = None, gen_state
+
+
+_EAGER: dict = {}
+
+
+def _eager_draw() -> Callable:
+    """``EmbeddingNoise._draw`` under ``torch.compiler.disable``, made on first use: decorating at import
+    would import torch._dynamo with r3f_opt (over a second) for users who never compile."""
+    if "draw" not in _EAGER:
+        _EAGER["draw"] = torch.compiler.disable(EmbeddingNoise._draw)
+    return _EAGER["draw"]

@@ -10,7 +10,7 @@ import r3f_opt
 from r3f_opt import RegularizedOptimizer, StepResult, symmetric_kl, apply_r4f, remove_r4f, find_embeddings
 from r3f_opt import methods, noise, r4f, spectral_norm, kl, optimizer
 heavy = sorted(m for m in ("transformers", "triton", "accelerate", "r3f_opt.integrations",
-                           "r3f_opt.experiments") if m in sys.modules)
+                           "r3f_opt.experiments", "torch._dynamo") if m in sys.modules)  # dynamo: ~1.5 s
 assert not heavy, heavy
 """
 
