@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..methods import METHODS
+from ..methods import METHODS, SETTINGS, USES
 from . import finetune as ft
 from .cli import HelpFormatter, loading_bars
 from .data import atomic_write, collate, default_model, encode, load_examples, subset
@@ -282,10 +282,12 @@ def _finetune_stage(args: argparse.Namespace, task: str, method: str, seed: int,
     """Fine-tune one stage with r3f-finetune (a fresh head, the stage's budget); returns the saved model.
     A finished stage is reused, and an interrupted one resumed, only if it was run with the same
     arguments from the same input weights (``stage.json``); otherwise it is run afresh."""
+    # --lam/--eps go to the methods that read them; the others get the defaults (no warning, same stage key)
+    lam, eps = ((getattr(args, k) if k in USES[method] else SETTINGS[k]) for k in ("lam", "eps"))
     argv = ["--task", task, "--method", method, "--seed", str(seed), "--model", model_dir, "--output-dir",
             str(out), "--save-model", "--reinit-head", "--max-steps", str(args.steps), "--batch-size",
             str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--lam",
-            str(args.lam), "--eps", str(args.eps), "--max-eval-examples", str(args.stage_eval_examples)]
+            str(lam), "--eps", str(eps), "--max-eval-examples", str(args.stage_eval_examples)]
     if args.data_dir:  # absolute, so the same data given by another relative path still matches
         argv += ["--data-dir", str(Path(args.data_dir).resolve())]
     if args.max_train_examples is not None:

@@ -168,9 +168,9 @@ def test_subcommands_end_to_end(glue_dir, tiny_model_dir, tmp_path, monkeypatch,
     calls = []
     monkeypatch.setattr(ft, "main", lambda a: (calls.append(a), real_main(a)))
     probe.main(argv + ["--lam", "0.5"])
-    assert len(calls) == 2 * n_stages and all("--overwrite" in a for a in calls)
+    # standard reads no lam: its stages are reused (run with the default, as before); r3f's run afresh
+    assert len(calls) == n_stages and all("--overwrite" in a and a[a.index("--method") + 1] == "r3f" for a in calls)
     new = json.loads((tmp_path / "out" / f"{command}.json").read_text())["rows"]
-    # standard ignores lam: retrained, it gives the same rows (training is deterministic); r3f's change
     assert new[:1 + n_stages] == rows[:1 + n_stages] and new[1 + n_stages:] != rows[1 + n_stages:]
 
 
