@@ -223,7 +223,7 @@ def compare(rows: list[dict], baseline: str = "standard", skip: Sequence[str] = 
         mine, theirs = (dict(zip(x.get("seeds", ()), x["values"])) for x in (r, base))  # rows without seeds: none
         shared = sorted(set(mine) & set(theirs))
         out.append({"task": task, "metric": metric, "arm": name, "method": r["method"], "baseline": baseline,
-                    "shared_seeds": shared, "identical_seeds": [s for s in shared if mine[s] == theirs[s]],
+                    "shared_seeds": shared, "same_score_seeds": [s for s in shared if mine[s] == theirs[s]],
                     "n": [base["n"], r["n"]], **test, "ci95": stats.bootstrap_ci(base["values"], r["values"]),
                     "paper_effect": effect, "seeds_needed": need,
                     "underpowered": need is not None and min(base["n"], r["n"]) < need})
@@ -295,17 +295,20 @@ def per_seed_markdown(rows: list[dict]) -> str:
 
 
 def add_prediction_differences(runs: list[dict], comparisons: list[dict]) -> None:
-    """Per comparison, ``differing_predictions``: for each shared seed whose two runs both stored their final
-    per-example predictions, the number of eval examples the two models label differently (and
-    ``eval_examples``). How far apart two arms' models are, beyond what a metric shows."""
+    """Per comparison, ``differing_predictions``: ``[{"seed", "differing"}]`` for each shared seed whose two
+    runs both stored final per-example predictions of one eval set (``eval_examples`` long), ``differing``
+    the number of examples the two models label differently; and ``identical_seeds``, those with none.
+    How far apart two arms' models are, beyond what a metric shows."""
     final = {(r["task"], r["arm"], r["seed"]): r["final"].get("predictions") for r in runs}
     for c in comparisons:
-        diffs, n = {}, None
+        diffs, n = [], None
         for seed in c["shared_seeds"]:
             a, b = final.get((c["task"], c["arm"], seed)), final.get((c["task"], c["baseline"], seed))
-            if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-                diffs[seed], n = sum(x != y for x, y in zip(a, b)), len(a)
+            if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and n in (None, len(a)):
+                diffs.append({"seed": seed, "differing": sum(x != y for x, y in zip(a, b))})
+                n = len(a)
         c["differing_predictions"], c["eval_examples"] = diffs, n
+        c["identical_seeds"] = [d["seed"] for d in diffs if d["differing"] == 0]
 
 
 def predictions_markdown(comparisons: list[dict]) -> str:
@@ -314,25 +317,28 @@ def predictions_markdown(comparisons: list[dict]) -> str:
     for c in comparisons:
         d = c.get("differing_predictions")
         if d:
-            lines.append(f"| {c['task']} | {c['arm']} − {c['baseline']} | {_span(list(d))} | "
-                         f"{', '.join(str(v) for v in d.values())} | {c['eval_examples']} |")
+            lines.append(f"| {c['task']} | {c['arm']} − {c['baseline']} | {_span([x['seed'] for x in d])} | "
+                         f"{', '.join(str(x['differing']) for x in d)} | {c['eval_examples']} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def seed_disagreement(runs: list[dict]) -> list[dict]:
-    """Per task and arm, over every pair of its seeds whose runs stored final predictions of the same length:
-    the number of eval examples the two models label differently (median, min, max): how much the seed
-    alone moves an arm's model, the yardstick for an arm-to-arm difference at one seed."""
+def seed_disagreement(runs: list[dict], skip: Sequence[str] = ()) -> list[dict]:
+    """Per task (not in ``skip``: runs of different budgets) and arm, over every pair of its seeds whose runs
+    stored final predictions of one eval set: the number of eval examples the two models label differently
+    (median, min, max): how much the seed alone moves an arm's model, the yardstick for an arm-to-arm
+    difference at one seed."""
     groups: dict = defaultdict(list)
     for r in sorted(runs, key=lambda r: r["seed"]):
         p = r["final"].get("predictions")
-        if isinstance(p, list):
+        if isinstance(p, list) and r["task"] not in skip:
             groups[r["task"], r["arm"]].append(p)
     out = []
     for (task, name), preds in sorted(groups.items(), key=lambda kv: (kv[0][0], _arms(runs).index(kv[0][1]))):
-        counts = [sum(x != y for x, y in zip(a, b)) for a, b in itertools.combinations(preds, 2) if len(a) == len(b)]
+        n = statistics.mode(len(p) for p in preds)  # the eval set most runs used; any other is left out
+        counts = [sum(x != y for x, y in zip(a, b)) for a, b in itertools.combinations(preds, 2)
+                  if len(a) == len(b) == n]
         if counts:
-            out.append({"task": task, "arm": name, "pairs": len(counts), "eval_examples": len(preds[0]),
+            out.append({"task": task, "arm": name, "pairs": len(counts), "eval_examples": n,
                         "median": statistics.median(counts), "min": min(counts), "max": max(counts)})
     return out
 
@@ -345,11 +351,20 @@ def disagreement_markdown(rows: list[dict]) -> str:
 
 
 def identical_notes(comparisons: list[dict]) -> list[str]:
-    """Where an arm scored exactly what the baseline scored at some of their shared seeds: at those seeds the
-    two settings trained the same model, whatever the other seeds show."""
-    return [f"{c['task']}: {c['arm']} and {c['baseline']} gave identical {c['metric']} at "
-            f"{len(c['identical_seeds'])} of {len(c['shared_seeds'])} shared seeds ({_span(c['identical_seeds'])})"
-            for c in comparisons if c["identical_seeds"]]
+    """Where an arm's models label every eval example as the baseline's do at some shared seeds (from the
+    stored predictions); without predictions, where it scored exactly the baseline's value (which on a small
+    eval set can happen by chance, so it is said as no more than that)."""
+    notes = []
+    for c in comparisons:
+        where = f"{{}} of {len(c['shared_seeds'])} shared seeds"
+        if c.get("identical_seeds"):
+            notes.append(f"{c['task']}: {c['arm']} and {c['baseline']} label every eval example alike at "
+                         + where.format(len(c["identical_seeds"])) + f" ({_span(c['identical_seeds'])})")
+        elif not c.get("differing_predictions") and c["same_score_seeds"]:
+            notes.append(f"{c['task']}: {c['arm']} and {c['baseline']} scored the same {c['metric']} at "
+                         + where.format(len(c["same_score_seeds"])) + f" ({_span(c['same_score_seeds'])}); "
+                         "no stored predictions tell whether the models agree")
+    return notes
 
 
 def _primary(rows: list[dict]) -> dict:
@@ -551,7 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if table:
         text += (f"\n**Predictions against {baseline}** (final models, at the seeds both arms share):\n\n"
                  + table + "\n")
-    between = seed_disagreement(runs) if args.metric == "final" else []
+    between = seed_disagreement(runs, skip=mismatched) if args.metric == "final" else []
     if between:
         text += ("\n**Predictions between the seeds of one arm** (final models, every pair of seeds):\n\n"
                  + disagreement_markdown(between) + "\n")

@@ -154,10 +154,11 @@ def test_ablation_arms_against_a_baseline_arm_on_chosen_seeds(tmp_path):
 
 
 def test_identical_seeds_are_named_and_every_seed_is_listed(tmp_path):
-    """An arm that scores exactly the baseline's value at a seed trained the same model there (R3F with
-    same_dropout at sigma 1e-5 against standard): the report says at which seeds, and lists every seed."""
+    """Where an arm's models label every eval example as the baseline's do at a seed (R3F with same_dropout at
+    sigma 1e-5 against standard), the report says at which seeds; an equal score alone (seed 12: the same
+    accuracy, 3 of 4 labels differ) is not called agreement. Every seed is listed."""
     std = {11: 0.61, 12: 0.67, 13: 0.64}
-    other = {11: 0.61, 12: 0.67, 13: 0.66}  # identical at 11 and 12
+    other = {11: 0.61, 12: 0.67, 13: 0.66}  # the same score at 11 and 12
     for s in std:
         fake_run(tmp_path / "runs", "rte", "standard", s, std[s])
         fake_run(tmp_path / "runs", "rte", "rdrop", s, other[s])
@@ -172,25 +173,41 @@ def test_identical_seeds_are_named_and_every_seed_is_listed(tmp_path):
     out = tmp_path / "rep"
     report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot"])
     (c,) = json.loads((out / "comparison.json").read_text())
-    assert c["arm"] == "rdrop" and c["shared_seeds"] == [11, 12, 13] and c["identical_seeds"] == [11, 12]
-    assert c["differing_predictions"] == {"11": 0, "12": 3} and c["eval_examples"] == 4
+    assert c["arm"] == "rdrop" and c["shared_seeds"] == [11, 12, 13] and c["same_score_seeds"] == [11, 12]
+    assert c["differing_predictions"] == [{"seed": 11, "differing": 0}, {"seed": 12, "differing": 3}]
+    assert c["identical_seeds"] == [11] and c["eval_examples"] == 4
     text = (out / "report.md").read_text()
+    assert "≡ rte: rdrop and standard label every eval example alike at 1 of 3 shared seeds (11)." in text
     assert "| rte | rdrop − standard | 11-12 | 0, 3 | 4 |" in text
     # between seeds: standard's pairs (11,12) 1, (11,13) 2, (12,13) 1; rdrop's one pair 2; r3f has one seed
-    assert "| rte | standard | 3 | 1 (1–2) | 4 |\n| rte | rdrop | 1 | 2 (2–2) | 4 |\n\n" in text + "\n"
-    report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot", "--metric", "best"])
-    assert "Predictions against" not in (out / "report.md").read_text()  # stored for the final models only
-    report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot"])
-    text = (out / "report.md").read_text()
-    assert "≡ rte: rdrop and standard gave identical accuracy at 2 of 3 shared seeds (11-12)." in text
+    assert "| rte | standard | 3 | 1 (1–2) | 4 |\n| rte | rdrop | 1 | 2 (2–2) | 4 |\n" in text
     assert "| rte accuracy, seed | standard | r3f | rdrop |" in text
     assert "| 11 | 0.6100 | – | 0.6100 |" in text and "| 14 | – | 0.7000 | – |" in text
+    report.main([str(tmp_path / "runs"), "--output-dir", str(out), "--no-plot", "--metric", "best"])
+    text = (out / "report.md").read_text()
+    assert "Predictions against" not in text and "Predictions between" not in text  # final models only
+    # best metrics: no predictions to check, so only the scores are said to match (best = final + 0.1 here)
+    assert "≡ rte: rdrop and standard scored the same accuracy at 2 of 3 shared seeds (11-12); no stored" in text
     fake_run(tmp_path / "runs2", "rte", "standard", 1, 0.6)
     fake_run(tmp_path / "runs2", "rte", "standard", 2, 0.7)
     fake_run(tmp_path / "runs2", "rte", "rdrop", 1, 0.65)
     fake_run(tmp_path / "runs2", "rte", "rdrop", 2, 0.75)
     report.main([str(tmp_path / "runs2"), "--output-dir", str(out), "--no-plot"])
     assert "≡" not in (out / "report.md").read_text()  # equal spreads, no equal values: nothing to say
+
+
+def test_prediction_tables_skip_budget_mismatches_and_other_eval_sets(tmp_path):
+    """Seed-to-seed disagreement pools only runs of one budget and one eval set."""
+    for seed, (lr, p) in enumerate([(1e-4, [0, 0, 1]), (1e-4, [0, 1, 1]), (2e-4, [1, 1, 0])], 1):
+        d = fake_run(tmp_path / "a", "rte", "standard", seed, 0.5, lr=lr)
+        r = json.loads((d / "results.json").read_text())
+        r["final"]["predictions"] = p
+        (d / "results.json").write_text(json.dumps(r))
+    assert report.seed_disagreement(report.load_runs([str(tmp_path / "a")]), skip=["rte"]) == []
+    runs = report.load_runs([str(tmp_path / "a")])
+    runs[2]["final"]["predictions"] = [1, 1, 0, 0]  # another eval set: left out of the pairs
+    (row,) = report.seed_disagreement(runs)
+    assert (row["pairs"], row["eval_examples"], row["median"]) == (1, 3, 1)
 
 
 def test_errors(tmp_path):
