@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..kl import REDUCTIONS
-from ..methods import METHODS, RDrop, Standard, build_method
+from ..methods import METHODS, RDrop, Standard, build_method, warn_unused
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
 from ..optimizer import check_number
 
@@ -197,7 +197,9 @@ class R3FTrainerMixin:
         self.r3f_noise: Optional[EmbeddingNoise] = None
         self.r3f_regularizer: Optional[Standard] = None
         self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
-        if self.r3f_method == "standard":
+        if self.r3f_method == "standard":  # a plain Trainer; what it would ignore is said, as the optimizer does
+            warn_unused("standard", lam=self.r3f_lambda, eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
+                        noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction)
             return
         self._r3f_refuse()
         if a.ddp_find_unused_parameters is None:

@@ -35,3 +35,9 @@ def test_method_trains_and_logs_its_term(tmp_path, method, kwargs):
 def test_freelb_is_refused_with_the_way_out(tmp_path):
     with pytest.raises(ValueError, match="freelb.*use RegularizedOptimizer"):
         R3FTrainingArguments(output_dir=str(tmp_path), r3f_method="freelb", use_cpu=True, report_to="none")
+
+
+def test_standard_trainer_names_the_settings_it_ignores(tmp_path):
+    with pytest.warns(UserWarning, match=r"method='standard' does not use lam=5.0, reduction='sum'"):
+        R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, r3f_method="standard", r3f_lambda=5.0,
+                                                       r3f_reduction="sum"))
