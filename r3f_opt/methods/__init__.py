@@ -97,6 +97,12 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
     common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
                   noisy_embed_grad=noisy_embed_grad)
+    if r4f_kwargs is not None and method != "r4f":
+        raise ValueError(f"r4f_kwargs configure R4F's spectral normalisation of the head (apply_r4f), which "
+                         f"method={method!r} does not apply; use method='r4f', or drop r4f_kwargs")
+    if embeddings is not None and method in ("standard", "rdrop"):
+        raise ValueError(f"embeddings= names the module whose output is perturbed; method={method!r} perturbs "
+                         f"nothing: drop it")
     if same_dropout and method not in ("r3f", "r4f"):
         raise ValueError(f"same_dropout applies to r3f and r4f (a noisy pass replaying the clean pass's dropout), "
                          f"not to method={method!r}")

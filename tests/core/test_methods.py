@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import kl_mask, settings, tiny_model, toy_batch
 from kl_reference import reference as kl_reference
+from torch import nn
 
 from r3f_opt import RegularizedOptimizer
 from r3f_opt.methods import SETTINGS, USES
@@ -303,6 +304,20 @@ def test_a_setting_the_method_never_reads_is_reported(method, kwargs, named):
     with pytest.warns(UserWarning, match=f"method='{method}' does not use {re.escape(named)}:") as caught:
         RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method=method, **kwargs)
     assert caught[0].filename == __file__  # the user's line, not the library's
+
+
+@pytest.mark.parametrize("method, kwargs, match", [
+    ("r3f", dict(r4f_kwargs={"scope": "head"}), "r4f_kwargs configure R4F"),
+    ("smart", dict(r4f_kwargs={}), "r4f_kwargs configure R4F"),
+    ("rdrop", dict(embeddings=nn.Identity()), "perturbs nothing"),
+    ("standard", dict(embeddings=nn.Identity()), "perturbs nothing"),
+])
+def test_an_argument_for_another_method_is_refused_before_anything_changes(method, kwargs, match):
+    model = tiny_model("bert")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method=method, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model._forward_hooks
 
 
 @pytest.mark.parametrize("method", ["r3f", "r4f", "rdrop", "smart", "freelb", "standard"])
