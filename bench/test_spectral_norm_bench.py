@@ -43,7 +43,7 @@ def test_report_runs_and_writes_json(tmp_path):
     out = tmp_path / "sn.json"
     result = main(["--heads", "2x768", "3x1024", "--reps", "2", "--rounds", "1", "--cpu-kernel-max", "1536",
                    "--out", str(out)])
-    assert json.loads(out.read_text()) == result
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # tuples (load average) are lists in JSON
     rows = {(r["head"], r["impl"]): r for r in result["results"]}
     assert set(rows) == {(h, i) for h in ("2x768", "3x1024") for i in ("torch", "triton")}
     kernel = rows["2x768", "triton"]

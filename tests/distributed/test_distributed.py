@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import tiny_model, toy_batch
+from helpers import settings, tiny_model, toy_batch
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
@@ -46,7 +46,8 @@ def shard(batch: dict, rank: int, parts: int = WORLD) -> dict:
 def make(kw: dict, seed: int):
     torch.manual_seed(0)
     model = tiny_model("bert", dropout=0.0)
-    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, eps=EPS, seed=seed, **kw)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, seed=seed, **kw,
+                               **settings(kw["method"], eps=EPS))
     return model, opt
 
 
@@ -87,7 +88,8 @@ def _run(rank: int, out_dir: str) -> None:
             ddp = fully_shard(model)
         else:
             ddp = DDP(model, find_unused_parameters=False)
-        opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, eps=EPS, seed=100 + rank, **kw)
+        opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, seed=100 + rank, **kw,
+                                   **settings(kw["method"], eps=EPS))
         unsynced_differ = []
         for step in range(STEPS):
             opt.zero_grad()
