@@ -378,24 +378,25 @@ class _SymmetricKLRows(torch.autograd.Function):
         return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None
 
 
-def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``mask`` as bool: bool as is, integers only if every value is 0 or 1; anything else is an error."""
+def _bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """``mask`` as bool: bool as is, integers only if every value is 0 or 1; anything else is an error.
+    ``name="noise_mask"``: the (batch, seq) positions to perturb, an attention mask."""
+    what, hint = (("True: the position is perturbed", "attention_mask (or attention_mask.bool())")
+                  if name == "noise_mask" else ("True: the row counts", "labels != -100, or attention_mask.bool()"))
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a bool tensor (True: the row counts), got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a bool tensor ({what}), got {type(mask).__name__}")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(
-            f"mask must be a bool tensor (True: the row counts), got {mask.dtype}; pass e.g. "
-            "labels != -100, or attention_mask.bool()"
-        )
+        raise TypeError(f"{name} must be a bool tensor ({what}), got {mask.dtype}; pass e.g. {hint}")
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):  # one device sync, for integer masks only: pass a bool mask to avoid it
         raise ValueError(
-            f"an integer mask must hold only 0 and 1 (like an attention_mask), got the value "
-            f"{int(mask[bad].flatten()[0])}; labels are not a mask (cast to bool, -100 would count and "
-            "token 0 would not): pass labels != -100"
-        )
+            f"an integer {name} must hold only 0 and 1 (like an attention_mask), got the value "
+            f"{int(mask[bad].flatten()[0])}; " + ("input_ids or labels are not a mask: pass the attention_mask"
+                                                  if name == "noise_mask" else
+                                                  "labels are not a mask (cast to bool, -100 would count and "
+                                                  "token 0 would not): pass labels != -100"))
     return mask != 0
 
 

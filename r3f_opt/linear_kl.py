@@ -34,12 +34,12 @@ that dtype (one rounding per chunk, like Liger's fused linear cross-entropy).
 from __future__ import annotations
 
 import functools
-import math as _math
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
+from ._checks import check_flag, check_number
 from ._dispatch import use_triton
 from .kl import REDUCTIONS, _bool_mask, _row_max, differentiable_once
 
@@ -450,12 +450,19 @@ def _check_mask(mask, lead, device):
     return mask.to(device).reshape(-1)
 
 
-def _check_chunk(chunk_size, rows, vocab, device, math, gemm) -> int:
-    if chunk_size is None:
-        return default_chunk_size(rows, vocab, device, math, gemm)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def _check_chunk(chunk_size, rows=None, vocab=None, device=None, math=None, gemm=None) -> Optional[int]:
+    """``chunk_size`` checked; None becomes the default for the call's shape (when given)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    if chunk_size is None and rows is not None:
+        return default_chunk_size(rows, vocab, device, math, gemm)
     return chunk_size
+
+
+def _check_options(lam: Any, label_smoothing: Any, shift_labels: Any, noisy_grad: Any) -> tuple[float, float]:
+    for name, flag in (("shift_labels", shift_labels), ("noisy_grad", noisy_grad)):
+        check_flag(name, flag)
+    return check_number("lam", lam), check_number("label_smoothing", label_smoothing, at_most=1.0)
 
 
 def _describe(t: Any) -> str:
@@ -509,6 +516,7 @@ def linear_symmetric_kl(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_flag("q_grad", q_grad)
     _check_head(hidden_p, hidden_q, weight, bias)
     lead = hidden_p.shape[:-1]
     device = weight.device
@@ -592,12 +600,9 @@ def linear_r3f_loss(
         raise ValueError("reduction='none' is not supported by linear_r3f_loss (a per-row KL cannot be added to "
                          "the scalar cross-entropy); use linear_symmetric_kl(..., reduction='none')")
     _check_head(hidden_clean, hidden_noisy, weight, bias)
-    lam = float(lam)
-    if not _math.isfinite(lam):
-        raise ValueError(f"lam must be finite, got {lam}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    lam, label_smoothing = _check_options(lam, label_smoothing, shift_labels, noisy_grad)
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, torch.Tensor):
+        check_number("num_items_in_batch", num_items_in_batch, positive=True)  # a tensor: not read (no sync)
     lead = hidden_clean.shape[:-1]
     device = weight.device
     if not isinstance(labels, torch.Tensor) or labels.dtype in (torch.bool,) or labels.is_floating_point() \
@@ -647,7 +652,8 @@ class LinearSymmetricKL(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.reduction, self.chunk_size, self.q_grad = reduction, chunk_size, q_grad
+        _check_chunk(chunk_size)
+        self.reduction, self.chunk_size, self.q_grad = reduction, chunk_size, check_flag("q_grad", q_grad)
 
     def forward(self, hidden_p, hidden_q, weight, bias=None, mask=None):
         return linear_symmetric_kl(hidden_p, hidden_q, weight, bias, mask, self.reduction,
@@ -668,6 +674,11 @@ class LinearR3FLoss(nn.Module):
                  shift_labels: bool = False, reduction: str = "batchmean", noisy_grad: bool = True,
                  chunk_size: Optional[int] = None):
         super().__init__()
+        if reduction not in REDUCTIONS[:-1]:
+            raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]} (a per-row KL cannot be added to the "
+                             f"scalar cross-entropy), got {reduction!r}")
+        lam, label_smoothing = _check_options(lam, label_smoothing, shift_labels, noisy_grad)
+        _check_chunk(chunk_size)
         self.options = dict(lam=lam, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             shift_labels=shift_labels, reduction=reduction, noisy_grad=noisy_grad,
                             chunk_size=chunk_size)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._warn import warn_user
+from .kl import _bool_mask
 
 __all__ = ["EmbeddingNoise", "find_embeddings", "unwrap_model", "default_seed", "noise_seed", "NOISE_TYPES",
            "NOISE_SCALES"]
@@ -103,6 +104,8 @@ class EmbeddingNoise:
                  detach: bool, seed: int, scale: str = "absolute") -> None:
         if scale not in NOISE_SCALES:
             raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {scale!r}")
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
         self.module, self.scope, self.eps, self.noise, self.detach = module, scope, eps, noise, detach
         self.scale = scale
         self.seed = seed
@@ -207,6 +210,8 @@ class EmbeddingNoise:
         the raw lookup's space (scaled by ``embed_scale``), masked by ``noise_mask``, in float32 or wider.
         """
         refuse_other_noise(self.module)
+        if noise_mask is not None:  # an attention mask: bool, or 0/1 integers (one device sync; bool: none)
+            noise_mask = _bool_mask(noise_mask, "noise_mask")
         self.calls, self._depth = 0, 0
 
         def on_output(module, inputs, output):

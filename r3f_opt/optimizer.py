@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from ._checks import check_number
 from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
 from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
@@ -64,15 +64,6 @@ def _grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
             model.set_requires_gradient_sync(True)
     else:
         yield
-
-
-def check_number(name: str, value: Any, *, positive: bool = False) -> float:
-    """``value`` as a finite float >= 0 (> 0 if ``positive``), else a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
 
 
 def _check_params(optimizer: Optimizer, model: nn.Module) -> None:
@@ -254,6 +245,13 @@ class RegularizedOptimizer(Optimizer):
             )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), what torch.Generator.manual_seed takes; got {seed}")
+        if backward is not None and not callable(backward):
+            raise TypeError(f"backward must be a callable taking the loss (e.g. accelerator.backward), got "
+                            f"{type(backward).__name__}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         _check_params(optimizer, model)
         seed = default_seed() if seed is None else int(seed)
         # Last of the checks: R4F normalises the head, and raises before changing anything if it cannot.
@@ -418,8 +416,12 @@ class RegularizedOptimizer(Optimizer):
         ``sync=False`` runs both passes and the backward inside the model's ``no_sync()`` (DDP, FSDP):
         pass it for every micro-batch but the last of an accumulated step.
         """
-        if mask is not None:
-            mask = _bool_mask(mask)  # its dtype and values checked before any pass (its shape needs the logits)
+        weight = check_number("weight", weight, positive=True)
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be True or False, got {sync!r}")
+        # dtypes and values checked before any pass (shapes need the logits / the embeddings' output)
+        mask = None if mask is None else _bool_mask(mask)
+        noise_mask = None if noise_mask is None else _bool_mask(noise_mask, "noise_mask")
         with torch.enable_grad(), _grad_sync(self.model, sync):
             try:
                 passes = _Passes(self, closure, weight, sync)
@@ -492,6 +494,9 @@ class RegularizedOptimizer(Optimizer):
         result = None
         if closure is not None:
             result = self.backward(closure, mask=mask, noise_mask=noise_mask)
+        elif mask is not None or noise_mask is not None:
+            raise ValueError("mask= and noise_mask= are read by the passes, which step() runs only with a closure; "
+                             "pass them to backward(closure, mask=..., noise_mask=...) instead")
         if self._skip_pending:  # this step, or a micro-batch accumulated into it, had a non-finite loss
             self._skip_pending = False
             if closure is None:

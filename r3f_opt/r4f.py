@@ -1,6 +1,8 @@
 """R4F: spectral normalisation of the classification head, W_SN = W / sigma_max(W)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -72,14 +74,20 @@ def find_head(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
         out_path, extra = _HEADS[model_type]
         candidates = [out_path, *_GENERIC]  # e.g. RobertaForTokenClassification: a plain `classifier`
     else:
-        extra, candidates = (), list(_GENERIC)
+        extra, candidates = None, list(_GENERIC)
     for path in candidates:
         out = _get(m, path)
         if isinstance(out, nn.Linear):
-            layers = [out]
-            if scope == "head":
-                layers = [lin for p in extra if isinstance(lin := _get(m, p), nn.Linear)] + layers
-            return layers
+            if scope == "out_proj":
+                return [out]
+            if extra is not None:
+                return [lin for p in extra if isinstance(lin := _get(m, p), nn.Linear)] + [out]
+            if path.endswith(".out_proj"):  # a RoBERTa-style head module: every Linear inside it
+                return [lin for lin in _get(m, path.rsplit(".", 1)[0]).modules() if isinstance(lin, nn.Linear)]
+            raise ValueError(
+                f"scope='head' on {type(m).__name__} (model_type={model_type!r}): its head's output projection is "
+                f"{path}, but which other layers belong to the head (a pooler?) is not known for this model type; "
+                "pass them: apply_r4f(model, head=<the head module>, scope='head'), or use scope='out_proj'")
     raise ValueError(
         f"could not find the classification head of {type(m).__name__} (model_type={model_type!r}); "
         "R4F needs a sequence-classification head. Pass it explicitly: apply_r4f(model, head=<nn.Linear>)"
@@ -87,7 +95,7 @@ def find_head(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
 
 
 def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "out_proj", *,
-              n_power_iterations: int = 1, eps: float = 1e-12) -> list[nn.Linear]:
+              n_power_iterations: Optional[int] = None, eps: Optional[float] = None) -> list[nn.Linear]:
     """Spectrally normalise the classification head of ``model`` in place (R4F).
 
     Registers :class:`r3f_opt.spectral_norm.FusedSpectralNorm` (torch's parametrization whose forward runs
@@ -104,17 +112,30 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
         head: the head module or its output ``nn.Linear``, if it cannot be found automatically.
         scope: ``"out_proj"`` (the reference: only the output projection) or ``"head"`` (every Linear of
             the head, the paper's wording).
-        n_power_iterations, eps: as in torch's ``spectral_norm`` (defaults: the reference's).
+        n_power_iterations, eps: as in torch's ``spectral_norm`` (None: the reference's 1 and 1e-12). A layer
+            normalised before keeps its own; giving other values for it is an error (``remove_r4f`` first).
 
     Returns:
         the normalised Linear layers.
     """
-    if n_power_iterations < 1:
-        raise ValueError(f"n_power_iterations must be >= 1, got {n_power_iterations}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    asked = {k: v for k, v in (("n_power_iterations", n_power_iterations), ("eps", eps)) if v is not None}
+    n_power_iterations = 1 if n_power_iterations is None else n_power_iterations
+    eps = 1e-12 if eps is None else eps
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
+            or n_power_iterations < 1:
+        raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     layers = find_head(model, head, scope)
     register = torch_spectral_norm if kernel_mode() == "torch" or not triton_available() else fused_spectral_norm
+    for layer in layers:  # a layer normalised before keeps its settings: refuse to pretend others apply
+        sn = next((p for p in layer.parametrizations["weight"] if isinstance(p, _SpectralNorm)), None) \
+            if _is_normalised(layer) else None
+        if sn is not None and any(getattr(sn, k) != v for k, v in asked.items()):
+            raise ValueError(f"the head is already spectrally normalised with n_power_iterations="
+                             f"{sn.n_power_iterations}, eps={sn.eps:g}, not the "
+                             + ", ".join(f"{k}={v:g}" for k, v in asked.items())
+                             + " asked for; remove_r4f(model) first to change them")
     new = [layer for layer in layers if not _is_normalised(layer)]
     for layer in new:
         register(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)

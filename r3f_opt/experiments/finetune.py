@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..methods import METHODS, check_method_kwargs
+from ..methods import METHODS, check_method_kwargs, check_settings
 from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
@@ -130,18 +130,25 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         check_method_kwargs(a.method, a.method_kwargs)
     except (TypeError, ValueError) as e:
         p.error(f"--method-kwargs: {e}")
+    try:  # the optimizer's own checks, before the model loads (its warnings come when it is built)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_settings(a.method, eps=a.eps, noise=a.noise, noisy_grad=a.noisy_grad, same_dropout=a.same_dropout,
+                           noise_scale=a.noise_scale, method_kwargs=a.method_kwargs, lam=a.lam)
+    except (TypeError, ValueError) as e:
+        p.error(f"--method {a.method}: {e}")
     positive = {"lr": a.lr, "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size,
                 "max_length": a.max_length, "epochs": a.epochs}
     for name, value in positive.items():
-        if not value > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if not 0 < value < math.inf:
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     for name in ("max_steps", "max_train_examples", "max_eval_examples"):
         value = getattr(a, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     for name in ("lam", "eps", "weight_decay", "max_grad_norm", "save_every"):
-        if not getattr(a, name) >= 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+        if not 0 <= getattr(a, name) < math.inf:
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(a, name)}")
     if not 0 <= a.warmup_ratio < 1:
         p.error(f"--warmup-ratio must be in [0, 1), got {a.warmup_ratio}")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
@@ -503,11 +504,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in ("steps", "batch_size", "max_length", "probe_train_examples", "probe_eval_examples", "cka_examples",
                  "cycles", "max_train_examples", "stage_eval_examples", "lr", "probe_l2"):
         value = getattr(args, name, 1)
-        if value is not None and not value > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     for name in ("lam", "eps"):
-        if not getattr(args, name) >= 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+        if not 0 <= getattr(args, name) < math.inf:
+            p.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    for name in ("methods", "seeds"):  # a repeated one would count its rows twice in the medians
+        values = getattr(args, name)
+        if len(set(values)) < len(values):
+            p.error(f"--{name} lists {sorted({v for v in values if values.count(v) > 1})} more than once")
     args.model = args.model or default_model("r3f-probe")
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")

@@ -532,7 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     first = _primary(rows)
     text += "\nSeeds per arm: " + "; ".join(
         f"{r['task']} {r['arm']} {_span(r['seeds'])}" for r in rows if r["metric"] == first[r["task"]]) + ".\n"
-    notes = seed_notes(rows, seeds)
+    notes = seed_notes(rows, seeds) + [f"--primary {t}={m}: no {t} run in this report, so it chose nothing"
+                                       for t, m in primary.items() if t not in {r["task"] for r in runs}]
     left = unfinished(args.runs)
     if notes or left:
         text += "".join(f"\n⚠ {n}." for n in notes) + (

@@ -16,9 +16,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..kl import REDUCTIONS
-from ..methods import METHODS, RDrop, Standard, build_method, warn_unused
+from ..methods import METHODS, RDrop, Standard, build_method, check_settings
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
-from ..optimizer import check_number
+from .._checks import check_number
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
 
@@ -193,13 +193,12 @@ class R3FTrainerMixin:
         self.r3f_lambda, self.r3f_eps = getattr(a, "r3f_lambda", 1.0), getattr(a, "r3f_eps", 1e-5)
         self.r3f_noisy_grad = getattr(a, "r3f_noisy_grad", True)
         self.r3f_reduction = getattr(a, "r3f_reduction", None)
-        self.r3f_fused_lm_head = bool(getattr(a, "r3f_fused_lm_head", False))
+        self.r3f_fused_lm_head = getattr(a, "r3f_fused_lm_head", False)
         self.r3f_noise: Optional[EmbeddingNoise] = None
         self.r3f_regularizer: Optional[Standard] = None
         self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
-        if self.r3f_method == "standard":  # a plain Trainer; what it would ignore is said, as the optimizer does
-            warn_unused("standard", lam=self.r3f_lambda, eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
-                        noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction)
+        if self.r3f_method == "standard":  # a plain Trainer; its settings checked as the optimizer checks them
+            check_settings("standard", **self._r3f_settings())
             return
         self._r3f_refuse()
         if a.ddp_find_unused_parameters is None:
@@ -208,13 +207,17 @@ class R3FTrainerMixin:
         seed = noise_seed(a.seed) if seed is None else seed
         seed = (seed + 104_729 * a.process_index) % 2**63  # each process draws its own noise
         self._r3f_seed = seed
-        self.r3f_regularizer = build_method(
-            self.r3f_method, unwrap_model(self.model), eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"),
-            noisy_grad=self.r3f_noisy_grad, reduction=self.r3f_reduction, seed=seed,
-            method_kwargs=getattr(a, "r3f_method_kwargs", None), same_dropout=getattr(a, "r3f_same_dropout", False),
-            noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head,
-            noisy_embed_grad=getattr(a, "r3f_noisy_embed_grad", False), lam=self.r3f_lambda)
+        self.r3f_regularizer = build_method(self.r3f_method, unwrap_model(self.model), seed=seed,
+                                            **self._r3f_settings())
         self.r3f_noise = self.r3f_regularizer.noise
+
+    def _r3f_settings(self) -> dict:
+        a = self.args
+        return dict(eps=self.r3f_eps, noise=getattr(a, "r3f_noise", "uniform"), noisy_grad=self.r3f_noisy_grad,
+                    reduction=self.r3f_reduction, method_kwargs=getattr(a, "r3f_method_kwargs", None),
+                    same_dropout=getattr(a, "r3f_same_dropout", False),
+                    noise_scale=getattr(a, "r3f_noise_scale", "absolute"), fused_lm_head=self.r3f_fused_lm_head,
+                    noisy_embed_grad=getattr(a, "r3f_noisy_embed_grad", False), lam=self.r3f_lambda)
 
     def _r3f_refuse(self) -> None:
         """The settings R3F cannot train with, checked before it touches the model (subclasses add theirs)."""

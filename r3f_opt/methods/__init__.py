@@ -28,8 +28,8 @@ from .r3f import R3F, R4F
 from .rdrop import RDrop
 from .smart import SMART
 
-__all__ = ["METHODS", "METHOD_KWARGS", "DEFAULT_REDUCTION", "build_method", "check_method_kwargs", "Standard", "R3F", "R4F", "RDrop",
-           "SMART", "FreeLB", "Passes", "StepResult", "is_distributed_wrapper"]
+__all__ = ["METHODS", "METHOD_KWARGS", "DEFAULT_REDUCTION", "build_method", "check_settings", "check_method_kwargs",
+           "Standard", "R3F", "R4F", "RDrop", "SMART", "FreeLB", "Passes", "StepResult", "is_distributed_wrapper"]
 
 METHODS = ("r3f", "r4f", "standard", "rdrop", "smart", "freelb")
 # method_kwargs each method takes: name -> (type, default, lower bound, whether None is allowed)
@@ -83,20 +83,23 @@ def warn_unused(method: str, **settings) -> None:
                   f"at the default to silence this")
 
 
-def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool,
-                 reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
-                 noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
-                 method_kwargs: Optional[dict] = None, same_dropout: bool = False,
-                 noise_scale: str = "absolute", fused_lm_head: bool = False, lam: float = 1.0) -> Standard:
-    """The unit for ``method`` (one of :data:`METHODS`). Checks everything before changing the model; ``lam`` is
-    only checked for use (the optimizer applies it)."""
+def check_settings(method: str, *, eps: float = 1e-5, noise: str = "uniform", noisy_grad: bool = True,
+                   reduction: Optional[str] = None, embeddings: Optional[nn.Module] = None,
+                   noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
+                   method_kwargs: Optional[dict] = None, same_dropout: bool = False, noise_scale: str = "absolute",
+                   fused_lm_head: bool = False, lam: float = 1.0) -> dict:
+    """Every check of the settings for ``method`` that needs no model: a setting of another method, or one
+    that cannot take effect with the others, is refused; one the method never reads is reported
+    (:func:`warn_unused`). Returns the checked ``method_kwargs``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     kw = check_method_kwargs(method, method_kwargs)
-    given = dict(lam=lam, eps=eps, noise=noise, noisy_grad=noisy_grad, reduction=reduction)
-    reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
-    common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
-                  noisy_embed_grad=noisy_embed_grad)
+    for name, flag in (("noisy_grad", noisy_grad), ("noisy_embed_grad", noisy_embed_grad),
+                       ("same_dropout", same_dropout), ("fused_lm_head", fused_lm_head)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if noise_scale not in NOISE_SCALES:
+        raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
     if r4f_kwargs is not None and method != "r4f":
         raise ValueError(f"r4f_kwargs configure R4F's spectral normalisation of the head (apply_r4f), which "
                          f"method={method!r} does not apply; use method='r4f', or drop r4f_kwargs")
@@ -106,10 +109,6 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
     if same_dropout and method not in ("r3f", "r4f"):
         raise ValueError(f"same_dropout applies to r3f and r4f (a noisy pass replaying the clean pass's dropout), "
                          f"not to method={method!r}")
-    if noise_scale not in NOISE_SCALES:
-        raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
-    if not isinstance(fused_lm_head, bool):
-        raise TypeError(f"fused_lm_head must be True or False, got {fused_lm_head!r}")
     if fused_lm_head and method not in ("r3f", "r4f"):
         raise ValueError(f"fused_lm_head applies to r3f and r4f (one clean and one noisy pass of a causal LM), not "
                          f"to method={method!r}; use the logits path (fused_lm_head=False)")
@@ -117,10 +116,41 @@ def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy
         raise ValueError(f"noisy_embed_grad applies to r3f, r4f and smart (whose perturbed lookup is detached by "
                          f"default), not to method={method!r}" + (", whose lookup is never detached"
                                                                    if method == "freelb" else ", which adds no noise"))
+    if noisy_embed_grad and not noisy_grad:
+        raise ValueError("noisy_embed_grad=True lets the noisy pass's gradient reach the embedding table, but "
+                         "noisy_grad=False runs that pass without a graph, so it would do nothing: set "
+                         "noisy_grad=True, or drop noisy_embed_grad")
     if noise_scale != "absolute" and method not in ("r3f", "r4f"):
         raise ValueError(f"noise_scale={noise_scale!r} applies to r3f and r4f (their random noise), not to "
                          f"method={method!r}, whose perturbation scales are its own hyper-parameters")
-    warn_unused(method, **given)
+    warn_unused(method, lam=lam, eps=eps, noise=noise, noisy_grad=noisy_grad, reduction=reduction)
+    if same_dropout and eps == 0:
+        warn_user("same_dropout=True with eps=0: both passes are the same forward, so the KL term is exactly 0 and "
+                  "every step pays for a second pass that changes nothing; give eps > 0 (the noise is then the "
+                  "only difference), or drop same_dropout (eps=0 alone: dropout consistency)")
+    if method == "smart" and kw.get("proximal", 0.0) == 0 and "proximal_momentum" in kw:
+        warn_user("method_kwargs['proximal_momentum'] moves SMART's teacher, which runs only with proximal > 0; "
+                  "it has no effect: set proximal (the paper's mu = 1), or drop proximal_momentum")
+    if method == "freelb" and kw.get("adv_steps", 2) == 1 and {"adv_lr", "max_norm"} & set(kw):
+        warn_user("method_kwargs adv_lr and max_norm shape FreeLB's ascent, which adv_steps=1 never takes (its one "
+                  "pass uses the random start): they have no effect; set adv_steps >= 2, or drop them")
+    return kw
+
+
+def build_method(method: str, model: nn.Module, *, eps: float, noise: str, noisy_grad: bool,
+                 reduction: Optional[str], seed: int, embeddings: Optional[nn.Module] = None,
+                 noisy_embed_grad: bool = False, r4f_kwargs: Optional[dict] = None,
+                 method_kwargs: Optional[dict] = None, same_dropout: bool = False,
+                 noise_scale: str = "absolute", fused_lm_head: bool = False, lam: float = 1.0) -> Standard:
+    """The unit for ``method`` (one of :data:`METHODS`). Checks everything (:func:`check_settings`) before
+    changing the model; ``lam`` is only checked for use (the optimizer applies it)."""
+    kw = check_settings(method, eps=eps, noise=noise, noisy_grad=noisy_grad, reduction=reduction,
+                        embeddings=embeddings, noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
+                        method_kwargs=method_kwargs, same_dropout=same_dropout, noise_scale=noise_scale,
+                        fused_lm_head=fused_lm_head, lam=lam)
+    reduction = reduction or DEFAULT_REDUCTION.get(method, "batchmean")
+    common = dict(noisy_grad=noisy_grad, reduction=reduction, seed=seed, embeddings=embeddings,
+                  noisy_embed_grad=noisy_embed_grad)
     if method == "standard":
         return Standard()
     if method == "r3f":

@@ -167,11 +167,71 @@ def test_nonfinite_kl_is_skipped(setup):
         (dict(max_grad_norm=0.0), "max_grad_norm"),
         (dict(on_nonfinite="ignore"), "on_nonfinite"),
         (dict(backward=lambda loss: loss.backward(), grad_scaler=torch.amp.GradScaler("cpu")), "not both"),
+        (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64\)"),
+        (dict(noisy_grad=False, noisy_embed_grad=True), "noisy_grad=False runs that pass without a graph"),
+        (dict(method="r4f", r4f_kwargs={"eps": float("nan")}), "eps must be a finite number > 0"),
+        (dict(method="r4f", r4f_kwargs={"n_power_iterations": 1.5}), "n_power_iterations must be an int"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     model = tiny_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, **kwargs)
+    assert model.state_dict().keys() == before.keys() and no_hooks_left(model)  # R4F registered nothing
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(noisy_grad="no"), "noisy_grad must be True or False, got 'no'"),
+    (dict(same_dropout=1), "same_dropout must be True or False"),
+    (dict(noisy_embed_grad="yes"), "noisy_embed_grad must be True or False"),
+    (dict(backward=1), "backward must be a callable"),
+    (dict(grad_scaler="x"), "grad_scaler must be a torch.amp.GradScaler"),
+])
+def test_bad_argument_types(kwargs, match):
+    model = tiny_model("bert")
+    with pytest.raises(TypeError, match=match):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, **kwargs)
+
+
+def test_bad_step_and_backward_arguments_change_nothing(setup):
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+    closure = lambda: model(**batch)  # noqa: E731
+    for kwargs, exc, match in [
+        (dict(weight=-1.0), ValueError, "weight must be a finite number > 0"),
+        (dict(weight=float("nan")), ValueError, "weight must be a finite number > 0"),
+        (dict(sync="no"), TypeError, "sync must be True or False"),
+        (dict(noise_mask=batch["input_ids"]), ValueError, "input_ids or labels are not a mask"),
+        (dict(noise_mask=batch["attention_mask"].float()), TypeError, "noise_mask must be a bool tensor"),
+    ]:
+        with pytest.raises(exc, match=match):
+            opt.backward(closure, **kwargs)
+    with pytest.raises(ValueError, match="pass them to backward"):
+        opt.step(mask=torch.ones(16, dtype=torch.bool))  # no closure: the mask would be lost
+    assert_unchanged(model, opt, snap)
+    assert no_hooks_left(model) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["r3f", "standard", "rdrop", "smart", "freelb"])
+def test_an_attention_mask_as_noise_mask_is_fine_for_every_method(method):
+    """Integer 0/1 attention masks pass (one loop serves every method; those without noise ignore it)."""
+    model = tiny_model("bert")  # dropout on: R-Drop's passes differ
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method=method)
+    batch = toy_batch("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: model(**batch), noise_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(same_dropout=True, eps=0.0), "the KL term is exactly 0"),
+    (dict(method="smart", method_kwargs={"proximal_momentum": 0.9}), "runs only with proximal > 0"),
+    (dict(method="freelb", method_kwargs={"adv_steps": 1, "adv_lr": 0.5}), "adv_steps=1 never takes"),
+])
+def test_settings_that_cannot_take_effect_warn(kwargs, match):
+    model = tiny_model("bert")
+    with pytest.warns(UserWarning, match=match):
         RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, **kwargs)
 
 

@@ -581,6 +581,30 @@ def test_errors():
         linear_r3f_loss(hp, hq, w, labels, label_smoothing=1.5)
     with pytest.raises((IndexError, RuntimeError)):  # a label out of range fails like F.cross_entropy
         linear_r3f_loss(hp, hq, w, labels + 10)
+    for kwargs, exc, match in [
+        (dict(lam=-1.0), ValueError, "lam must be a finite number >= 0"),
+        (dict(lam="2"), TypeError, "lam must be a real number"),
+        (dict(lam=True), TypeError, "lam must be a real number"),
+        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be a finite number > 0"),
+        (dict(num_items_in_batch=float("nan")), ValueError, "num_items_in_batch"),
+        (dict(shift_labels="no"), TypeError, "shift_labels must be True or False, got 'no'"),
+        (dict(noisy_grad=1), TypeError, "noisy_grad must be True or False"),
+    ]:
+        with pytest.raises(exc, match=match):
+            linear_r3f_loss(hp, hq, w, labels, **kwargs)
+    with pytest.raises(TypeError, match="q_grad must be True or False"):
+        linear_symmetric_kl(hp, hq, w, q_grad="no")
+    # the module forms check at construction, not at the first forward
+    for make, exc, match in [
+        (lambda: LinearSymmetricKL(chunk_size=-1), ValueError, "chunk_size"),
+        (lambda: LinearSymmetricKL(q_grad=0), TypeError, "q_grad"),
+        (lambda: LinearR3FLoss(reduction="none"), ValueError, "reduction"),
+        (lambda: LinearR3FLoss(chunk_size=0), ValueError, "chunk_size"),
+        (lambda: LinearR3FLoss(lam=float("nan")), ValueError, "lam"),
+        (lambda: LinearR3FLoss(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    ]:
+        with pytest.raises(exc, match=match):
+            make()
 
 
 # ------------------------------------------------------------------------------------------- tiny Llama

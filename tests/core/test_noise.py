@@ -116,8 +116,9 @@ def test_embedding_table_gets_no_gradient_from_the_noisy_pass_by_default():
 
     detached, trained = emb_grad(), emb_grad(noisy_embed_grad=True)
     assert not torch.equal(detached, trained)
-    # noisy_grad=False: no graph in the noisy pass at all, so the detach makes no difference
-    assert torch.equal(emb_grad(noisy_grad=False), emb_grad(noisy_grad=False, noisy_embed_grad=True))
+    # noisy_grad=False: no graph in the noisy pass at all, so noisy_embed_grad could do nothing: refused
+    with pytest.raises(ValueError, match="noisy_grad=False runs that pass without a graph"):
+        emb_grad(noisy_grad=False, noisy_embed_grad=True)
 
 
 def test_noisy_grad_false_builds_no_graph_for_the_noisy_pass():

@@ -84,6 +84,24 @@ def test_apply_twice_is_idempotent():
     assert len(model.classifier.parametrizations.weight) == 1
 
 
+def test_reapplying_with_other_settings_is_refused_and_changes_nothing():
+    model = tiny_model("bert")
+    apply_r4f(model, n_power_iterations=3)
+    apply_r4f(model)  # no settings asked for: the layer keeps its own (the optimizer's path after a DDP user's call)
+    apply_r4f(model, n_power_iterations=3)
+    with pytest.raises(ValueError, match="already spectrally normalised with n_power_iterations=3, eps=1e-12, not "
+                                         "the n_power_iterations=1 asked for; remove_r4f"):
+        apply_r4f(model, n_power_iterations=1)
+    with pytest.raises(ValueError, match="not the eps=0.001"):
+        apply_r4f(model, scope="head", eps=1e-3)
+    assert not hasattr(model.bert.pooler.dense, "parametrizations")  # the check ran before registering any
+    assert model.classifier.parametrizations.weight[0].n_power_iterations == 3
+    for bad in (dict(eps=float("nan")), dict(eps=float("inf")), dict(eps=0.0), dict(n_power_iterations=0),
+                dict(n_power_iterations=True)):
+        with pytest.raises(ValueError, match="must be"):
+            apply_r4f(tiny_model("bert"), **bad)
+
+
 def test_remove_bakes_the_normalised_weight():
     torch.manual_seed(0)
     model = tiny_model("roberta", dropout=0.0)
@@ -125,6 +143,17 @@ def test_generic_lookup_and_clear_error():
 
     m = Custom()
     assert apply_r4f(m) == [m.classifier]
+    with pytest.raises(ValueError, match="scope='head' on Custom .* which other layers belong to the head"):
+        apply_r4f(Custom(), scope="head")  # a bare Linear: a pooler elsewhere would be missed silently
+
+    class OutProj(nn.Module):  # an unknown model type with a RoBERTa-style head: all of that module's Linears
+        def __init__(self):
+            super().__init__()
+            self.classifier = nn.Module()
+            self.classifier.dense, self.classifier.out_proj = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    m = OutProj()
+    assert apply_r4f(m, scope="head") == [m.classifier.dense, m.classifier.out_proj]
     with pytest.raises(ValueError, match="head="):
         apply_r4f(nn.Sequential(nn.Linear(2, 2)))
 

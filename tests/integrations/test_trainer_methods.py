@@ -41,3 +41,14 @@ def test_standard_trainer_names_the_settings_it_ignores(tmp_path):
     with pytest.warns(UserWarning, match=r"method='standard' does not use lam=5.0, reduction='sum'"):
         R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, r3f_method="standard", r3f_lambda=5.0,
                                                        r3f_reduction="sum"))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(r3f_same_dropout=True), ValueError, "same_dropout applies to r3f and r4f"),
+    (dict(r3f_noisy_embed_grad=True), ValueError, "noisy_embed_grad applies to"),
+    (dict(r3f_method_kwargs='{"bogus": 1}'), TypeError, "not arguments of method='standard'"),
+    (dict(r3f_noisy_grad="no"), TypeError, "noisy_grad must be True or False"),
+])
+def test_standard_trainer_checks_its_settings_as_the_optimizer_does(tmp_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        R3FTrainer(model=tiny_model("bert"), args=args(tmp_path, r3f_method="standard", **kwargs))

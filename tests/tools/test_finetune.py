@@ -334,3 +334,22 @@ def test_console_entry_points(cmd):
     exe = [sys.executable, *cmd] if cmd[0] == "-m" else [str(Path(sys.executable).parent / cmd[0])]
     out = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("usage: r3f-")
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--epochs", "inf"], "--epochs must be a finite number > 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    (["--method", "rdrop", "--noise-scale", "relative"], "--method rdrop: noise_scale='relative' applies to r3f"),
+    (["--no-noisy-grad", "--method", "r3f", "--same-dropout", "--eps", "0"], None),  # a warning later, not an error
+])
+def test_bad_flags_stop_before_the_model_loads(glue_dir, tmp_path, capsys, monkeypatch, flags, match):
+    loaded = []
+    monkeypatch.setattr(ft, "_load_model", lambda *a: loaded.append(a) or (_ for _ in ()).throw(RuntimeError("x")))
+    if match is None:
+        with pytest.raises(RuntimeError, match="x"):  # the flags passed; the (stubbed) model load ran
+            run(glue_dir, tmp_path / "ok", "--task", "rte", *flags)
+        return
+    with pytest.raises(SystemExit):
+        run(glue_dir, tmp_path / "bad", "--task", "rte", *flags)
+    assert match in capsys.readouterr().err and not loaded

@@ -231,4 +231,11 @@ def test_bad_input(glue_dir, tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         probe.main(["retention", "--chain", "rte", "--cycles", "0", "--output-dir", str(tmp_path), "--model",
                     tiny_model_dir])
-    assert "--cycles must be > 0" in capsys.readouterr().err
+    assert "--cycles must be a finite number > 0" in capsys.readouterr().err
+    for flags, message in ((["--seeds", "1", "1"], "--seeds lists [1] more than once"),
+                           (["--methods", "r3f", "r3f"], "--methods lists ['r3f'] more than once"),
+                           (["--lr", "inf"], "--lr must be a finite number > 0, got inf")):
+        with pytest.raises(SystemExit):
+            probe.main(["retention", "--chain", "rte", "--output-dir", str(tmp_path), "--model", tiny_model_dir,
+                        *flags])
+        assert message in capsys.readouterr().err

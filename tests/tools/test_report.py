@@ -192,8 +192,10 @@ def test_identical_seeds_are_named_and_every_seed_is_listed(tmp_path):
     fake_run(tmp_path / "runs2", "rte", "standard", 2, 0.7)
     fake_run(tmp_path / "runs2", "rte", "rdrop", 1, 0.65)
     fake_run(tmp_path / "runs2", "rte", "rdrop", 2, 0.75)
-    report.main([str(tmp_path / "runs2"), "--output-dir", str(out), "--no-plot"])
-    assert "≡" not in (out / "report.md").read_text()  # equal spreads, no equal values: nothing to say
+    report.main([str(tmp_path / "runs2"), "--output-dir", str(out), "--no-plot", "--primary", "mrpc=f1"])
+    text = (out / "report.md").read_text()
+    assert "≡" not in text  # equal spreads, no equal values: nothing to say
+    assert "⚠ --primary mrpc=f1: no mrpc run in this report, so it chose nothing." in text
 
 
 def test_prediction_tables_skip_budget_mismatches_and_other_eval_sets(tmp_path):
