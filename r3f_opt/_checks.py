@@ -5,6 +5,8 @@ import math
 import numbers
 from typing import Any, Optional
 
+import torch
+
 
 def check_number(name: str, value: Any, *, positive: bool = False, at_most: Optional[float] = None) -> float:
     """``value`` as a finite float >= 0 (> 0 if ``positive``; <= ``at_most`` if given), else a TypeError or
@@ -18,7 +20,9 @@ def check_number(name: str, value: Any, *, positive: bool = False, at_most: Opti
 
 
 def check_flag(name: str, value: Any) -> bool:
-    """``value`` if it is a bool: a string such as "no" or a 0/1 tensor would be read as True or raise later."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+    """``value`` as a bool if it is one (a numpy or 0-d torch bool too): a string such as "no" would read as True."""
+    if isinstance(value, bool):
+        return value
+    if getattr(value, "shape", None) in ((), torch.Size([])) and str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -379,24 +379,26 @@ class _SymmetricKLRows(torch.autograd.Function):
 
 
 def _bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
-    """``mask`` as bool: bool as is, integers only if every value is 0 or 1; anything else is an error.
-    ``name="noise_mask"``: the (batch, seq) positions to perturb, an attention mask."""
-    what, hint = (("True: the position is perturbed", "attention_mask (or attention_mask.bool())")
-                  if name == "noise_mask" else ("True: the row counts", "labels != -100, or attention_mask.bool()"))
+    """``mask`` as bool: bool as is, integers only if every value is 0 or 1 (one device sync); anything else
+    is an error. ``name="noise_mask"``: the (batch, seq) positions to perturb, an attention mask, which may
+    also be floating-point 0/1 (as it was always accepted)."""
+    noise = name == "noise_mask"
+    what = "True: the position is perturbed" if noise else "True: the row counts"
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a bool tensor ({what}), got {type(mask).__name__}")
     if mask.dtype == torch.bool:
         return mask
-    if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"{name} must be a bool tensor ({what}), got {mask.dtype}; pass e.g. {hint}")
+    if mask.is_complex() or (mask.is_floating_point() and not noise):
+        raise TypeError(f"{name} must be a bool tensor ({what}), got {mask.dtype}; pass e.g. labels != -100, "
+                        "or attention_mask.bool()")
     bad = (mask != 0) & (mask != 1)
-    if bool(bad.any()):  # one device sync, for integer masks only: pass a bool mask to avoid it
+    if bool(bad.any()):  # one device sync, for non-bool masks only: pass a bool mask to avoid it
+        value = mask[bad].flatten()[0].item()
         raise ValueError(
-            f"an integer {name} must hold only 0 and 1 (like an attention_mask), got the value "
-            f"{int(mask[bad].flatten()[0])}; " + ("input_ids or labels are not a mask: pass the attention_mask"
-                                                  if name == "noise_mask" else
-                                                  "labels are not a mask (cast to bool, -100 would count and "
-                                                  "token 0 would not): pass labels != -100"))
+            f"{name} must hold only 0 and 1 (like an attention_mask), got the value {value:g}; "
+            + ("input_ids are not a mask, and a packed attention mask numbering its sequences is not 0/1: pass "
+               "attention_mask != 0" if noise else
+               "labels are not a mask (cast to bool, -100 would count and token 0 would not): pass labels != -100"))
     return mask != 0
 
 

@@ -462,6 +462,8 @@ def _check_chunk(chunk_size, rows=None, vocab=None, device=None, math=None, gemm
 def _check_options(lam: Any, label_smoothing: Any, shift_labels: Any, noisy_grad: Any) -> tuple[float, float]:
     for name, flag in (("shift_labels", shift_labels), ("noisy_grad", noisy_grad)):
         check_flag(name, flag)
+    if isinstance(lam, torch.Tensor) and lam.numel() == 1 and lam.is_floating_point():
+        lam = lam.item()  # as float(lam) took it before: one sync
     return check_number("lam", lam), check_number("label_smoothing", label_smoothing, at_most=1.0)
 
 

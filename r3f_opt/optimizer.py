@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from ._checks import check_number
+from ._checks import check_flag, check_number
 from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
 from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
@@ -416,9 +416,9 @@ class RegularizedOptimizer(Optimizer):
         ``sync=False`` runs both passes and the backward inside the model's ``no_sync()`` (DDP, FSDP):
         pass it for every micro-batch but the last of an accumulated step.
         """
-        weight = check_number("weight", weight, positive=True)
-        if not isinstance(sync, bool):
-            raise TypeError(f"sync must be True or False, got {sync!r}")
+        if not (isinstance(weight, torch.Tensor) and weight.numel() == 1 and weight.is_floating_point()):
+            weight = check_number("weight", weight, positive=True)  # a one-element tensor: not read (no sync)
+        sync = check_flag("sync", sync)
         # dtypes and values checked before any pass (shapes need the logits / the embeddings' output)
         mask = None if mask is None else _bool_mask(mask)
         noise_mask = None if noise_mask is None else _bool_mask(noise_mask, "noise_mask")

@@ -1,7 +1,6 @@
 """R4F: spectral normalisation of the classification head, W_SN = W / sigma_max(W)."""
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
@@ -12,6 +11,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
+from ._checks import check_number
 from ._dispatch import kernel_mode, triton_available
 from .noise import unwrap_model
 from .spectral_norm import spectral_norm as fused_spectral_norm
@@ -119,23 +119,26 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
         the normalised Linear layers.
     """
     asked = {k: v for k, v in (("n_power_iterations", n_power_iterations), ("eps", eps)) if v is not None}
-    n_power_iterations = 1 if n_power_iterations is None else n_power_iterations
-    eps = 1e-12 if eps is None else eps
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral) \
-            or n_power_iterations < 1:
+    if n_power_iterations is not None and (isinstance(n_power_iterations, bool)
+                                           or not isinstance(n_power_iterations, numbers.Integral)):
+        raise TypeError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
+    if n_power_iterations is not None and n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if eps is not None:
+        check_number("eps", eps, positive=True)
     layers = find_head(model, head, scope)
     register = torch_spectral_norm if kernel_mode() == "torch" or not triton_available() else fused_spectral_norm
-    for layer in layers:  # a layer normalised before keeps its settings: refuse to pretend others apply
-        sn = next((p for p in layer.parametrizations["weight"] if isinstance(p, _SpectralNorm)), None) \
-            if _is_normalised(layer) else None
-        if sn is not None and any(getattr(sn, k) != v for k, v in asked.items()):
+    before = [next(p for p in layer.parametrizations["weight"] if isinstance(p, _SpectralNorm))
+              for layer in layers if _is_normalised(layer)]
+    for sn in before:  # a layer normalised before keeps its settings: refuse to pretend others apply
+        if any(getattr(sn, k) != v for k, v in asked.items()):
             raise ValueError(f"the head is already spectrally normalised with n_power_iterations="
                              f"{sn.n_power_iterations}, eps={sn.eps:g}, not the "
                              + ", ".join(f"{k}={v:g}" for k, v in asked.items())
                              + " asked for; remove_r4f(model) first to change them")
+    # new layers of a head normalised before (scope="head" after "out_proj") get its settings unless asked
+    n_power_iterations = asked.get("n_power_iterations", before[0].n_power_iterations if before else 1)
+    eps = asked.get("eps", before[0].eps if before else 1e-12)
     new = [layer for layer in layers if not _is_normalised(layer)]
     for layer in new:
         register(layer, "weight", n_power_iterations=n_power_iterations, eps=eps)

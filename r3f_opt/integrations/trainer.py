@@ -66,6 +66,16 @@ class R3FArguments:
         if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
             raise ValueError(f"r3f_reduction must be one of {REDUCTIONS[:-1]}, got {self.r3f_reduction!r}")
         self.r3f_lambda, self.r3f_eps = check_number("r3f_lambda", self.r3f_lambda), check_number("r3f_eps", self.r3f_eps)
+        try:  # what RegularizedOptimizer refuses, at parse time (its warnings come when the trainer is built)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                check_settings(self.r3f_method, eps=self.r3f_eps, noise=self.r3f_noise, noisy_grad=self.r3f_noisy_grad,
+                               reduction=self.r3f_reduction, noisy_embed_grad=self.r3f_noisy_embed_grad,
+                               method_kwargs=self.r3f_method_kwargs, same_dropout=self.r3f_same_dropout,
+                               noise_scale=self.r3f_noise_scale, fused_lm_head=self.r3f_fused_lm_head,
+                               lam=self.r3f_lambda)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"the r3f_* arguments (named here without r3f_): {e}") from None
         if self.ddp_find_unused_parameters is None and self.r3f_method != "standard":
             self.ddp_find_unused_parameters = False
         super().__post_init__()

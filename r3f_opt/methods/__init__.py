@@ -20,6 +20,7 @@ from typing import Optional
 
 from torch import nn
 
+from .._checks import check_flag
 from .._warn import warn_user
 from ..noise import NOISE_SCALES
 from .base import Passes, Standard, StepResult, is_distributed_wrapper
@@ -96,8 +97,7 @@ def check_settings(method: str, *, eps: float = 1e-5, noise: str = "uniform", no
     kw = check_method_kwargs(method, method_kwargs)
     for name, flag in (("noisy_grad", noisy_grad), ("noisy_embed_grad", noisy_embed_grad),
                        ("same_dropout", same_dropout), ("fused_lm_head", fused_lm_head)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+        check_flag(name, flag)
     if noise_scale not in NOISE_SCALES:
         raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
     if r4f_kwargs is not None and method != "r4f":
@@ -122,7 +122,8 @@ def check_settings(method: str, *, eps: float = 1e-5, noise: str = "uniform", no
                          "noisy_grad=True, or drop noisy_embed_grad")
     if noise_scale != "absolute" and method not in ("r3f", "r4f"):
         raise ValueError(f"noise_scale={noise_scale!r} applies to r3f and r4f (their random noise), not to "
-                         f"method={method!r}, whose perturbation scales are its own hyper-parameters")
+                         f"method={method!r}, " + ("whose perturbation scales are its own hyper-parameters"
+                                                   if method in ("smart", "freelb") else "which adds no noise"))
     warn_unused(method, lam=lam, eps=eps, noise=noise, noisy_grad=noisy_grad, reduction=reduction)
     if same_dropout and eps == 0:
         warn_user("same_dropout=True with eps=0: both passes are the same forward, so the KL term is exactly 0 and "

@@ -170,7 +170,6 @@ def test_nonfinite_kl_is_skipped(setup):
         (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64\)"),
         (dict(noisy_grad=False, noisy_embed_grad=True), "noisy_grad=False runs that pass without a graph"),
         (dict(method="r4f", r4f_kwargs={"eps": float("nan")}), "eps must be a finite number > 0"),
-        (dict(method="r4f", r4f_kwargs={"n_power_iterations": 1.5}), "n_power_iterations must be an int"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -187,6 +186,7 @@ def test_bad_arguments(kwargs, match):
     (dict(noisy_embed_grad="yes"), "noisy_embed_grad must be True or False"),
     (dict(backward=1), "backward must be a callable"),
     (dict(grad_scaler="x"), "grad_scaler must be a torch.amp.GradScaler"),
+    (dict(method="r4f", r4f_kwargs={"n_power_iterations": 1.5}), "n_power_iterations must be an int"),
 ])
 def test_bad_argument_types(kwargs, match):
     model = tiny_model("bert")
@@ -202,8 +202,9 @@ def test_bad_step_and_backward_arguments_change_nothing(setup):
         (dict(weight=-1.0), ValueError, "weight must be a finite number > 0"),
         (dict(weight=float("nan")), ValueError, "weight must be a finite number > 0"),
         (dict(sync="no"), TypeError, "sync must be True or False"),
-        (dict(noise_mask=batch["input_ids"]), ValueError, "input_ids or labels are not a mask"),
-        (dict(noise_mask=batch["attention_mask"].float()), TypeError, "noise_mask must be a bool tensor"),
+        (dict(noise_mask=batch["input_ids"]), ValueError, "input_ids are not a mask.*attention_mask != 0"),
+        (dict(noise_mask=batch["attention_mask"] * 0.5), ValueError, "noise_mask must hold only 0 and 1"),
+        (dict(noise_mask=batch["attention_mask"].to(torch.complex64)), TypeError, "noise_mask must be a bool"),
     ]:
         with pytest.raises(exc, match=match):
             opt.backward(closure, **kwargs)
@@ -221,7 +222,9 @@ def test_an_attention_mask_as_noise_mask_is_fine_for_every_method(method):
     batch = toy_batch("bert")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step(lambda: model(**batch), noise_mask=batch["attention_mask"])
+        for mask in (batch["attention_mask"], batch["attention_mask"].float(), batch["attention_mask"].bool()):
+            opt.step(lambda: model(**batch), noise_mask=mask)
+        opt.backward(lambda: model(**batch), weight=torch.tensor(0.5), sync=torch.tensor(True))  # tensors too
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -96,9 +96,13 @@ def test_reapplying_with_other_settings_is_refused_and_changes_nothing():
         apply_r4f(model, scope="head", eps=1e-3)
     assert not hasattr(model.bert.pooler.dense, "parametrizations")  # the check ran before registering any
     assert model.classifier.parametrizations.weight[0].n_power_iterations == 3
-    for bad in (dict(eps=float("nan")), dict(eps=float("inf")), dict(eps=0.0), dict(n_power_iterations=0),
-                dict(n_power_iterations=True)):
-        with pytest.raises(ValueError, match="must be"):
+    # a head extended later (scope="head" after "out_proj") gives its new layers the existing settings
+    apply_r4f(model, scope="head")
+    assert model.bert.pooler.dense.parametrizations.weight[0].n_power_iterations == 3
+    for bad, exc in ((dict(eps=float("nan")), ValueError), (dict(eps=float("inf")), ValueError),
+                     (dict(eps=0.0), ValueError), (dict(n_power_iterations=0), ValueError),
+                     (dict(n_power_iterations=True), TypeError), (dict(eps="1e-3"), TypeError)):
+        with pytest.raises(exc, match="must be"):
             apply_r4f(tiny_model("bert"), **bad)
 
 

@@ -318,7 +318,7 @@ def test_no_progress_hides_the_model_loading_bars_too(glue_dir, tiny_model_dir, 
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
-@pytest.mark.parametrize("bad,match", [(["--lr", "0"], "--lr must be > 0"),
+@pytest.mark.parametrize("bad,match", [(["--lr", "0"], "--lr must be a finite number > 0"),
                                        (["--warmup-ratio", "1"], r"--warmup-ratio must be in \[0, 1\)"),
                                        (["--max-steps", "-1"], "--max-steps must be > 0"),
                                        (["--method", "sam"], "invalid choice")])
