@@ -30,6 +30,7 @@ from .rdrop import RDrop
 from .smart import SMART
 
 __all__ = ["METHODS", "METHOD_KWARGS", "DEFAULT_REDUCTION", "build_method", "check_settings", "check_method_kwargs",
+           "SETTINGS", "USES", "warn_unused",
            "Standard", "R3F", "R4F", "RDrop", "SMART", "FreeLB", "Passes", "StepResult", "is_distributed_wrapper"]
 
 METHODS = ("r3f", "r4f", "standard", "rdrop", "smart", "freelb")
