@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..methods import METHODS, check_method_kwargs, check_settings
+from ..methods import METHODS, check_settings
 from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
@@ -124,13 +124,7 @@ def _every(text: str):
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if a.same_dropout and a.method not in ("r3f", "r4f"):
-        p.error(f"--same-dropout applies to --method r3f or r4f, not {a.method}")
-    try:
-        check_method_kwargs(a.method, a.method_kwargs)
-    except (TypeError, ValueError) as e:
-        p.error(f"--method-kwargs: {e}")
-    try:  # the optimizer's own checks, before the model loads (its warnings come when it is built)
+    try:  # the optimizer's own checks (--same-dropout, --method-kwargs, --noise-scale, ...), before the model loads (its warnings come when it is built)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             check_settings(a.method, eps=a.eps, noise=a.noise, noisy_grad=a.noisy_grad, same_dropout=a.same_dropout,
