@@ -50,23 +50,15 @@ class R3FArguments:
         "help": "the method's own hyper-parameters as a dict or JSON, e.g. '{\"adv_steps\": 2}' for smart"})
 
     def __post_init__(self) -> None:
-        if self.r3f_method not in METHODS:
-            raise ValueError(f"r3f_method must be one of {METHODS}, got {self.r3f_method!r}")
-        if self.r3f_noise not in NOISE_TYPES:
-            raise ValueError(f"r3f_noise must be one of {NOISE_TYPES}, got {self.r3f_noise!r}")
-        if self.r3f_noise_scale not in NOISE_SCALES:
-            raise ValueError(f"r3f_noise_scale must be one of {NOISE_SCALES}, got {self.r3f_noise_scale!r}")
         if self.r3f_method == "freelb":
             raise ValueError("r3f_method='freelb' runs its own backward for each of its ascent steps, which the "
                              "Trainer's compute_loss cannot; use RegularizedOptimizer (or r3f-finetune --method freelb)")
-        if self.r3f_fused_lm_head and self.r3f_method not in ("r3f", "r4f"):
-            raise ValueError(f"r3f_fused_lm_head applies to r3f_method 'r3f' and 'r4f', not {self.r3f_method!r}")
         if isinstance(self.r3f_method_kwargs, str):
             self.r3f_method_kwargs = json.loads(self.r3f_method_kwargs)
         if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
             raise ValueError(f"r3f_reduction must be one of {REDUCTIONS[:-1]}, got {self.r3f_reduction!r}")
         self.r3f_lambda, self.r3f_eps = check_number("r3f_lambda", self.r3f_lambda), check_number("r3f_eps", self.r3f_eps)
-        try:  # what RegularizedOptimizer refuses, at parse time (its warnings come when the trainer is built)
+        try:  # everything RegularizedOptimizer refuses, at parse time (its warnings come when the trainer is built)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 check_settings(self.r3f_method, eps=self.r3f_eps, noise=self.r3f_noise, noisy_grad=self.r3f_noisy_grad,

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._checks import check_flag
 from .._warn import warn_user
-from ..noise import NOISE_SCALES
+from ..noise import NOISE_SCALES, NOISE_TYPES
 from .base import Passes, Standard, StepResult, is_distributed_wrapper
 from .freelb import FreeLB
 from .r3f import R3F, R4F
@@ -99,6 +99,8 @@ def check_settings(method: str, *, eps: float = 1e-5, noise: str = "uniform", no
     for name, flag in (("noisy_grad", noisy_grad), ("noisy_embed_grad", noisy_embed_grad),
                        ("same_dropout", same_dropout), ("fused_lm_head", fused_lm_head)):
         check_flag(name, flag)
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
     if noise_scale not in NOISE_SCALES:
         raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
     if r4f_kwargs is not None and method != "r4f":

@@ -321,6 +321,15 @@ def test_an_argument_for_another_method_is_refused_before_anything_changes(metho
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model._forward_hooks
 
 
+@pytest.mark.parametrize("method", ["r3f", "rdrop", "standard"])
+def test_an_unknown_noise_type_is_refused_even_where_unread(method):
+    """A misspelt value is an error for every method, not an "unused setting" warning for some."""
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match=r"noise must be one of \('uniform', 'normal'\), got 'gaussian'"):
+        RegularizedOptimizer(torch.optim.AdamW(model.parameters()), model, method=method, noise="gaussian")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("method", ["r3f", "r4f", "rdrop", "smart", "freelb", "standard"])
 def test_defaults_and_read_settings_are_quiet(method):
     """The wrapper's defaults are the ones the check compares with; each method's own settings never warn."""
