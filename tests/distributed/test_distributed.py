@@ -1,4 +1,4 @@
-"""RegularizedOptimizer under DistributedDataParallel and FSDP2 (fully_shard): 2 processes on CPU (gloo).
+"""RegularizedOptimizer under DistributedDataParallel, FSDP1 and FSDP2 (fully_shard): 2 processes on CPU (gloo).
 
 Every rank must end with identical parameters (and R4F buffers), equal to one process stepping over the
 combined batch with the same noise; accumulation must keep the micro-batches' gradients local (no_sync)
@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import settings, tiny_model, toy_batch
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,6 +29,8 @@ STEPS = 3
 EPS = 1e-2
 SCENARIOS = {"r3f": dict(method="r3f"), "r4f": dict(method="r4f"), "r3f_accum": dict(method="r3f"),
              "fsdp2_r3f": dict(method="r3f"), "fsdp2_r4f": dict(method="r4f"), "fsdp2_accum": dict(method="r3f"),
+             # FSDP1 with flat parameters (its default) and with use_orig_params=True (Accelerate's, torch.compile's)
+             "fsdp1_r3f": dict(method="r3f"), "fsdp1_r4f": dict(method="r4f"), "fsdp1_accum": dict(method="r3f"),
              # R-Drop's own "sum" reduction depends on the world size (each rank sums its rows, DDP averages)
              "rdrop": dict(method="rdrop", reduction="batchmean"),
              "smart": dict(method="smart", method_kwargs={"step_size": 1e-2, "epsilon": 1e-2}),
@@ -86,11 +90,17 @@ def _run(rank: int, out_dir: str) -> None:
             for layer in model.bert.encoder.layer:
                 fully_shard(layer)
             ddp = fully_shard(model)
+        elif name.startswith("fsdp1"):  # each layer its own unit, as a transformer auto-wrap policy makes them
+            fsdp1 = dict(device_id=torch.device("cpu"), use_orig_params=name == "fsdp1_r4f")
+            layers = model.bert.encoder.layer
+            for i in range(len(layers)):
+                layers[i] = FSDP1(layers[i], **fsdp1)
+            ddp = FSDP1(model, **fsdp1)
         else:
             ddp = DDP(model, find_unused_parameters=False)
         opt = RegularizedOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.5), ddp, seed=100 + rank, **kw,
                                    **settings(kw["method"], eps=EPS))
-        unsynced_differ = []
+        kept_local = []
         for step in range(STEPS):
             opt.zero_grad()
             local = shard(batches(step), rank)
@@ -103,18 +113,23 @@ def _run(rank: int, out_dir: str) -> None:
                 mine = torch.cat([p.grad.flatten() for p in ddp.parameters()])
                 other = [torch.zeros_like(mine) for _ in range(WORLD)]
                 dist.all_gather(other, mine)
-                unsynced_differ.append(not torch.allclose(other[0], other[1]))
+                kept_local.append(not torch.allclose(other[0], other[1]))
+            if name == "fsdp1_accum":  # FSDP1's no_sync keeps the whole local gradient, not a reduced shard
+                kept_local.append(all(p.grad.numel() == WORLD * p.numel() for p in ddp.parameters()))
             opt.backward(lambda: ddp(**second), weight=0.5)
             opt.step()
         results[name] = dict(
-            state=_full(model),
-            unsynced_differ=unsynced_differ,
+            state=_full(ddp if name.startswith("fsdp1") else model),
+            kept_local=kept_local,
         )
     results["fsdp2_resume"] = _fsdp2_resume(rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _full(model) -> dict:
+    if isinstance(model, FSDP1):  # its flat parameters gathered, the original names restored
+        return {k: v.detach().clone()
+                for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).items()}
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
             for k, v in model.state_dict().items()}
 
@@ -216,8 +231,11 @@ def test_fsdp2_checkpoint_recipe_resumes_the_same_noise(ranks):
 
 
 def test_accumulation_keeps_micro_batch_gradients_local(ranks):
-    # After backward(sync=False) each rank still holds only its own gradient (different data per rank).
-    assert ranks[0]["r3f_accum"]["unsynced_differ"] == [True] * STEPS
+    # After backward(sync=False) each rank still holds only its own gradient (different data per rank);
+    # under FSDP1 that gradient is the unsharded one (a synced backward leaves each rank its reduced shard).
+    for r in ranks:
+        assert r["r3f_accum"]["kept_local"] == [True] * STEPS
+        assert r["fsdp1_accum"]["kept_local"] == [True] * STEPS
 
 
 def test_find_unused_parameters_is_refused_with_the_fix(ranks):
