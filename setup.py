@@ -13,7 +13,7 @@ setup(
     description="R3F / R4F trust-region regularisers for fine-tuning pretrained transformers",
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.11",  # tested on 3.11; transformers 5 and TRL 1.16 (the [test] and [trl] extras) need it
     packages=["r3f_opt", "r3f_opt.methods", "r3f_opt.integrations", "r3f_opt.experiments", "r3f_opt.kernels"],
     # kernels/ is installed as r3f_opt.kernels: a top-level `kernels` would clash with a PyPI package.
     package_dir={"r3f_opt": "r3f_opt", "r3f_opt.kernels": "kernels"},

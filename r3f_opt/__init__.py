@@ -23,7 +23,8 @@ def __getattr__(name: str):
         try:
             from .integrations import trl
         except ImportError as e:
-            raise ImportError(f"{name} needs TRL ({e}); install it with: pip install 'r3f-opt[trl]'") from e
+            raise ImportError(f"{name} needs TRL ({e}); install it with the [trl] extra: pip install -e '.[trl]' "
+                              "in the r3f-opt repository") from e
         return getattr(trl, name)
     raise AttributeError(f"module 'r3f_opt' has no attribute {name!r}")
 

@@ -22,13 +22,15 @@ from .._checks import check_number
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
 
+TRAINER_METHODS = tuple(m for m in METHODS if m != "freelb")  # FreeLB runs a backward per ascent step
+
 
 @dataclass
 class R3FArguments:
     """The R3F options as dataclass fields, mixed before a ``TrainingArguments`` class (:class:`R3FTrainingArguments`,
     ``R3FSFTConfig``); checked in ``__post_init__`` before the arguments class's own checks."""
 
-    r3f_method: str = field(default="r3f", metadata={"help": f"one of {METHODS}"})
+    r3f_method: str = field(default="r3f", metadata={"help": f"one of {TRAINER_METHODS}"})
     r3f_lambda: float = field(default=1.0, metadata={"help": "weight of the symmetric KL term"})
     r3f_eps: float = field(default=1e-5, metadata={"help": "noise scale sigma"})
     r3f_noise: str = field(default="uniform", metadata={"help": f"one of {NOISE_TYPES}"})
@@ -50,9 +52,11 @@ class R3FArguments:
         "help": "the method's own hyper-parameters as a dict or JSON, e.g. '{\"adv_steps\": 2}' for smart"})
 
     def __post_init__(self) -> None:
-        if self.r3f_method == "freelb":
-            raise ValueError("r3f_method='freelb' runs its own backward for each of its ascent steps, which the "
-                             "Trainer's compute_loss cannot; use RegularizedOptimizer (or r3f-finetune --method freelb)")
+        if self.r3f_method not in TRAINER_METHODS:
+            raise ValueError(f"r3f_method must be one of {TRAINER_METHODS}, got {self.r3f_method!r}" + (
+                ": freelb runs its own backward for each of its ascent steps, which the Trainer's compute_loss "
+                "cannot; use RegularizedOptimizer (or r3f-finetune --method freelb)" if self.r3f_method == "freelb"
+                else ""))
         if isinstance(self.r3f_method_kwargs, str):
             self.r3f_method_kwargs = json.loads(self.r3f_method_kwargs)
         if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
@@ -181,8 +185,8 @@ class R3FTrainerMixin:
             raise TypeError(
                 f"R3FTrainerMixin cannot be mixed into TRL's SFTTrainer ({sft.__module__}) directly: its compute_loss "
                 "returns no logits with gradient (its fused LM head), so the clean side would get no KL gradient and "
-                "every step would run an extra forward. Use r3f_opt.integrations.trl.R3FSFTTrainer (pip install "
-                "'r3f-opt[trl]'), which runs the clean pass itself."
+                "every step would run an extra forward. Use r3f_opt.integrations.trl.R3FSFTTrainer (the [trl] "
+                "extra: pip install -e '.[trl]'), which runs the clean pass itself."
             )
         super().__init__(*args, **kwargs)
         a = self.args

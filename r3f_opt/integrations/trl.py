@@ -1,12 +1,12 @@
 """R3F / R4F in TRL's ``SFTTrainer``: supervised fine-tuning of causal LMs (LoRA, gradient checkpointing,
 completion-only loss, padding-free batches) with the symmetric-KL term.
 
-``pip install "r3f-opt[trl]"``. TRL's own training loss runs the model through its fused LM head, which returns
-per-token log-probabilities and no logits, and it recomputes the logits without gradient where it needs them. R3F
-needs the clean pass's output *with* gradient, so during training :class:`R3FSFTTrainer` runs the clean pass
-itself, once: with the logits (the model's own causal-LM loss and the KL on them), or, with
-``r3f_fused_lm_head=True``, without any (the fused linear head + cross-entropy + symmetric KL of
-:func:`~r3f_opt.linear_r3f_loss` on the hidden states). Then one noisy pass. Evaluation is TRL's, unchanged.
+The ``[trl]`` extra (``pip install -e ".[trl]"`` in the repository). TRL's own training loss runs the model
+through its fused LM head, which returns per-token log-probabilities and no logits, and it recomputes the logits
+without gradient where it needs them. R3F needs the clean pass's output *with* gradient, so during training
+:class:`R3FSFTTrainer` runs the clean pass itself, once: with the logits (the model's own causal-LM loss and the
+KL on them), or, with ``r3f_fused_lm_head=True``, without any (the fused linear head + cross-entropy + symmetric
+KL of :func:`~r3f_opt.linear_r3f_loss` on the hidden states). Then one noisy pass. Evaluation is TRL's, unchanged.
 """
 from __future__ import annotations
 
