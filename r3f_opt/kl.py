@@ -25,6 +25,7 @@ quantities with running maxima and re-centres its sums as the maxima move.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Optional
@@ -322,6 +323,15 @@ def _pass(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor], dtype:
     return out, stats, grad_a, grad_b
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` if it is on there (the closed form runs in its own compute dtype)."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
+
+
 class _SymmetricKLRows(torch.autograd.Function):
     """Per-row KL_S of 2-D logits (masked rows give 0), closed-form backward, chunked over rows.
 
@@ -354,7 +364,9 @@ class _SymmetricKLRows(torch.autograd.Function):
         if save_grads is None:
             save_grads = all(x.dtype == dtype for x, need in ((a, need_a), (b, need_b)) if need)
         save = bool(save_grads) and (need_a or need_b)
-        out, stats, grad_a, grad_b = _pass(a, b, mask, dtype, fast, chunk_rows, save and need_a, save and need_b)
+        with _no_autocast(a.device):  # the compute dtype, not autocast's (CPU autocast runs vecdot in bf16)
+            out, stats, grad_a, grad_b = _pass(a, b, mask, dtype, fast, chunk_rows, save and need_a,
+                                               save and need_b)
         ctx.save_for_backward(a, b, mask, stats)
         ctx.grads = (grad_a, grad_b) if save else None
         ctx.chunk_rows, ctx.fast = chunk_rows, fast
@@ -374,7 +386,9 @@ class _SymmetricKLRows(torch.autograd.Function):
             grad_a = saved[0].mul_(g) if saved[0] is not None else None
             grad_b = saved[1].mul_(-g) if saved[1] is not None else None
         else:
-            _, _, grad_a, grad_b = _pass(a, b, mask, stats.dtype, ctx.fast, ctx.chunk_rows, need_a, need_b, stats, g)
+            with _no_autocast(a.device):
+                _, _, grad_a, grad_b = _pass(a, b, mask, stats.dtype, ctx.fast, ctx.chunk_rows, need_a, need_b,
+                                             stats, g)
         return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None
 
 

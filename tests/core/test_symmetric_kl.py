@@ -103,6 +103,22 @@ def test_dtypes_compute_in_float32(dtype):
     check(a, b, rtol=1e-4, atol=1e-5)  # reference is fed the same rounded inputs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_lower_the_compute_dtype(dtype):
+    """Under CPU bf16 autocast (vecdot is on its lower-precision list) the value and the gradients are the
+    ones computed without it, bit for bit."""
+    a, b = torch.randn(8, 300).to(dtype), torch.randn(8, 300).to(dtype)
+    results = []
+    for on in (False, True):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            kl = symmetric_kl(x, y)
+            kl.backward()
+        results.append((kl.detach(), x.grad, y.grad))
+    for plain, under in zip(*results):
+        assert torch.equal(plain, under)
+
+
 def test_mixed_input_dtypes():
     a, b = torch.randn(6, 50, dtype=torch.bfloat16), torch.randn(6, 50)
     check(a, b, rtol=1e-4, atol=1e-5)
