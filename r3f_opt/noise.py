@@ -246,6 +246,16 @@ class EmbeddingNoise:
         """Restart the noise stream from ``seed`` (the generator is re-created at the next draw)."""
         self.seed, self.generator, self._pending_state = int(seed), None, None
 
+    def snapshot(self) -> tuple:
+        """Where the noise stream stands, for :meth:`restore` (a step that raises leaves the stream as it was)."""
+        gen = self.generator
+        return self.seed, gen, gen.get_state() if gen is not None else None, self._pending_state
+
+    def restore(self, snapshot: tuple) -> None:
+        self.seed, self.generator, state, self._pending_state = snapshot
+        if self.generator is not None:
+            self.generator.set_state(state)
+
     def state_dict(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._pending_state
         return {"seed": self.seed, "generator_state": state}

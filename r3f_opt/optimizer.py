@@ -15,6 +15,7 @@ from ._checks import check_flag, check_number
 from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
 from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
+from .methods.base import check_classes, global_rng, set_global_rng
 from .noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
@@ -111,6 +112,8 @@ class _Passes:
     def run(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
         out = self.opt._forward(self.closure)
         loss, logits = _loss_and_logits(out)
+        if self.opt.regularizer.kl_mask:  # a KL between the passes' distributions
+            check_classes(logits)
         self.logits_shape = tuple(logits.shape)
         return out, loss, logits
 
@@ -131,6 +134,10 @@ class _Passes:
 
     def grad_sync(self, last: bool):
         return _grad_sync(self.opt.model, self.sync and last)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        scaler = self.opt.grad_scaler
+        return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
 
 
 class RegularizedOptimizer(Optimizer):
@@ -310,6 +317,10 @@ class RegularizedOptimizer(Optimizer):
             self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.__dict__.get("_in_closure"):
+            raise RuntimeError("zero_grad() was called inside the closure; with RegularizedOptimizer the closure must "
+                               "only run the forward pass (the optimizer runs it several times per step, and "
+                               "accumulates micro-batches with backward()): call opt.zero_grad() before opt.step()")
         self._skip_pending = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -366,6 +377,9 @@ class RegularizedOptimizer(Optimizer):
         scaler = self.grad_scaler
         if scaler is not None and scaler.is_enabled() and getattr(scaler, "_scale", None) is not None:
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            tracker = getattr(scaler, "_growth_tracker", None)  # as torch's own back-off: growth starts over
+            if isinstance(tracker, torch.Tensor):
+                tracker.zero_()
 
     def _check_entry(self, extra: Any) -> None:
         def bad(why: str) -> ValueError:
@@ -400,9 +414,11 @@ class RegularizedOptimizer(Optimizer):
     def _forward(self, closure: Callable[[], Any]) -> Any:
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         handles = [p.register_hook(_refuse_backward) for p in params]
+        self._in_closure = True
         try:
             return closure()
         finally:
+            self._in_closure = False
             for h in handles:
                 h.remove()
 
@@ -422,12 +438,17 @@ class RegularizedOptimizer(Optimizer):
         # dtypes and values checked before any pass (shapes need the logits / the embeddings' output)
         mask = None if mask is None else _bool_mask(mask)
         noise_mask = None if noise_mask is None else _bool_mask(noise_mask, "noise_mask")
+        before = global_rng(), self.regularizer.snapshot()
         with torch.enable_grad(), _grad_sync(self.model, sync):
             try:
                 passes = _Passes(self, closure, weight, sync)
                 result = self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
             except _NonFinite as e:
                 return self._nonfinite(e.result, e.where)
+            except BaseException:  # bad input found by a pass: the RNGs and R4F's u, v as they were
+                set_global_rng(before[0])
+                self.regularizer.restore(before[1])
+                raise
         shape = passes.logits_shape
         if mask is None and self.regularizer.kl_mask and shape is not None and len(shape) >= 3 \
                 and not self._warned_unmasked:
@@ -516,9 +537,12 @@ class RegularizedOptimizer(Optimizer):
                 self.nonfinite_steps += 1
                 if result is not None:
                     result.skipped = True
+            else:
+                self.regularizer.after_update()
             return result
         norm = self._clip(self.max_grad_norm)
         if norm is not None:
             return self._nonfinite(result, norm, gradient=True)
         self.optimizer.step()
+        self.regularizer.after_update()  # SMART's proximal teacher follows the parameters
         return result

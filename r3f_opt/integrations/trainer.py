@@ -17,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..kl import REDUCTIONS
 from ..methods import METHODS, RDrop, Standard, build_method, check_settings
+from ..methods.base import check_classes
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
 from .._checks import check_number
 
@@ -59,6 +60,11 @@ class R3FArguments:
                 else ""))
         if isinstance(self.r3f_method_kwargs, str):
             self.r3f_method_kwargs = json.loads(self.r3f_method_kwargs)
+        kw = self.r3f_method_kwargs if isinstance(self.r3f_method_kwargs, dict) else {}
+        if self.r3f_method == "smart" and isinstance(kw.get("proximal"), (int, float)) and kw["proximal"] > 0:
+            raise ValueError("r3f_method_kwargs['proximal'] > 0: SMART's proximal term needs a teacher that follows "
+                             "the parameters after every optimizer update, which R3FTrainer does not keep; use "
+                             "RegularizedOptimizer (or r3f-finetune --method smart), or drop proximal")
         if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
             raise ValueError(f"r3f_reduction must be one of {REDUCTIONS[:-1]}, got {self.r3f_reduction!r}")
         self.r3f_lambda, self.r3f_eps = check_number("r3f_lambda", self.r3f_lambda), check_number("r3f_eps", self.r3f_eps)
@@ -154,8 +160,9 @@ class _ModelPasses:
     """More passes of the model on the Trainer's inputs: ``run`` for a method's term (its logits only, no
     labels), ``forward`` with the inputs as they are (the fused LM-head path takes the labels out itself)."""
 
-    def __init__(self, model: torch.nn.Module, inputs: dict) -> None:
+    def __init__(self, model: torch.nn.Module, inputs: dict, scaler: Optional[Any] = None) -> None:
         self.model, self.all_inputs, self.inputs = model, inputs, _noisy_inputs(model, inputs)
+        self.scaler = scaler  # the accelerator's fp16 GradScaler, if any
 
     def run(self) -> tuple[Any, Optional[torch.Tensor], torch.Tensor]:
         out = self.model(**self.inputs)
@@ -166,6 +173,10 @@ class _ModelPasses:
 
     def grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the Trainer's accumulation decides on gradient sync
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        enabled = self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)()
+        return self.scaler.scale(loss) if enabled else loss
 
 
 class R3FTrainerMixin:
@@ -296,6 +307,7 @@ class R3FTrainerMixin:
         # The parent may pop "labels" (label smoothing); the noisy pass needs them (seq2seq decoder inputs).
         loss, outputs = self._r3f_task_loss(model, dict(inputs), num_items_in_batch)
         clean = _logits(outputs)
+        check_classes(clean)  # every method here has a KL term between two distributions
         if self.r3f_noise is not None:
             self.r3f_noise.reseed(self._step_seed())
         mask = _kl_mask(inputs, clean, self._r3f_shifts_labels(model))
@@ -303,7 +315,8 @@ class R3FTrainerMixin:
             loss_2, outputs_2 = self._r3f_task_loss(model, dict(inputs), num_items_in_batch)
             loss, kl = self.r3f_regularizer.combine(loss, clean, loss_2, _logits(outputs_2), mask=mask)
         else:
-            kl = self.r3f_regularizer.term(_ModelPasses(model, inputs), clean, mask=mask)
+            passes = _ModelPasses(model, inputs, getattr(self.accelerator, "scaler", None))
+            kl = self.r3f_regularizer.term(passes, clean, mask=mask)
         return loss + self.r3f_lambda * kl / self._r3f_ga_divisor(num_items_in_batch), kl, outputs
 
     def _r3f_shifts_labels(self, model: torch.nn.Module) -> bool:

@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..noise import EmbeddingNoise
 
-__all__ = ["StepResult", "Passes", "Standard", "is_distributed_wrapper", "check_same_shape", "check_noise_reached",
-           "global_rng", "set_global_rng"]
+__all__ = ["StepResult", "Passes", "Standard", "is_distributed_wrapper", "check_classes", "check_same_shape",
+           "check_noise_reached", "global_rng", "set_global_rng"]
 
 
 @dataclass
@@ -44,6 +44,10 @@ class Passes(Protocol):
     def grad_sync(self, last: bool) -> ContextManager:
         """Inside it, a backward all-reduces gradients (DDP/FSDP) only if ``last`` and the step syncs."""
 
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the fp16 loss scale the backward uses (a GradScaler's), for a method's own
+        ``autograd.grad`` whose gradients would underflow in fp16 otherwise; ``loss`` itself without one."""
+
 
 def is_distributed_wrapper(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped for data parallelism (DDP, FSDP1 or FSDP2)."""
@@ -61,6 +65,15 @@ def set_global_rng(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_classes(logits: torch.Tensor) -> None:
+    """Refuse logits with one class: a softmax over one logit is always 1, so every KL between two passes is 0."""
+    if logits.dim() == 0 or logits.shape[-1] == 1:
+        raise ValueError(
+            f"the logits have shape {tuple(logits.shape)}: one output per row (a regression head, e.g. num_labels=1 "
+            "for STS-B), whose softmax is always 1, so the KL term would be 0 and every step would pay for passes "
+            "that change nothing; use method='standard' (or 'freelb', which needs no distributions) for regression")
 
 
 def check_same_shape(clean: torch.Tensor, other: torch.Tensor) -> None:
@@ -113,6 +126,18 @@ class Standard:
              noise_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The regulariser for the first pass's ``clean`` logits (runs more passes if it needs them)."""
         return None
+
+    def snapshot(self) -> Any:
+        """What a (micro-)step may move besides the gradients (the noise stream; R4F's power-iteration vectors),
+        for :meth:`restore` when the step raises."""
+        return self.noise.snapshot() if self.noise is not None else None
+
+    def restore(self, snapshot: Any) -> None:
+        if snapshot is not None:
+            self.noise.restore(snapshot)
+
+    def after_update(self) -> None:
+        """Called once the inner optimizer has updated the parameters (not for a skipped step)."""
 
     def check_state(self, state: Optional[dict]) -> None:
         """Raise ValueError if ``state`` cannot be loaded (called before anything is changed)."""

@@ -151,6 +151,13 @@ class R4F(R3F):
                 m._u.copy_(u)
                 m._v.copy_(v)
 
+    def snapshot(self) -> tuple:
+        return super().snapshot(), self._uv()
+
+    def restore(self, snapshot: tuple) -> None:
+        super().restore(snapshot[0])
+        self._set_uv(snapshot[1])
+
     @contextlib.contextmanager
     def step_scope(self) -> Iterator[None]:
         with super().step_scope():

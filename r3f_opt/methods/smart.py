@@ -10,9 +10,10 @@ Optionally (``proximal = mu > 0``; off by default) the momentum Bregman proximal
 
     L += mu * KL_S(f(x; theta) || f(x; theta_tilde)),   theta_tilde <- beta * theta_tilde + (1 - beta) * theta
 
-with the teacher ``theta_tilde`` (a copy of the trainable parameters, saved in ``state_dict``) moved
-towards the current parameters at the start of every step, before its no-grad pass. The paper uses
-mu = 1, beta = 0.99.
+with the teacher ``theta_tilde`` (a copy of the trainable parameters, saved in ``state_dict``; the
+parameters' values at the first step) moved towards the parameters after every optimizer update, once per
+update however many micro-batches it accumulated, and not for a skipped step. The paper uses mu = 1,
+beta = 0.99.
 
 Defaults are the paper's (sigma = eps = 1e-5, step_size = 1e-3, epsilon = 1e-5, one ascent step).
 """
@@ -63,13 +64,17 @@ class SMART(Standard):
                            terms={"kl_proximal": prox.detach()})
 
     @torch.no_grad()
-    def _teacher_logits(self, passes: Passes) -> torch.Tensor:
-        """Move the teacher towards the parameters, then run the closure with the teacher's values."""
-        if self.teacher is None:
-            self.teacher = [p.detach().clone() for p in self.params]
-        else:
+    def after_update(self) -> None:
+        """theta_tilde <- beta * theta_tilde + (1 - beta) * theta, once the optimizer has updated theta."""
+        if self.teacher is not None:
             for t, p in zip(self.teacher, self.params):
                 t.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def _teacher_logits(self, passes: Passes) -> torch.Tensor:
+        """Run the closure with the teacher's values (the parameters' own at the first step)."""
+        if self.teacher is None:
+            self.teacher = [p.detach().clone() for p in self.params]
         current = [p.detach().clone() for p in self.params]
         for p, t in zip(self.params, self.teacher):
             p.copy_(t)
@@ -117,7 +122,9 @@ class SMART(Standard):
             check_same_shape(clean, adv)
             kl = symmetric_kl(target, adv, mask=mask, reduction=self.reduction)
             kl_start = kl.detach() if kl_start is None else kl_start
-            (g,) = torch.autograd.grad(kl, delta)  # the perturbation's gradient only: no parameter is touched
+            # the perturbation's gradient only (no parameter is touched), loss-scaled as the backward is: in fp16
+            # an unscaled KL's gradient underflows to 0 for most tokens; the scale cancels in g / ||g||_inf
+            (g,) = torch.autograd.grad(passes.scale(kl), delta)
             # g / ||g||_inf per token, guarded only against 0 (mt-dnn adds 1e-6, which shrinks steps whose
             # gradients are that small and makes them depend on the batch size and the number of ranks)
             delta = delta.detach() + self.step_size * g / g.abs().amax(-1, keepdim=True).clamp_min(1e-30)

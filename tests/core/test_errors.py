@@ -380,3 +380,62 @@ def test_rdrop_without_active_dropout_warns_once(dropout, train, warns):
         said = [w for w in caught if "identical logits" in str(w.message)]
         assert len(said) == (warns and step == 0)
         assert (res.sym_kl == 0) == warns
+
+
+@pytest.mark.parametrize("method", ["r3f", "r4f", "smart"])
+def test_shapes_refused_inside_a_pass_leave_every_stream_as_it_was(method):
+    """A mask or noise_mask of the wrong shape is found only once the logits / the embeddings' output exist,
+    after passes that ran R4F's power iteration and drew noise and dropout: all of it is rolled back."""
+    torch.manual_seed(0)
+    model = tiny_model("roberta" if method == "r4f" else "bert")
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, method=method, eps=1e-3)
+    batch = toy_batch("roberta" if method == "r4f" else "bert")
+    opt.step(lambda: model(**batch))  # the noise generator exists and has moved
+    opt.zero_grad()
+    snap, noise, rng = snapshot(model, opt), opt.noise.state_dict(), torch.get_rng_state()
+    for kwargs, match in [(dict(mask=torch.ones(3, dtype=torch.bool)), "mask must have the logits' shape"),
+                          (dict(noise_mask=torch.ones(16, 5, dtype=torch.bool)), "noise_mask has shape")]:
+        with pytest.raises(ValueError, match=match):
+            opt.step(lambda: model(**batch), **kwargs)
+        assert_unchanged(model, opt, snap)  # R4F's u and v are in the state_dict
+        assert torch.equal(opt.noise.state_dict()["generator_state"], noise["generator_state"])
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert no_hooks_left(model) and all(p.grad is None for p in model.parameters())
+    opt.step(lambda: model(**batch))  # and the next step draws what it would have drawn
+    assert not torch.equal(opt.noise.state_dict()["generator_state"], noise["generator_state"])
+
+
+@pytest.mark.parametrize("method", ["r3f", "r4f", "rdrop", "smart"])
+def test_a_regression_head_is_refused_by_methods_with_a_kl_term(method):
+    """One output per row: its softmax is 1, so the KL between the passes is 0 whatever they do."""
+    torch.manual_seed(0)
+    model = tiny_model("roberta")
+    model.classifier.out_proj = nn.Linear(16, 1)  # an STS-B head: num_labels=1, mean squared error
+    model.config.num_labels, model.num_labels = 1, 1
+    batch = {**toy_batch("roberta"), "labels": torch.randn(16)}
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method=method)
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"one output per row \(a regression head.*method='standard'"):
+        opt.step(lambda: model(**batch))
+    assert_unchanged(model, opt, snap)
+    assert no_hooks_left(model)
+    for ok in ("standard", "freelb"):
+        RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method=ok).step(
+            lambda: model(**batch))
+
+
+def test_zero_grad_inside_the_closure_is_refused(setup):
+    """torch's closure habit (zero_grad, forward, backward) would erase FreeLB's earlier passes and accumulated
+    micro-batches; the backward is refused already, and so is the zero_grad."""
+    model, opt, batch = setup
+    snap = snapshot(model, opt)
+
+    def closure():
+        opt.zero_grad()
+        return model(**batch)
+
+    with pytest.raises(RuntimeError, match=r"zero_grad\(\) was called inside the closure"):
+        opt.step(closure)
+    assert_unchanged(model, opt, snap)
+    assert no_hooks_left(model)
+    opt.zero_grad()  # outside it, as usual

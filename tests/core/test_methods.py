@@ -422,6 +422,63 @@ def test_smart_proximal_term_matches_a_hand_written_reference():
         torch.testing.assert_close(t, beta * theta0[n] + (1 - beta) * theta1[n], msg=n)
 
 
+def test_smart_teacher_moves_once_per_update_not_per_micro_batch_nor_for_a_skipped_step():
+    beta = 0.5
+    model = bert64()
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), model, method="smart", lam=0.0,
+                               eps=1e-3, method_kwargs=dict(proximal=1.0, proximal_momentum=beta))
+    batch = toy_batch("bert", seed=1)
+    halves = [{k: v[i * 8:(i + 1) * 8] for k, v in batch.items()} for i in range(2)]
+    opt.step(lambda: model(**batch))
+    teacher = [t.clone() for t in opt.regularizer.teacher]
+    opt.zero_grad()
+    for half in halves:  # two micro-batches accumulated into one update
+        opt.backward(lambda: model(**half), weight=0.5)
+        assert all(torch.equal(t, u) for t, u in zip(teacher, opt.regularizer.teacher))
+    opt.step()
+    for t, u, p in zip(teacher, opt.regularizer.teacher, opt.regularizer.params):
+        torch.testing.assert_close(u, beta * t + (1 - beta) * p.detach(), rtol=1e-12, atol=0)
+    teacher = [t.clone() for t in opt.regularizer.teacher]
+
+    def nan_loss():
+        out = model(**batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    opt.zero_grad()
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        assert opt.step(nan_loss).skipped
+    assert all(torch.equal(t, u) for t, u in zip(teacher, opt.regularizer.teacher))
+
+
+def test_smart_ascent_under_fp16_is_loss_scaled(monkeypatch):
+    """The ascent's autograd.grad runs through fp16 activations: unscaled, the KL's gradient (~1e-5 / rows)
+    underflows to 0 for most tokens and the adversarial step does nothing there. Scaled as the backward is, it
+    reaches the tokens it reaches in float32."""
+    seen = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *a, **k):
+        g = grad(outputs, inputs, *a, **k)
+        seen.append(g[0].detach().clone())
+        return g
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    batch = toy_batch("roberta")
+    reached = {}
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        model = tiny_model("roberta")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if dtype == torch.float16 else None
+        opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="smart",
+                                   grad_scaler=scaler)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16):
+            opt.step(lambda: model(**batch))
+        reached[dtype] = (seen[0].abs().amax(-1) > 0).float().mean().item()
+    assert reached[torch.float32] > 0.8 and reached[torch.float16] == reached[torch.float32], reached
+
+
 def test_smart_proximal_teacher_resumes_and_is_checked():
     def drop_one(state):
         state["r3f"]["noise"]["teacher"] = state["r3f"]["noise"]["teacher"][:-1]

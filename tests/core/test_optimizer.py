@@ -222,6 +222,27 @@ def test_grad_scaler_fp16_autocast_trains():
     assert results[-1].task_loss < results[0].task_loss
 
 
+def test_a_back_off_for_a_non_finite_loss_restarts_growth_as_torchs_own_does():
+    """After a back-off the scale grows again only after growth_interval good steps, not at the next one."""
+    batch = toy_batch("bert")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    model, opt = make(lr=1e-4, grad_scaler=scaler)
+
+    def nan_loss():
+        out = model(**batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    scales = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped step's warning
+        for closure in [lambda: model(**batch)] * 2 + [nan_loss] + [lambda: model(**batch)] * 3:
+            opt.zero_grad()
+            opt.step(closure)
+            scales.append(scaler.get_scale())
+    assert scales == [2.0**10, 2.0**10, 2.0**9, 2.0**9, 2.0**9, 2.0**10]
+
+
 def test_a_skipped_step_backs_the_scale_off_so_freelb_recovers_from_an_overflow():
     """FreeLB builds its next perturbation from the scaled gradient of the last: at too large a scale it is inf,
     the next pass's loss NaN, and the step is skipped before the GradScaler sees an inf. The skip backs the scale

@@ -1,7 +1,7 @@
 """R3FTrainer with the other methods: SMART and R-Drop train inside compute_loss; FreeLB is refused."""
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, toy_batch
 from test_trainer import Rows, args
 from transformers import TrainerCallback
 
@@ -35,6 +35,24 @@ def test_method_trains_and_logs_its_term(tmp_path, method, kwargs):
 def test_freelb_is_refused_with_the_way_out(tmp_path):
     with pytest.raises(ValueError, match="freelb.*use RegularizedOptimizer"):
         R3FTrainingArguments(output_dir=str(tmp_path), r3f_method="freelb", use_cpu=True, report_to="none")
+
+
+@pytest.mark.parametrize("kwargs", [{"proximal": 1.0}, '{"proximal": 0.5, "proximal_momentum": 0.9}'])
+def test_smart_proximal_term_is_refused_with_the_way_out(tmp_path, kwargs):
+    """Its teacher follows the parameters after each optimizer update, which compute_loss never sees."""
+    with pytest.raises(ValueError, match=r"proximal'\] > 0.*use RegularizedOptimizer"):
+        R3FTrainingArguments(output_dir=str(tmp_path), r3f_method="smart", r3f_method_kwargs=kwargs, use_cpu=True,
+                             report_to="none")
+
+
+def test_a_regression_head_is_refused(tmp_path):
+    model = tiny_model("bert")
+    model.classifier = torch.nn.Linear(16, 1)  # STS-B: num_labels=1, mean squared error
+    model.config.num_labels, model.num_labels = 1, 1
+    rows = [{**{k: v[i] for k, v in toy_batch("bert").items()}, "labels": float(i % 3)} for i in range(8)]
+    trainer = R3FTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=rows)
+    with pytest.raises(ValueError, match=r"one output per row \(a regression head"):
+        trainer.train()
 
 
 def test_standard_trainer_names_the_settings_it_ignores(tmp_path):

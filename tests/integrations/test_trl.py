@@ -181,5 +181,5 @@ def test_lazy_import_and_a_clear_error_without_trl(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # as if TRL were not installed
     monkeypatch.delitem(sys.modules, "r3f_opt.integrations.trl")
     monkeypatch.delattr(integrations, "trl")
-    with pytest.raises(ImportError, match=r"pip install 'r3f-opt\[trl\]'"):
+    with pytest.raises(ImportError, match=r"the \[trl\] extra: pip install -e '\.\[trl\]'"):
         r3f_opt.R3FSFTConfig
