@@ -38,9 +38,21 @@ _GENERIC = ("classification_head.out_proj", "classifier.out_proj", "classifier",
 
 def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
     try:
-        return model.get_submodule(path)
+        return _active_copy(model.get_submodule(path))
     except AttributeError:
         return None
+
+
+def _active_copy(module: nn.Module) -> nn.Module:
+    """The module the forward runs: for PEFT's ``ModulesToSaveWrapper`` (a LoRA classifier's trained head,
+    ``modules_to_save``), the active adapter's copy; any other module itself."""
+    copies = getattr(module, "modules_to_save", None)
+    if type(module).__name__ == "ModulesToSaveWrapper" and isinstance(copies, nn.ModuleDict):
+        name = getattr(module, "active_adapter", None)
+        name = name[0] if isinstance(name, (list, tuple)) and len(name) == 1 else name
+        if isinstance(name, str) and name in copies:
+            return copies[name]
+    return module
 
 
 def _is_normalised(linear: nn.Module) -> bool:
