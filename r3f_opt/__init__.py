@@ -8,7 +8,7 @@ from .kl import symmetric_kl
 from .linear_kl import LinearR3FLoss, LinearSymmetricKL, linear_r3f_loss, linear_symmetric_kl
 from .noise import find_embeddings
 from .optimizer import RegularizedOptimizer, StepResult
-from .r4f import apply_r4f, remove_r4f
+from .r4f import apply_r4f, r4f_state_dict, remove_r4f
 
 __version__ = "0.2.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "LinearR3FLoss",
     "apply_r4f",
     "remove_r4f",
+    "r4f_state_dict",
     "find_embeddings",
     "R3FTrainer",
     "R3FTrainerMixin",

@@ -16,7 +16,7 @@ from ._dispatch import kernel_mode, triton_available
 from .noise import unwrap_model
 from .spectral_norm import spectral_norm as fused_spectral_norm
 
-__all__ = ["apply_r4f", "remove_r4f", "find_head"]
+__all__ = ["apply_r4f", "remove_r4f", "r4f_state_dict", "find_head"]
 
 SCOPES = ("out_proj", "head")
 
@@ -168,6 +168,34 @@ def apply_r4f(model: nn.Module, head: Optional[nn.Module] = None, scope: str = "
                 else:
                     dist.broadcast(buf, src=0)
     return layers
+
+
+def _baked_weight(layer: nn.Module) -> torch.Tensor:
+    """``W / sigma`` of a normalised layer with sigma from its current u, v (eval mode: no power iteration)."""
+    norm = layer.parametrizations["weight"]
+    was_training = norm.training
+    norm.eval()
+    try:
+        with torch.no_grad():
+            return layer.weight.detach().clone()
+    finally:
+        norm.train(was_training)
+
+
+def r4f_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` as :func:`remove_r4f` would leave it, the model untouched: every spectrally
+    normalised weight is a plain ``<layer>.weight`` holding ``W / sigma`` (sigma from the current u, v), and
+    its ``parametrizations.weight.*`` entries are gone. For exporting a model still being trained
+    (``save_pretrained(dir, state_dict=r4f_state_dict(model))``)."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if not _is_normalised(layer):
+            continue
+        prefix = f"{name}." if name else ""
+        for key in [k for k in state if k.startswith(f"{prefix}parametrizations.weight.")]:
+            del state[key]
+        state[f"{prefix}weight"] = _baked_weight(layer)
+    return state
 
 
 def remove_r4f(model: nn.Module) -> int:

@@ -6,10 +6,11 @@ DDP ``no_sync`` and ``accelerator.backward`` apply to them unchanged; evaluation
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -19,6 +20,7 @@ from ..kl import REDUCTIONS
 from ..methods import METHODS, RDrop, Standard, build_method, check_settings
 from ..methods.base import check_classes
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
+from ..r4f import r4f_state_dict
 from .._checks import check_number
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
@@ -200,6 +202,7 @@ class R3FTrainerMixin:
                 "extra: pip install -e '.[trl]'), which runs the clean pass itself."
             )
         super().__init__(*args, **kwargs)
+        self._r3f_check_loss_kwargs()
         a = self.args
         handler = getattr(getattr(self, "accelerator", None), "ddp_handler", None)
         if handler is not None and getattr(a, "r3f_method", "r3f") != "standard" and not a.ddp_find_unused_parameters:
@@ -227,6 +230,27 @@ class R3FTrainerMixin:
         self.r3f_regularizer = build_method(self.r3f_method, unwrap_model(self.model), seed=seed,
                                             **self._r3f_settings())
         self.r3f_noise = self.r3f_regularizer.noise
+
+    def _r3f_check_loss_kwargs(self) -> None:
+        """transformers' Trainer takes a model whose forward has ``**kwargs`` for one that divides its loss by
+        ``num_items_in_batch`` (the items of all accumulated micro-batches and processes), so it neither divides
+        that loss by the accumulation steps nor averages it over the processes. Classification heads such as
+        BERT's, RoBERTa's or GPT-2's compute a per-micro-batch mean and ignore it: their task gradient would be
+        summed over micro-batches and processes while the KL is averaged, so lambda would shrink by both
+        factors. When the model's forward never calls ``self.loss_function`` nor reads ``num_items_in_batch``,
+        the Trainer is told so (``model_accepts_loss_kwargs = False``), for every method, standard included:
+        2 micro-batches of 4 then give what one batch of 8 gives."""
+        if not getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None):
+            return
+        base = unwrap_model(self.model)
+        if hasattr(base, "accepts_loss_kwargs"):  # the model says so itself (the Trainer read it)
+            return
+        try:
+            source = inspect.getsource(type(base).forward)
+        except (OSError, TypeError):  # no source to read: the Trainer's reading stands
+            return
+        if "loss_function" not in source and "num_items_in_batch" not in source:
+            self.model_accepts_loss_kwargs = False
 
     def _r3f_settings(self) -> dict:
         a = self.args
@@ -284,7 +308,17 @@ class R3FTrainerMixin:
                 getattr(self, "compute_loss_func", None) is not None)
         if not scaled:
             return 1
+        return self._r3f_ga_steps()
+
+    def _r3f_ga_steps(self) -> int:
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _r3f_kl_factor(self, num_items_in_batch: Optional[Any]) -> float:
+        """What the KL is multiplied by before the Trainer scales the loss, so that accumulated micro-batches give
+        the big batch's term: a mean over rows ("batchmean", "mean") is averaged over the micro-batches, a "sum"
+        (R-Drop's) is summed over them."""
+        steps = self._r3f_ga_steps() if getattr(self.r3f_regularizer, "reduction", None) == "sum" else 1
+        return steps / self._r3f_ga_divisor(num_items_in_batch)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None):
@@ -317,7 +351,7 @@ class R3FTrainerMixin:
         else:
             passes = _ModelPasses(model, inputs, getattr(self.accelerator, "scaler", None))
             kl = self.r3f_regularizer.term(passes, clean, mask=mask)
-        return loss + self.r3f_lambda * kl / self._r3f_ga_divisor(num_items_in_batch), kl, outputs
+        return loss + self.r3f_lambda * kl * self._r3f_kl_factor(num_items_in_batch), kl, outputs
 
     def _r3f_shifts_labels(self, model: torch.nn.Module) -> bool:
         """Whether the model's loss shifts the labels: a causal-LM class, or what the Trainer found from the model's
@@ -337,11 +371,36 @@ class R3FTrainerMixin:
             tokens = self.accelerator.num_processes // tp  # one process per GPU: DataParallel is refused
         smoothing = a.label_smoothing_factor if getattr(self, "label_smoother", None) is not None else 0.0
         self.r3f_noise.reseed(self._step_seed())
-        lam = self.r3f_lambda / (self._r3f_ga_divisor(num_items_in_batch) * tokens)
+        lam = self.r3f_lambda * self._r3f_kl_factor(num_items_in_batch) / tokens
         outputs, total, _, kl = self.r3f_regularizer.fused_objective(
             _ModelPasses(model, inputs), lam=lam, label_smoothing=smoothing, num_items_in_batch=nib,
             token_stats=getattr(self, "_r3f_token_stats", None))
         return total * tokens if tokens != 1 else total, kl, outputs
+
+    @contextlib.contextmanager
+    def _r3f_exporting(self, on: bool) -> Iterator[None]:
+        """Inside it (``on``), ``_save`` writes R4F's head with W / sigma baked in; nested calls keep the outer state."""
+        before = self.__dict__.get("_r3f_export", False)
+        self._r3f_export = before or on
+        try:
+            yield
+        finally:
+            self._r3f_export = before
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """R4F: what you save (and push) is a plain model, the head's W / sigma baked in, which ``from_pretrained``
+        loads; the Trainer's own checkpoints keep the parametrization (and u, v), so resuming continues it."""
+        with self._r3f_exporting(not _internal_call):
+            super().save_model(output_dir, _internal_call=_internal_call)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        with self._r3f_exporting(True):
+            return super().push_to_hub(*args, **kwargs)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        if state_dict is None and self.__dict__.get("_r3f_export") and self.r3f_method == "r4f":
+            state_dict = r4f_state_dict(self.model)  # the model the parent would save, as it would
+        super()._save(output_dir, state_dict=state_dict)
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._kl_count:  # training logs: mean KL since the last one, over processes

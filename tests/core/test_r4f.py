@@ -5,7 +5,7 @@ from helpers import tiny_model, toy_batch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from r3f_opt import RegularizedOptimizer, apply_r4f, remove_r4f
+from r3f_opt import RegularizedOptimizer, apply_r4f, r4f_state_dict, remove_r4f
 
 OUT_PROJ = {
     "bert": "classifier", "roberta": "classifier.out_proj", "xlm-roberta": "classifier.out_proj",
@@ -169,3 +169,23 @@ def test_known_model_type_with_another_head_falls_back_to_the_generic_lookup():
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=64, pad_token_id=1, num_labels=3))
     assert apply_r4f(model) == [model.classifier]
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_r4f_state_dict_is_what_remove_r4f_leaves_and_changes_nothing(kind):
+    import copy
+
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    apply_r4f(model, scope="head")
+    RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, method="r4f").step(
+        lambda: model(**toy_batch(kind)))  # u, v moved by a training forward
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = r4f_state_dict(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # u, v and W as they were
+    plain = copy.deepcopy(model)
+    remove_r4f(plain)
+    want = plain.state_dict()
+    assert got.keys() == want.keys() and not any("parametrizations" in k for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

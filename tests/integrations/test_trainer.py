@@ -55,20 +55,22 @@ def assert_close_states(a, b, **tol):
         torch.testing.assert_close(a[k], b[k], msg=k, **tol)
 
 
-@pytest.mark.parametrize("method", ["standard", "r3f"])
+@pytest.mark.parametrize("method, reduction", [("standard", None), ("r3f", None), ("r3f", "sum")])
 @pytest.mark.parametrize("kind", ["bert", "gpt2-lm"])
-def test_accumulation_equals_the_big_batch(tmp_path, content_noise, method, kind):
-    """2 micro-batches of 4 == one batch of 8, on both of the Trainer's loss-scaling branches.
+def test_accumulation_equals_the_big_batch(tmp_path, content_noise, method, reduction, kind):
+    """2 micro-batches of 4 == one batch of 8, on both of the Trainer's loss-scaling branches, for a KL that is
+    a mean over rows (averaged over micro-batches) and for one that is a sum (R-Drop's; summed over them).
 
     gpt2-lm: the model normalises its loss by num_items_in_batch (the Trainer does not divide by the
-    accumulation steps; R3FTrainer divides the KL term itself). bert: the Trainer divides the loss. (Left
-    alone, transformers 5.x also takes the first branch for BERT classification, whose loss ignores
-    num_items_in_batch, so its task gradient is summed over micro-batches; that is the Trainer's
-    behaviour with or without R3F, so it is switched off here to compare against the big batch.)
+    accumulation steps; R3FTrainer divides the KL term itself). bert: its classification loss ignores
+    num_items_in_batch although its forward takes **kwargs, which transformers reads the other way; R3FTrainer
+    tells the Trainer, which then divides the loss (the task term of a plain Trainer would be summed over the
+    micro-batches, and the KL's weight relative to it halved).
     """
-    loss_kwargs = None if kind == "gpt2-lm" else False
-    _, accum = train(args(tmp_path / "a", r3f_method=method, gradient_accumulation_steps=2), kind, loss_kwargs)
-    _, big = train(args(tmp_path / "b", r3f_method=method, per_device_train_batch_size=8), kind, loss_kwargs)
+    kw = dict(r3f_method=method, r3f_reduction=reduction) if reduction else dict(r3f_method=method)
+    trainer, accum = train(args(tmp_path / "a", gradient_accumulation_steps=2, **kw), kind)
+    _, big = train(args(tmp_path / "b", per_device_train_batch_size=8, **kw), kind)
+    assert trainer.model_accepts_loss_kwargs is (kind == "gpt2-lm")
     assert_close_states(accum, big, rtol=1e-4, atol=1e-6)
 
 
@@ -210,3 +212,23 @@ def test_noisy_embed_grad_reaches_the_trainer(tmp_path):
         assert trainer.r3f_noise.detach is not flag
         tables[flag] = state["bert.embeddings.word_embeddings.weight"]
     assert not torch.equal(tables[False], tables[True])
+
+
+def test_r4f_save_model_exports_a_plain_model_and_checkpoints_keep_the_parametrization(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    trainer, _ = train(args(tmp_path, r3f_method="r4f", save_strategy="steps", save_steps=1))
+    checkpoint = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert "classifier.parametrizations.weight.original" in checkpoint  # resume continues R4F with its u, v
+    trainer.save_model(str(tmp_path / "export"))
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert "classifier.weight" in exported and not any("parametrizations" in k for k in exported)
+    reloaded, info = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export"),
+                                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    batch = {k: v for k, v in toy_batch("bert").items() if k != "labels"}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, model(**batch).logits, rtol=1e-6, atol=1e-7)
+    assert "classifier.parametrizations.weight.original" in model.state_dict()  # the live model is untouched
