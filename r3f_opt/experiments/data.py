@@ -18,7 +18,7 @@ SUBSET_SEED = 0  # --max-*-examples subsets are the same for every --seed and me
 
 #: r3f-finetune run keys added after runs were made, with the value every earlier run had: an older checkpoint
 #: resumes and an older results.json compares as if it recorded it.
-LATER_KEYS = {"noise_scale": "absolute", "same_dropout": False, "fused_adamw": False}
+LATER_KEYS = {"noise_scale": "absolute", "same_dropout": False, "fused_adamw": False, "reinit_head": False}
 
 
 def subset(n: int, k: Optional[int]) -> list[int]:

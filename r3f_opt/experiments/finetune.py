@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
 import time
@@ -328,6 +329,11 @@ class FineTune:
         if args.overwrite:
             for stale in (self.results_path, self.ckpt_path):
                 stale.unlink(missing_ok=True)
+            saved = self.out / "model"  # the old run's --save-model: not this run's, whether it saves one or not
+            if saved.is_symlink():
+                saved.unlink()
+            elif saved.is_dir():
+                shutil.rmtree(saved)
         self.wall0 = time.perf_counter()
 
     # -- checkpoints -------------------------------------------------------------------------------

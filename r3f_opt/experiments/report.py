@@ -36,7 +36,8 @@ __all__ = ["main", "load_runs", "unfinished", "arm", "summarize", "compare", "se
 METHOD_ORDER = ("standard", "r3f", "r4f", "rdrop", "smart", "freelb")
 # Hyper-parameters that make up a run's budget: the paper's rule is that every method gets the same.
 BUDGET_KEYS = ("model", "train_file", "eval_file", "lr", "weight_decay", "fused_adamw", "warmup_ratio", "batch_size",
-               "max_length", "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples")
+               "max_length", "epochs", "max_steps", "max_grad_norm", "max_train_examples", "max_eval_examples",
+               "reinit_head")
 
 METHOD_KEYS = ("lam", "eps", "noise", "noise_scale", "noisy_grad", "same_dropout", "method_kwargs")
 

@@ -164,7 +164,10 @@ def test_epochs_overwrite_and_options(glue_dir, tiny_model_dir, tmp_path):
     assert res["settings"]["command"][1:3] == ["--data-dir", str(glue_dir)]
     with pytest.raises(SystemExit, match=r"already holds a run \(results.json\)"):
         run(glue_dir, out, "--task", "rte", "--max-steps", "1", model=tiny_model_dir)
+    (out / "model").mkdir()  # an earlier run's --save-model
+    (out / "model" / "config.json").write_text("{}")
     assert run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", model=tiny_model_dir)["steps"] == 1
+    assert not (out / "model").exists()  # not left to pass for this run's model
 
 
 def test_noise_scale_relative(glue_dir, tiny_model_dir, tmp_path, monkeypatch):

@@ -378,6 +378,18 @@ def test_runs_of_different_budgets_are_not_pooled_into_a_comparison(tmp_path):
     assert json.loads((tmp_path / "rep" / "comparison.json").read_text()) == []
 
 
+def test_a_reinitialised_head_is_another_budget(tmp_path):
+    """--reinit-head changes every method's starting point; runs that predate the option did not reinitialise."""
+    for seed in (1, 2):
+        fake_run(tmp_path / "runs", "mrpc", "standard", seed, 0.6 + seed / 100)  # no reinit_head recorded
+        run = fake_run(tmp_path / "runs", "mrpc", "r3f", seed, 0.7) / "results.json"
+        data = json.loads(run.read_text())
+        data["hyperparameters"]["reinit_head"] = seed == 2
+        run.write_text(json.dumps(data))
+    report.main([str(tmp_path / "runs"), "--output-dir", str(tmp_path / "rep"), "--no-plot"])
+    assert "mrpc: runs differ in reinit_head (false, true)" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_seed_gaps_unfinished_runs_and_holm_families_are_reported(tmp_path):
     """An arm lacking a seed (of the others', or of --seeds), a folder with only a checkpoint, and a task that
     cannot be compared (one seed) are all said; Holm's family is the tasks actually compared."""
