@@ -444,6 +444,9 @@ class RegularizedOptimizer(Optimizer):
                 passes = _Passes(self, closure, weight, sync)
                 result = self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
             except _NonFinite as e:
+                if self.on_nonfinite == "raise":  # raised below: as any other error, nothing has moved
+                    set_global_rng(before[0])
+                    self.regularizer.restore(before[1])
                 return self._nonfinite(e.result, e.where)
             except BaseException:  # bad input found by a pass: the RNGs and R4F's u, v as they were
                 set_global_rng(before[0])

@@ -186,7 +186,8 @@ def r4f_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` as :func:`remove_r4f` would leave it, the model untouched: every spectrally
     normalised weight is a plain ``<layer>.weight`` holding ``W / sigma`` (sigma from the current u, v), and
     its ``parametrizations.weight.*`` entries are gone. For exporting a model still being trained
-    (``save_pretrained(dir, state_dict=r4f_state_dict(model))``)."""
+    (``save_pretrained(dir, state_dict=r4f_state_dict(model))``). Not for a PEFT model's ``save_pretrained``,
+    which looks up its live modules' own keys: call :func:`remove_r4f` there."""
     state = model.state_dict()
     for name, layer in model.named_modules():
         if not _is_normalised(layer):

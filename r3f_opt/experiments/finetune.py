@@ -330,9 +330,11 @@ class FineTune:
             for stale in (self.results_path, self.ckpt_path):
                 stale.unlink(missing_ok=True)
             saved = self.out / "model"  # the old run's --save-model: not this run's, whether it saves one or not
+            start = Path(args.model).resolve() if args.model else None  # this run's --model may be that folder
             if saved.is_symlink():
                 saved.unlink()
-            elif saved.is_dir():
+            elif saved.is_dir() and not (start is not None and (start == saved.resolve()
+                                                                 or saved.resolve() in start.parents)):
                 shutil.rmtree(saved)
         self.wall0 = time.perf_counter()
 

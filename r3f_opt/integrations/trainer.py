@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
@@ -158,6 +159,21 @@ def _noisy_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k != "labels"}
 
 
+def _passes_num_items(source: str) -> bool:
+    """Whether a forward's source hands ``num_items_in_batch`` to its loss: it names it, or calls
+    ``self.loss_function(...)`` with ``**kwargs`` (causal LMs); Llama-style classifiers call it without."""
+    if "num_items_in_batch" in source:
+        return True
+    for start in (m.end() for m in re.finditer(r"loss_function\(", source)):
+        depth, end = 1, start
+        while depth and end < len(source):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        if "**" in source[start:end]:
+            return True
+    return False
+
+
 class _ModelPasses:
     """More passes of the model on the Trainer's inputs: ``run`` for a method's term (its logits only, no
     labels), ``forward`` with the inputs as they are (the fused LM-head path takes the labels out itself)."""
@@ -242,14 +258,16 @@ class R3FTrainerMixin:
         2 micro-batches of 4 then give what one batch of 8 gives."""
         if not getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None):
             return
-        base = unwrap_model(self.model)
+        base = self.model
+        while hasattr(base, "_orig_mod") or base is not unwrap_model(base):  # torch.compile, DDP, PEFT
+            base = unwrap_model(getattr(base, "_orig_mod", base))
         if hasattr(base, "accepts_loss_kwargs"):  # the model says so itself (the Trainer read it)
             return
         try:
             source = inspect.getsource(type(base).forward)
         except (OSError, TypeError):  # no source to read: the Trainer's reading stands
             return
-        if "loss_function" not in source and "num_items_in_batch" not in source:
+        if not _passes_num_items(source):
             self.model_accepts_loss_kwargs = False
 
     def _r3f_settings(self) -> dict:
@@ -399,7 +417,12 @@ class R3FTrainerMixin:
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if state_dict is None and self.__dict__.get("_r3f_export") and self.r3f_method == "r4f":
-            state_dict = r4f_state_dict(self.model)  # the model the parent would save, as it would
+            if callable(getattr(self.model, "get_base_model", None)):  # PEFT saves the live modules' own keys
+                warnings.warn("R4F with a PEFT model: the saved adapter keeps the head's spectral-norm "
+                              "parametrization; call r3f_opt.remove_r4f(model) before the final save for a plain "
+                              "one", stacklevel=3)
+            else:
+                state_dict = r4f_state_dict(self.model)  # the model the parent would save, as it would
         super()._save(output_dir, state_dict=state_dict)
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:

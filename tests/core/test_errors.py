@@ -439,3 +439,24 @@ def test_zero_grad_inside_the_closure_is_refused(setup):
     assert_unchanged(model, opt, snap)
     assert no_hooks_left(model)
     opt.zero_grad()  # outside it, as usual
+
+
+def test_on_nonfinite_raise_leaves_every_stream_as_it_was():
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, eps=1e-3, on_nonfinite="raise")
+    batch = toy_batch("bert")
+    opt.step(lambda: model(**batch))
+    opt.zero_grad()
+    snap, noise, rng = snapshot(model, opt), opt.noise.state_dict(), torch.get_rng_state()
+
+    def nan_loss():
+        out = model(**batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    with pytest.raises(FloatingPointError, match="on_nonfinite='raise'"):
+        opt.step(nan_loss)
+    assert_unchanged(model, opt, snap)
+    assert torch.equal(opt.noise.state_dict()["generator_state"], noise["generator_state"])
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())

@@ -42,3 +42,12 @@ def test_r3f_trainer_r4f_on_a_lora_model(tmp_path):
     trainer = R3FTrainer(model=model, args=args(tmp_path, r3f_method="r4f"), train_dataset=Rows(8))
     trainer.train()
     assert normalised(model) == ["base_model.model.classifier.modules_to_save.default.parametrizations.weight"]
+
+
+def test_saving_an_r4f_lora_model_warns_that_the_head_keeps_its_parametrization(tmp_path):
+    model = lora("bert")
+    trainer = R3FTrainer(model=model, args=args(tmp_path, r3f_method="r4f"), train_dataset=Rows(8))
+    trainer.train()
+    with pytest.warns(UserWarning, match=r"keeps the head's spectral-norm parametrization.*remove_r4f"):
+        trainer.save_model(str(tmp_path / "export"))
+    assert (tmp_path / "export" / "adapter_model.safetensors").exists()

@@ -232,3 +232,22 @@ def test_r4f_save_model_exports_a_plain_model_and_checkpoints_keep_the_parametri
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**batch).logits, model(**batch).logits, rtol=1e-6, atol=1e-7)
     assert "classifier.parametrizations.weight.original" in model.state_dict()  # the live model is untouched
+
+
+def test_which_models_hand_num_items_in_batch_to_their_loss(tmp_path):
+    """Read from the forward's source: a causal LM passes **kwargs to self.loss_function; BERT's classifier
+    computes its own mean and Llama's calls self.loss_function without them. A compiled model is read through."""
+    import inspect
+
+    import transformers as tf
+
+    from r3f_opt.integrations.trainer import _passes_num_items
+
+    for cls, passes in [(tf.BertForSequenceClassification, False), (tf.LlamaForSequenceClassification, False),
+                        (tf.GPT2ForSequenceClassification, False), (tf.LlamaForCausalLM, True),
+                        (tf.GPT2LMHeadModel, True)]:
+        assert _passes_num_items(inspect.getsource(cls.forward)) is passes, cls.__name__
+    torch.manual_seed(0)
+    compiled = torch.compile(tiny_model("gpt2-lm"))
+    trainer = R3FTrainer(model=compiled, args=args(tmp_path), train_dataset=Rows(8, kind="gpt2-lm"))
+    assert trainer.model_accepts_loss_kwargs is True

@@ -168,6 +168,9 @@ def test_epochs_overwrite_and_options(glue_dir, tiny_model_dir, tmp_path):
     (out / "model" / "config.json").write_text("{}")
     assert run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", model=tiny_model_dir)["steps"] == 1
     assert not (out / "model").exists()  # not left to pass for this run's model
+    run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", "--save-model", model=tiny_model_dir)
+    res = run(glue_dir, out, "--task", "rte", "--max-steps", "1", "--overwrite", model=str(out / "model"))
+    assert res["steps"] == 1 and (out / "model" / "config.json").exists()  # the folder this run started from
 
 
 def test_noise_scale_relative(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
