@@ -44,3 +44,17 @@ def test_cpu_memory_profile_sees_the_gradients():
     b = torch.randn(8, 1000, requires_grad=True)
     peak = sym_kl.fwd_bwd_peak_bytes(torch.device("cpu"), sym_kl.r3f_torch, a, b)
     assert peak >= 2 * a.numel() * 4  # at least the two float32 gradients
+
+
+def test_the_pytest_benchmark_files_run():
+    """bench/test_*_bench.py (``pytest bench/``) each run once, untimed, so they cannot rot unseen (one once
+    compared a tuple with its JSON list and failed whenever it ran)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "bench/"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
