@@ -3,7 +3,8 @@
 #
 #   bash docs/study/run.sh PHASE [--lane I/N] [--device DEV] [--dry-run]
 #
-# PHASE: pilot | main | ablation | all.  Every run is resumable: a finished run (results.json) is skipped, a run
+# PHASE: pilot | main | ablation | all, or confirm (the follow-up of docs/results.md, planned 2026-12-01: the main
+# arms again at seeds 21-30; not part of all).  Every run is resumable: a finished run (results.json) is skipped, a run
 # with a checkpoint continues with --resume, so re-running the same command after an interruption (reboot,
 # Ctrl-C, kill) picks up where it stopped.  --lane I/N runs every N-th job starting at the I-th (1-based), so N
 # lanes can run side by side (one CPU thread each: OMP_NUM_THREADS defaults to 1 per lane on CPU).
@@ -21,7 +22,7 @@
 # (see docs/results.md, "Analysis plan") and not changed afterwards.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-phase=${1:?usage: run.sh pilot|main|ablation|all [--lane I/N] [--device DEV] [--dry-run]}; shift
+phase=${1:?usage: run.sh pilot|main|ablation|all|confirm [--lane I/N] [--device DEV] [--dry-run]}; shift
 opts=("$@")
 lane=1/1; device=cpu; dry=0
 while [ $# -gt 0 ]; do
@@ -56,14 +57,15 @@ plan() {
 }
 main_runs() {
   plan
+  local seeds=${1:-$MAIN_SEEDS} phase_dir=${2:-main}
   # per seed: mrpc standard, mrpc r3f, cola r3f, cola standard: with two lanes each lane gets one standard and one
   # R3F run (R3F costs about twice a standard run) of every seed, and a seed's four runs finish together
   local order
-  for seed in $MAIN_SEEDS; do for task in mrpc cola; do
+  for seed in $seeds; do for task in mrpc cola; do
     [ $task = mrpc ] && order="standard r3f" || order="r3f standard"
     for method in $order; do
       lr=LR_${task^^}; ep=EPOCHS_${task^^}
-      jobs+=("main/$task-$method-seed$seed|--task $task --method $method --lam 1 --eps 1e-5 --lr ${!lr} --epochs ${!ep} --batch-size ${BS[$task]} --seed $seed")
+      jobs+=("$phase_dir/$task-$method-seed$seed|--task $task --method $method --lam 1 --eps 1e-5 --lr ${!lr} --epochs ${!ep} --batch-size ${BS[$task]} --seed $seed")
     done
   done; done
 }
@@ -80,6 +82,7 @@ ablation() {
 }
 case $phase in
   pilot) pilot;; main) main_runs;; ablation) ablation;;
+  confirm) main_runs "21 22 23 24 25 26 27 28 29 30" confirm;;  # the follow-up's seeds, fixed in its plan
   all)  # the phases in turn; between them the pilot's rule fixes plan.env (choose.py) unless it exists
     bash "$0" pilot "${opts[@]}"
     if [ ! -f "$here/plan.env" ]; then
@@ -90,7 +93,7 @@ case $phase in
     fi
     bash "$0" main "${opts[@]}"
     exec bash "$0" ablation "${opts[@]}";;
-  *) echo "run.sh: unknown phase $phase (pilot, main, ablation, all)" >&2; exit 2;;
+  *) echo "run.sh: unknown phase $phase (pilot, main, ablation, all, confirm)" >&2; exit 2;;
 esac
 
 k=0

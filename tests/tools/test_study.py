@@ -87,6 +87,10 @@ def test_plan_env_drives_run_sh(tmp_path):
     out = subprocess.run(["bash", str(study / "run.sh"), "ablation", "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 25 and out[0].endswith("ablation/mrpc-r3f-eps0-seed11")
+    out = subprocess.run(["bash", str(study / "run.sh"), "confirm", "--dry-run"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 40 and out[0].endswith("confirm/mrpc-standard-seed21") and out[-1].endswith(
+        "confirm/cola-standard-seed30")
 
 
 def test_no_plan_when_a_run_is_missing_or_malformed(tmp_path):
