@@ -253,9 +253,10 @@ class R3FTrainerMixin:
         that loss by the accumulation steps nor averages it over the processes. Classification heads such as
         BERT's, RoBERTa's or GPT-2's compute a per-micro-batch mean and ignore it: their task gradient would be
         summed over micro-batches and processes while the KL is averaged, so lambda would shrink by both
-        factors. When the model's forward never calls ``self.loss_function`` nor reads ``num_items_in_batch``,
-        the Trainer is told so (``model_accepts_loss_kwargs = False``), for every method, standard included:
-        2 micro-batches of 4 then give what one batch of 8 gives."""
+        factors. When the model's forward hands ``num_items_in_batch`` to no loss (:func:`_passes_num_items`
+        reads its source, through torch.compile, DDP and PEFT wrappers), the Trainer is told so
+        (``model_accepts_loss_kwargs = False``), for every method, standard included: 2 micro-batches of 4 then
+        give what one batch of 8 gives. A model that declares ``accepts_loss_kwargs`` is left as it says."""
         if not getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None):
             return
         base = self.model
