@@ -264,12 +264,16 @@ class R3FTrainerMixin:
             base = unwrap_model(getattr(base, "_orig_mod", base))
         if hasattr(base, "accepts_loss_kwargs"):  # the model says so itself (the Trainer read it)
             return
-        try:
-            source = inspect.getsource(type(base).forward)
-        except (OSError, TypeError):  # no source to read: the Trainer's reading stands
-            return
-        if not _passes_num_items(source):
-            self.model_accepts_loss_kwargs = False
+        for cls in (c for c in type(base).__mro__ if "forward" in vars(c)):  # a subclass may defer to its parent's
+            try:
+                source = inspect.getsource(vars(cls)["forward"])
+            except (OSError, TypeError):  # no source to read: the Trainer's reading stands
+                return
+            if _passes_num_items(source):
+                return
+            if not re.search(r"super\(.*\)\.forward\(", source):
+                break
+        self.model_accepts_loss_kwargs = False
 
     def _r3f_settings(self) -> dict:
         a = self.args

@@ -247,7 +247,13 @@ def test_which_models_hand_num_items_in_batch_to_their_loss(tmp_path):
                         (tf.GPT2ForSequenceClassification, False), (tf.LlamaForCausalLM, True),
                         (tf.GPT2LMHeadModel, True)]:
         assert _passes_num_items(inspect.getsource(cls.forward)) is passes, cls.__name__
+    class Subclass(tf.GPT2LMHeadModel):  # a forward that defers to its parent's
+        def forward(self, *a, **k):
+            return super().forward(*a, **k)
+
     torch.manual_seed(0)
+    sub = Subclass(tiny_model("gpt2-lm").config)
+    assert R3FTrainer(model=sub, args=args(tmp_path), train_dataset=Rows(8, kind="gpt2-lm")).model_accepts_loss_kwargs
     compiled = torch.compile(tiny_model("gpt2-lm"))
     trainer = R3FTrainer(model=compiled, args=args(tmp_path), train_dataset=Rows(8, kind="gpt2-lm"))
     assert trainer.model_accepts_loss_kwargs is True
