@@ -14,9 +14,9 @@ from torch.optim import Optimizer
 from ._checks import check_flag, check_number
 from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
-from .methods import METHODS, Standard, StepResult, build_method, is_distributed_wrapper
+from .methods import Standard, StepResult, build_method, is_distributed_wrapper
 from .methods.base import check_classes, global_rng, set_global_rng
-from .noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, default_seed
+from .noise import EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
 
@@ -226,13 +226,7 @@ class RegularizedOptimizer(Optimizer):
             raise TypeError("optimizer is already a RegularizedOptimizer; wrap the inner optimizer once")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        lam, eps = check_number("lam", lam), check_number("eps", eps)
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-        if noise_scale not in NOISE_SCALES:
-            raise ValueError(f"noise_scale must be one of {NOISE_SCALES}, got {noise_scale!r}")
+        lam, eps = check_number("lam", lam), check_number("eps", eps)  # method, noise, ...: check_settings
         if reduction is not None and (reduction not in REDUCTIONS or reduction == "none"):
             raise ValueError(f"reduction must be one of {REDUCTIONS[:-1]}, got {reduction!r}")
         if max_grad_norm is not None:
@@ -445,12 +439,10 @@ class RegularizedOptimizer(Optimizer):
                 result = self.regularizer.step(passes, lam=self.lam, mask=mask, noise_mask=noise_mask)
             except _NonFinite as e:
                 if self.on_nonfinite == "raise":  # raised below: as any other error, nothing has moved
-                    set_global_rng(before[0])
-                    self.regularizer.restore(before[1])
+                    self._roll_back(before)
                 return self._nonfinite(e.result, e.where)
             except BaseException:  # bad input found by a pass: the RNGs and R4F's u, v as they were
-                set_global_rng(before[0])
-                self.regularizer.restore(before[1])
+                self._roll_back(before)
                 raise
         shape = passes.logits_shape
         if mask is None and self.regularizer.kl_mask and shape is not None and len(shape) >= 3 \
@@ -461,6 +453,10 @@ class RegularizedOptimizer(Optimizer):
                       "a seq2seq model's targets, mask=attention_mask.bool() for a causal LM), or an all-True mask "
                       "to count every position and silence this warning")
         return result
+
+    def _roll_back(self, before: tuple) -> None:
+        set_global_rng(before[0])
+        self.regularizer.restore(before[1])
 
     def _on_all_ranks(self, ok: torch.Tensor) -> bool:
         """``ok`` on every rank of a data-parallel model (an all-reduce of the flag), else on this one."""
