@@ -15,7 +15,7 @@ from ._checks import check_flag, check_number
 from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
 from .methods import Standard, StepResult, build_method, is_distributed_wrapper
-from .methods.base import check_classes, global_rng, set_global_rng
+from .methods.base import check_classes, global_rng, loss_scaled, set_global_rng
 from .noise import EmbeddingNoise, default_seed
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
@@ -136,8 +136,7 @@ class _Passes:
         return _grad_sync(self.opt.model, self.sync and last)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        scaler = self.opt.grad_scaler
-        return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
+        return loss_scaled(self.opt.grad_scaler, loss)
 
 
 class RegularizedOptimizer(Optimizer):

@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..kl import REDUCTIONS
 from ..methods import METHODS, RDrop, Standard, build_method, check_settings
-from ..methods.base import check_classes
+from ..methods.base import check_classes, loss_scaled
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
 from ..r4f import r4f_state_dict
 from .._checks import check_number
@@ -193,8 +193,7 @@ class _ModelPasses:
         return contextlib.nullcontext()  # the Trainer's accumulation decides on gradient sync
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        enabled = self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)()
-        return self.scaler.scale(loss) if enabled else loss
+        return loss_scaled(self.scaler, loss)
 
 
 class R3FTrainerMixin:
@@ -322,26 +321,18 @@ class R3FTrainerMixin:
         """The clean pass: ``(task loss, model output)`` as the parent Trainer computes them (with the logits)."""
         return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
 
-    def _r3f_ga_divisor(self, num_items_in_batch: Optional[Any]) -> int:
-        """What the KL term is divided by: the accumulation steps when the task loss is already divided over the
-        accumulated micro-batches (num_items_in_batch), for then the Trainer does not divide again; else 1."""
+    def _r3f_kl_factor(self, num_items_in_batch: Optional[Any]) -> float:
+        """What the KL is multiplied by before the Trainer scales the loss, so that accumulated micro-batches give
+        the big batch's term: a mean over rows ("batchmean", "mean") is averaged over the micro-batches, a "sum"
+        (R-Drop's) is summed over them. The Trainer divides the loss by the accumulation steps itself unless the
+        task loss is already divided over the accumulated micro-batches (num_items_in_batch)."""
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
                 getattr(self, "compute_loss_func", None) is not None)
-        if not scaled:
-            return 1
-        return self._r3f_ga_steps()
-
-    def _r3f_ga_steps(self) -> int:
-        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-
-    def _r3f_kl_factor(self, num_items_in_batch: Optional[Any]) -> float:
-        """What the KL is multiplied by before the Trainer scales the loss, so that accumulated micro-batches give
-        the big batch's term: a mean over rows ("batchmean", "mean") is averaged over the micro-batches, a "sum"
-        (R-Drop's) is summed over them."""
-        steps = self._r3f_ga_steps() if getattr(self.r3f_regularizer, "reduction", None) == "sum" else 1
-        return steps / self._r3f_ga_divisor(num_items_in_batch)
+        summed = getattr(self.r3f_regularizer, "reduction", None) == "sum"
+        return (steps if summed else 1) / (steps if scaled else 1)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None):

@@ -49,6 +49,11 @@ class Passes(Protocol):
         ``autograd.grad`` whose gradients would underflow in fp16 otherwise; ``loss`` itself without one."""
 
 
+def loss_scaled(scaler: Any, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` times the loss scale of ``scaler`` (a ``GradScaler``) when it is enabled, else ``loss``."""
+    return scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
+
+
 def is_distributed_wrapper(model: nn.Module) -> bool:
     """Whether ``model`` is wrapped for data parallelism (DDP, FSDP1 or FSDP2)."""
     return isinstance(model, DistributedDataParallel) or callable(getattr(model, "set_requires_gradient_sync", None)) \
