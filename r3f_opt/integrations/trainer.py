@@ -8,18 +8,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ..kl import REDUCTIONS
+from ..kl import REDUCTIONS, symmetric_kl
 from ..methods import METHODS, RDrop, Standard, build_method, check_settings
-from ..methods.base import check_classes, loss_scaled
+from ..methods.base import check_classes, check_same_shape, loss_scaled
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
 from ..r4f import r4f_state_dict
 from .._checks import check_number
@@ -27,6 +28,7 @@ from .._checks import check_number
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
 
 TRAINER_METHODS = tuple(m for m in METHODS if m != "freelb")  # FreeLB runs a backward per ascent step
+TEACHER_NAME = "r3f_smart_teacher.pt"  # SMART's proximal teacher in a checkpoint folder
 
 
 @dataclass
@@ -63,11 +65,6 @@ class R3FArguments:
                 else ""))
         if isinstance(self.r3f_method_kwargs, str):
             self.r3f_method_kwargs = json.loads(self.r3f_method_kwargs)
-        kw = self.r3f_method_kwargs if isinstance(self.r3f_method_kwargs, dict) else {}
-        if self.r3f_method == "smart" and isinstance(kw.get("proximal"), (int, float)) and kw["proximal"] > 0:
-            raise ValueError("r3f_method_kwargs['proximal'] > 0: SMART's proximal term needs a teacher that follows "
-                             "the parameters after every optimizer update, which R3FTrainer does not keep; use "
-                             "RegularizedOptimizer (or r3f-finetune --method smart), or drop proximal")
         if self.r3f_reduction is not None and self.r3f_reduction not in REDUCTIONS[:-1]:  # the loss must be a scalar
             raise ValueError(f"r3f_reduction must be one of {REDUCTIONS[:-1]}, got {self.r3f_reduction!r}")
         self.r3f_lambda, self.r3f_eps = check_number("r3f_lambda", self.r3f_lambda), check_number("r3f_eps", self.r3f_eps)
@@ -232,6 +229,7 @@ class R3FTrainerMixin:
         self.r3f_noise: Optional[EmbeddingNoise] = None
         self.r3f_regularizer: Optional[Standard] = None
         self._kl_sum, self._kl_count, self._active, self._micro = None, 0, False, (-1, 0)
+        self._prox_sum: Optional[torch.Tensor] = None
         if self.r3f_method == "standard":  # a plain Trainer; its settings checked as the optimizer checks them
             check_settings("standard", **self._r3f_settings())
             return
@@ -245,6 +243,8 @@ class R3FTrainerMixin:
         self.r3f_regularizer = build_method(self.r3f_method, unwrap_model(self.model), seed=seed,
                                             **self._r3f_settings())
         self.r3f_noise = self.r3f_regularizer.noise
+        if self._r3f_proximal:
+            self.add_callback(_TeacherFollows(self))
 
     def _r3f_check_loss_kwargs(self) -> None:
         """transformers' Trainer takes a model whose forward has ``**kwargs`` for one that divides its loss by
@@ -298,6 +298,10 @@ class R3FTrainerMixin:
         if self.r3f_fused_lm_head and getattr(self, "compute_loss_func", None) is not None:
             raise ValueError("r3f_fused_lm_head computes the model's causal-LM loss itself from the hidden states; "
                              "a compute_loss_func would need the logits. Drop one of the two")
+        if self._r3f_proximal and (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
+            raise ValueError("SMART's proximal term (r3f_method_kwargs['proximal'] > 0) keeps its teacher as a full "
+                             "copy of the trainable parameters, which FSDP and DeepSpeed shard: train with DDP, or "
+                             "set proximal to 0")
         if self.r3f_fused_lm_head and a.n_gpu > 1:
             raise ValueError(f"r3f_fused_lm_head with {a.n_gpu} GPUs in one process (nn.DataParallel): its replicas "
                              "would bypass the fused head's capture; launch one process per GPU (torchrun, "
@@ -351,7 +355,17 @@ class R3FTrainerMixin:
         self._kl_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    @property
+    def _r3f_proximal(self) -> bool:
+        """SMART with its proximal term (mu > 0): a teacher copy of the parameters follows them after each update."""
+        kw = getattr(self.args, "r3f_method_kwargs", None)
+        mu = kw.get("proximal", 0) if isinstance(kw, dict) else 0
+        return self.r3f_method == "smart" and isinstance(mu, (int, float)) and mu > 0
+
     def _r3f_logits_loss(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Optional[Any]) -> tuple:
+        teacher = None
+        if self._r3f_proximal:  # SMART's teacher pass, before any graph exists (as RegularizedOptimizer runs it)
+            teacher = self.r3f_regularizer.teacher_logits(_ModelPasses(model, inputs))
         # The parent may pop "labels" (label smoothing); the noisy pass needs them (seq2seq decoder inputs).
         loss, outputs = self._r3f_task_loss(model, dict(inputs), num_items_in_batch)
         clean = _logits(outputs)
@@ -365,7 +379,13 @@ class R3FTrainerMixin:
         else:
             passes = _ModelPasses(model, inputs, getattr(self.accelerator, "scaler", None))
             kl = self.r3f_regularizer.term(passes, clean, mask=mask)
-        return loss + self.r3f_lambda * kl * self._r3f_kl_factor(num_items_in_batch), kl, outputs
+        term = self.r3f_lambda * kl
+        if teacher is not None:  # + mu * KL_S(f(x; theta) || f(x; theta_tilde))
+            check_same_shape(clean, teacher)
+            prox = symmetric_kl(clean, teacher, mask=mask, reduction=self.r3f_regularizer.reduction)
+            term = term + self.r3f_regularizer.proximal * prox
+            self._prox_sum = prox.detach() if self._prox_sum is None else self._prox_sum + prox.detach()
+        return loss + term * self._r3f_kl_factor(num_items_in_batch), kl, outputs
 
     def _r3f_shifts_labels(self, model: torch.nn.Module) -> bool:
         """Whether the model's loss shifts the labels: a causal-LM class, or what the Trainer found from the model's
@@ -421,12 +441,44 @@ class R3FTrainerMixin:
                 state_dict = r4f_state_dict(self.model)  # the model the parent would save, as it would
         super()._save(output_dir, state_dict=state_dict)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._r3f_proximal and self.r3f_regularizer.teacher is not None and self.args.should_save:
+            torch.save(self.r3f_regularizer.state_dict(), os.path.join(output_dir, TEACHER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self._r3f_proximal:
+            return
+        path = os.path.join(checkpoint, TEACHER_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(f"{checkpoint} has no {TEACHER_NAME}: SMART's proximal teacher restarts from the resumed "
+                          "parameters", stacklevel=2)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.r3f_regularizer.check_state(state)
+        self.r3f_regularizer.load_state_dict(state)
+
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._kl_count:  # training logs: mean KL since the last one, over processes
             mean = self._kl_sum / self._kl_count
             logs["sym_kl"] = self.accelerator.gather(mean.reshape(1)).mean().item()  # unrounded: 1e-12 is not 0
-            self._kl_sum, self._kl_count = None, 0
+            if self._prox_sum is not None:
+                prox = self._prox_sum / self._kl_count
+                logs["kl_proximal"] = self.accelerator.gather(prox.reshape(1)).mean().item()
+            self._kl_sum, self._kl_count, self._prox_sum = None, 0, None
         super().log(logs, *args, **kwargs)
+
+
+class _TeacherFollows(TrainerCallback):
+    """SMART's teacher moves towards the parameters once per optimizer update (not for a skipped fp16 step)."""
+
+    def __init__(self, trainer: R3FTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.trainer.accelerator.optimizer_step_was_skipped:
+            self.trainer.r3f_regularizer.after_update()
 
 
 class R3FTrainer(R3FTrainerMixin, Trainer):

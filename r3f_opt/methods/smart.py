@@ -53,7 +53,7 @@ class SMART(Standard):
 
     def step(self, passes: Passes, *, lam: float, mask: Optional[torch.Tensor] = None,
              noise_mask: Optional[torch.Tensor] = None) -> StepResult:
-        teacher = self._teacher_logits(passes) if self.proximal > 0 else None  # before any graph exists
+        teacher = self.teacher_logits(passes) if self.proximal > 0 else None  # before any graph exists
         out, task_loss, logits = passes.run()
         adv = self.term(passes, logits, mask=mask, noise_mask=noise_mask)
         if teacher is None:
@@ -71,8 +71,8 @@ class SMART(Standard):
                 t.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
 
     @torch.no_grad()
-    def _teacher_logits(self, passes: Passes) -> torch.Tensor:
-        """Run the closure with the teacher's values (the parameters' own at the first step)."""
+    def teacher_logits(self, passes: Passes) -> torch.Tensor:
+        """One pass with the teacher's values (the parameters' own at the first step), no gradient."""
         if self.teacher is None:
             self.teacher = [p.detach().clone() for p in self.params]
         current = [p.detach().clone() for p in self.params]
