@@ -2,6 +2,7 @@
 padding, the default model, and atomic writes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -12,13 +13,30 @@ import torch
 
 from .glue import read_examples
 
-__all__ = ["SUBSET_SEED", "subset", "load_examples", "encode", "collate", "default_model", "atomic_write"]
+__all__ = ["SUBSET_SEED", "subset", "load_examples", "encode", "collate", "default_model", "atomic_write",
+           "fingerprint"]
 
 SUBSET_SEED = 0  # --max-*-examples subsets are the same for every --seed and method
 
 #: r3f-finetune run keys added after runs were made, with the value every earlier run had: an older checkpoint
 #: resumes and an older results.json compares as if it recorded it.
 LATER_KEYS = {"noise_scale": "absolute", "same_dropout": False, "fused_adamw": False, "reinit_head": False}
+
+#: r3f-finetune's path arguments and the content fingerprint recorded beside each: runs and checkpoints compare
+#: on what the files hold, wherever they lie (a relative --data-dir, another checkout's copy of the model).
+FINGERPRINTS = {"model": "model_sha256", "train_file": "train_sha256", "eval_file": "eval_sha256"}
+
+
+def fingerprint(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file's bytes; of a folder (a model), over the names and SHA-256s of its top-level files."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    for child in sorted(c for c in path.iterdir() if c.is_file()):
+        digest.update(f"{child.name}\0{fingerprint(child)}\n".encode())
+    return digest.hexdigest()
 
 
 def subset(n: int, k: Optional[int]) -> list[int]:

@@ -32,8 +32,8 @@ from ..noise import NOISE_SCALES, noise_seed
 from ..optimizer import RegularizedOptimizer
 from ..r4f import find_head, remove_r4f
 from .cli import HelpFormatter, cpu_model, loading_bars
-from .data import LATER_KEYS, atomic_write, collate, default_model, encode, load_examples
-from .glue import TASKS, GlueDataError, compute_metrics, default_data_dir, majority_baseline, resolve
+from .data import FINGERPRINTS, LATER_KEYS, atomic_write, collate, default_model, encode, fingerprint, load_examples
+from .glue import TASKS, GlueDataError, compute_metrics, default_data_dir, majority_baseline, read_examples, resolve
 
 __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 
@@ -41,7 +41,7 @@ __all__ = ["main", "build_parser", "finetune", "FineTune", "evaluate"]
 RUN_KEYS = ("task", "model", "train_file", "eval_file", "method", "method_kwargs", "lam", "eps", "noise",
             "noise_scale", "noisy_grad", "same_dropout", "fused_adamw", "seed", "lr", "weight_decay", "warmup_ratio",
             "batch_size", "max_length", "epochs", "max_steps", "max_grad_norm", "max_train_examples",
-            "max_eval_examples", "reinit_head")
+            "max_eval_examples", "reinit_head", *FINGERPRINTS.values())
 
 
 def _json_dict(text: str) -> dict:
@@ -146,10 +146,15 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(a, name)}")
     if not 0 <= a.warmup_ratio < 1:
         p.error(f"--warmup-ratio must be in [0, 1), got {a.warmup_ratio}")
+    if not 0 <= a.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {a.seed}")
     try:
         a.device = torch.device(a.device)
     except RuntimeError as e:
         p.error(f"--device {a.device!r}: {e}")
+    if a.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: this torch sees no CUDA device (torch.cuda.is_available() is False); "
+                "pass --device cpu")
     if a.resume and a.overwrite:
         p.error("--resume and --overwrite exclude each other")
 
@@ -261,7 +266,7 @@ class FineTune:
 
     def __init__(self, args: argparse.Namespace) -> None:
         task = self.task = TASKS[args.task]
-        args.model = args.model or default_model()
+        args.model = os.path.abspath(args.model or default_model())
         if not Path(args.model).is_dir():
             raise SystemExit(f"r3f-finetune: --model {args.model}: no such folder; pass a local Hugging Face model folder")
         # a file the user named may also be relative to the current folder; the task's own files are not
@@ -269,8 +274,7 @@ class FineTune:
                              from_cwd=bool(args.train_file))
         eval_path = resolve(args.eval_file or f"{task.folder}/{task.eval_file}", args.data_dir,
                             from_cwd=bool(args.eval_file))
-        self.official_eval = task.eval_official and args.eval_file is None and args.max_eval_examples is None
-        args.train_file, args.eval_file = str(train_path), str(eval_path)
+        args.train_file, args.eval_file = os.path.abspath(train_path), os.path.abspath(eval_path)
         self.args, self.out = args, Path(args.output_dir)
         self.ckpt_path, self.results_path = self.out / "checkpoint.pt", self.out / "results.json"
         if self.out.exists() and not self.out.is_dir():
@@ -279,6 +283,11 @@ class FineTune:
         # Everything that can fail on user input (arguments, data) fails here, before the output dir is touched.
         train_x, self.train_y = load_examples(train_path, task.name, args.max_train_examples)
         eval_x, self.eval_y = load_examples(eval_path, task.name, args.max_eval_examples)
+        official = resolve(f"{task.folder}/{task.eval_file}", args.data_dir)
+        self.official_eval = task.eval_official and official.is_file() and os.path.samefile(eval_path, official) and (
+            args.max_eval_examples is None or len(self.eval_y) == len(read_examples(eval_path, task.name)[1]))
+        for key, name in FINGERPRINTS.items():
+            setattr(args, name, fingerprint(getattr(args, key)))
         self.config = {k: getattr(args, k) for k in RUN_KEYS}
         self._lock = _lock_output_dir(self.out, args.resume)
         try:
@@ -302,6 +311,10 @@ class FineTune:
         hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected here
         _seed_everything(args.seed)
         self.tokenizer, self.model = _load_model(args, task)
+        specials = self.tokenizer.num_special_tokens_to_add(pair=len(train_x[0]) > 1)
+        if args.max_length <= specials:  # the tokenizer would not truncate at all
+            raise SystemExit(f"r3f-finetune: --max-length {args.max_length} leaves no room for text: {task.name} "
+                             f"examples take {specials} special tokens; pass at least {specials + 1}")
         self.train_f = encode(self.tokenizer, train_x, args.max_length)
         self.eval_f = encode(self.tokenizer, eval_x, args.max_length)
         try:
@@ -354,7 +367,9 @@ class FineTune:
                               f"{torch.get_num_threads()}: sums are ordered differently, so the resumed run is not "
                               f"bit-identical to an uninterrupted one (OMP_NUM_THREADS={threads} to match)")
             saved = {**LATER_KEYS, **ckpt["config"]}
-            diff = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
+            # files compare by content where the checkpoint has their fingerprints, else (older runs) by path
+            skip = {k if name in saved else name for k, name in FINGERPRINTS.items()}
+            diff = {k: (saved.get(k), v) for k, v in self.config.items() if k not in skip and saved.get(k) != v}
             if diff:
                 raise SystemExit("r3f-finetune: --resume with different arguments than the checkpoint's run "
                                  f"(name: (checkpoint, now)): {diff}; resume with the same arguments")
@@ -431,7 +446,8 @@ class FineTune:
     def train(self) -> None:
         """Train to the end, evaluating every ``--eval-every`` and checkpointing then and every
         ``--save-every`` steps. Ctrl-C (SIGINT) lets the current step finish, writes a checkpoint and stops
-        with KeyboardInterrupt; a second Ctrl-C stops at once (the last checkpoint remains)."""
+        with KeyboardInterrupt; a second Ctrl-C stops at once (the last checkpoint remains, or one is written if
+        a step was not half done). After the last step a first Ctrl-C lets the final evaluation finish."""
         from tqdm.auto import tqdm
 
         a = self.args
@@ -456,6 +472,8 @@ class FineTune:
                         self.save_checkpoint()
                     if interrupted() and self.step < self.total:
                         raise KeyboardInterrupt
+                if not self.history or self.history[-1]["step"] != self.step:
+                    self.evaluate_now()  # the final evaluation: a first Ctrl-C lets it finish, a second checkpoints
             except KeyboardInterrupt:
                 if consistent and self.step > 0:
                     self.save_checkpoint()
@@ -464,8 +482,6 @@ class FineTune:
                 raise
             finally:
                 self.bar.close()
-        if not self.history or self.history[-1]["step"] != self.step:
-            self.evaluate_now()
 
     # -- the results -------------------------------------------------------------------------------
     def results(self) -> dict:

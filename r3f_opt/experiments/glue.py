@@ -108,7 +108,7 @@ def read_examples(path: Union[str, os.PathLike], task: Union[str, Task]) -> tupl
     path = Path(path)
     if not path.is_file():
         raise GlueDataError(f"{path}: no such file (pass --data-dir with the folder holding {task.folder}/, "
-                            "or a --train-file/--eval-file that exists)")
+                            "or name a file that exists)")
     rows = _rows(path)
     if not rows:
         raise GlueDataError(f"{path}: the file is empty; expected the GLUE {task.folder} TSV format")

@@ -236,7 +236,12 @@ class Prober:
         self.data = {t: _probe_data(args, t) for t in dict.fromkeys(tasks)}  # bad data fails here
         cka_task = args.cka_task or source
         cka_data = self.data[cka_task] if cka_task in self.data else _probe_data(args, cka_task)  # read once
-        self.cka_texts = cka_data["eval"][0][:args.cka_examples]
+        texts = cka_data["eval"][0]
+        if len(texts) < args.cka_examples and args.probe_eval_examples is not None and len(texts) == args.probe_eval_examples:
+            raise SystemExit(f"r3f-probe: --cka-examples {args.cka_examples} is more than the {len(texts)} {cka_task} "
+                             "dev examples --probe-eval-examples keeps, which the CKA probe set is drawn from: raise "
+                             "--probe-eval-examples or lower --cka-examples")
+        self.cka_texts = texts[:args.cka_examples]  # fewer only where the dev set itself is smaller
         self.cache = str(Path(args.output_dir) / "features")
 
     def features(self, model_dir: str, texts: list) -> torch.Tensor:
@@ -339,7 +344,8 @@ def run_experiment(args: argparse.Namespace, on_row: Optional[Callable[[dict], N
     bar.write(f"pretrained: {rows[0]['probes']}")
     probe_data = {t: {"n_train": len(d["train"][1]), "eval_file": d["eval_file"], "n_eval": len(d["eval"][1]),
                       "eval_is_full_official_dev": d["official_dev"]} for t, d in prober.data.items()}
-    result = {"command": cmd, "arguments": dict(vars(args)), "probe_data": probe_data, "rows": rows,
+    result = {"command": cmd, "arguments": dict(vars(args)), "probe_data": probe_data,
+              "cka_probe_set": {"task": args.cka_task or stages[0], "n": len(prober.cka_texts)}, "rows": rows,
               "complete": False}
     for method in args.methods:
         for seed in args.seeds:
@@ -516,6 +522,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.model = args.model or default_model("r3f-probe")
     if not Path(args.model).is_dir():
         p.error(f"--model {args.model}: no such folder; pass a local Hugging Face model folder")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        p.error(f"--output-dir {args.output_dir} is a file, not a folder; pass a folder")
     with loading_bars(not args.no_progress):  # transformers' own "Loading weights" bars too
         _run(args)
 

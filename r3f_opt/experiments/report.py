@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import stats
-from .data import LATER_KEYS, atomic_write
+from .data import FINGERPRINTS, LATER_KEYS, atomic_write
 from .glue import TASKS, majority_baseline
 
 __all__ = ["main", "load_runs", "unfinished", "arm", "summarize", "compare", "seed_notes", "comparison_markdown",
@@ -376,9 +376,10 @@ def _primary(rows: list[dict]) -> dict:
     return first
 
 
-def budget_mismatches(runs: list[dict]) -> list[str]:
+def budget_mismatches(runs: list[dict], which: str = "final") -> list[str]:
     """Runs that should not be compared, as messages: a task whose runs differ in budget (lr, steps, data,
-    ...). (Runs of one method that differ in its own settings, lam, eps, ..., are different arms.)"""
+    ...; with ``which="best"`` also how often they evaluated, as more evaluations raise the best score).
+    (Runs of one method that differ in its own settings, lam, eps, ..., are different arms.)"""
     def differing(group: list[dict], keys: Sequence[str], what: str) -> list[str]:
         msgs = []
         for key in keys:
@@ -390,7 +391,14 @@ def budget_mismatches(runs: list[dict]) -> list[str]:
     out = []
     for task in sorted({r["task"] for r in runs}):
         task_runs = [r for r in runs if r["task"] == task]
-        out += differing(task_runs, BUDGET_KEYS, task)
+        # files compare by content where every run records its fingerprint, else (older runs) by path
+        keys = [FINGERPRINTS[k] if k in FINGERPRINTS and all(FINGERPRINTS[k] in r.get("hyperparameters", {})
+                                                              for r in task_runs) else k for k in BUDGET_KEYS]
+        out += differing(task_runs, keys, task)
+        every = {json.dumps(r.get("settings", {}).get("eval_every")) for r in task_runs}
+        if which == "best" and len(every) > 1:
+            out.append(f"{task}: runs differ in eval_every ({', '.join(sorted(every))}), which the best "
+                       "evaluation depends on")
     return out
 
 
@@ -523,7 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f"r3f-report: no run of the baseline arm {args.baseline!r}; the arms are "
                          f"{_arms(runs)}: pass one with --baseline")
     rows = summarize(runs, args.metric, primary)
-    warnings = budget_mismatches(runs)
+    warnings = budget_mismatches(runs, args.metric)
     mismatched = sorted({w.split(":")[0] for w in warnings})
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """r3f-finetune end to end on tiny slices of every GLUE task format, resume, and bad input."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,12 +99,13 @@ def test_the_rivals_run_with_their_hyperparameters(glue_dir, tiny_model_dir, tmp
     ("mid-step", ["--eval-every", "2"], 4),        # Ctrl-C inside step 5: the step-4 checkpoint remains
     ("evaluation", ["--eval-every", "2"], 4),      # Ctrl-C in the step-4 evaluation: saved, re-evaluated
     ("save-every", ["--save-every", "3"], 6),      # no evaluation before the end: --save-every checkpoints
+    ("final evaluation", ["--eval-every", "2"], 8),  # Ctrl-C in the final evaluation: saved, only evaluates
 ])
 def test_resume_continues_exactly(glue_dir, tiny_model_dir, tmp_path, monkeypatch, where, every, expect_step):
     args = ["--task", "mrpc", "--method", "r4f", "--max-steps", "8", "--seed", "1", *every]
     straight = run(glue_dir, tmp_path / "a", *args, model=tiny_model_dir)
     owner, name, n = {"mid-step": (ft.RegularizedOptimizer, "step", 5), "evaluation": (ft, "evaluate", 2),
-                      "save-every": (ft.RegularizedOptimizer, "step", 8)}[where]
+                      "save-every": (ft.RegularizedOptimizer, "step", 8), "final evaluation": (ft, "evaluate", 4)}[where]
     restore = crash_at(monkeypatch, owner, name, n)
     with pytest.raises(KeyboardInterrupt):
         run(glue_dir, tmp_path / "b", *args, model=tiny_model_dir)
@@ -227,6 +229,57 @@ def test_a_checkpoint_from_before_an_option_resumes_only_as_it_ran(glue_dir, tin
     assert run(glue_dir, tmp_path / "old", *args, "--resume", *old_flags, model=tiny_model_dir)["resumed"]
 
 
+def test_runs_compare_their_files_by_content_not_by_path(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """The same data and model reached by another path (a relative --data-dir, a copy elsewhere) resume and
+    compare; other data under the same path does not."""
+    from r3f_opt.experiments import report
+
+    args = ["--task", "rte", "--max-steps", "4", "--eval-every", "2"]
+    copy = tmp_path / "copy"
+    shutil.copytree(glue_dir / "RTE", copy / "glue" / "RTE")
+    shutil.copytree(tiny_model_dir, copy / "model")
+    standard = run(glue_dir, tmp_path / "s", *args, "--method", "standard", model=tiny_model_dir)
+    for name in ("r3f", "changed"):
+        restore = crash_at(monkeypatch, ft.RegularizedOptimizer, "step", 3)
+        with pytest.raises(KeyboardInterrupt):
+            run(glue_dir, tmp_path / name, *args, "--method", "r3f", model=tiny_model_dir)
+        restore()
+    monkeypatch.chdir(copy)
+    r3f = run(Path("glue"), tmp_path / "r3f", *args, "--method", "r3f", "--resume", model="model")
+    assert r3f["resumed"] and r3f["hyperparameters"]["train_file"] == str(copy / "glue" / "RTE" / "train.tsv")
+    assert r3f["hyperparameters"]["model"] == str(copy / "model")
+    assert report.budget_mismatches([standard, r3f]) == []
+    train = copy / "glue" / "RTE" / "train.tsv"
+    train.write_text(train.read_text().replace("\tnot_entailment\n", "\tentailment\n", 1))
+    with pytest.raises(SystemExit, match="different arguments.*'train_sha256'"):
+        run(Path("glue"), tmp_path / "changed", *args, "--method", "r3f", "--resume", model="model")
+    other = run(Path("glue"), tmp_path / "other", *args, "--method", "r3f", model="model")
+    assert [m for m in report.budget_mismatches([standard, other]) if "train_sha256" in m]
+
+
+def test_the_full_official_dev_set_is_recognised_however_it_is_named(glue_dir, tiny_model_dir, tmp_path):
+    base = ["--task", "rte", "--max-steps", "1", "--max-train-examples", "8", "--batch-size", "8", "--max-length", "16",
+            "--no-progress", "--model", tiny_model_dir, "--data-dir", str(glue_dir)]
+    for i, extra in enumerate([[], ["--eval-file", "RTE/dev.tsv"], ["--max-eval-examples", "100000"],
+                               ["--max-eval-examples", "276"]]):
+        ft.main([*base, *extra, "--output-dir", str(tmp_path / str(i))])
+        data = json.loads((tmp_path / str(i) / "results.json").read_text())["data"]
+        assert data["eval_is_full_official_dev"] is (data["n_eval"] == 277), (extra, data)
+
+
+def test_a_max_length_without_room_for_text_is_refused(glue_dir, tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--max-length 3 leaves no room for text: mrpc examples take 3 special "
+                                         "tokens; pass at least 4"):
+        run(glue_dir, tmp_path / "run", "--task", "mrpc", "--max-steps", "1", "--max-length", "3", model=tiny_model_dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_device_without_cuda_is_refused_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ft.main(["--task", "rte", "--output-dir", str(tmp_path), "--device", "cuda"])
+    assert "torch.cuda.is_available() is False); pass --device cpu" in capsys.readouterr().err
+
+
 def test_eval_every_epoch(glue_dir, tiny_model_dir, tmp_path):
     # 24 examples at batch 4: 6 steps per epoch; 2.5 epochs = 15 steps; evaluations after epochs 1, 2 and at the end
     res = run(glue_dir, tmp_path / "run", "--task", "rte", "--epochs", "2.5", "--eval-every", "epoch",
@@ -327,6 +380,8 @@ def test_no_progress_hides_the_model_loading_bars_too(glue_dir, tiny_model_dir, 
 @pytest.mark.parametrize("bad,match", [(["--lr", "0"], "--lr must be a finite number > 0"),
                                        (["--warmup-ratio", "1"], r"--warmup-ratio must be in \[0, 1\)"),
                                        (["--max-steps", "-1"], "--max-steps must be > 0"),
+                                       (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
+                                       (["--seed", str(2**60)], r"--seed must be in \[0, 2\*\*32\)"),
                                        (["--method", "sam"], "invalid choice")])
 def test_bad_arguments(tmp_path, capsys, bad, match):
     with pytest.raises(SystemExit):

@@ -239,3 +239,21 @@ def test_bad_input(glue_dir, tiny_model_dir, tmp_path, capsys):
             probe.main(["retention", "--chain", "rte", "--output-dir", str(tmp_path), "--model", tiny_model_dir,
                         *flags])
         assert message in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        probe.main(["retention", "--chain", "rte", "--output-dir", str(tmp_path / "afile"), "--model", tiny_model_dir])
+    assert "--output-dir" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+
+
+def test_cka_probe_set_is_never_silently_smaller_than_asked(glue_dir, tmp_path):
+    import argparse
+
+    def prober(probe_eval, cka):
+        return probe.Prober(argparse.Namespace(data_dir=glue_dir, probe_train_examples=8, probe_eval_examples=probe_eval,
+                                               cka_task=None, cka_examples=cka, model=None, output_dir=str(tmp_path)),
+                            ["rte"], "rte")
+
+    assert len(prober(None, 500).cka_texts) == 277  # RTE's whole dev set is smaller
+    assert len(prober(100, 50).cka_texts) == 50
+    with pytest.raises(SystemExit, match="--cka-examples 60 is more than the 50 rte dev examples --probe-eval-examples"):
+        prober(50, 60)

@@ -440,3 +440,10 @@ def test_power_uses_the_pooled_sd_and_small_p_is_printed_as_such(tmp_path):
                                                   stats.PAPER_EFFECT["mrpc"])
     c.update(p=1e-5, p_holm=2e-5)
     assert "| <0.001 | <0.001 |" in report.comparison_markdown([c])
+
+
+def test_best_metrics_of_runs_that_evaluated_at_different_rates_are_not_compared():
+    runs = [{"task": "rte", "hyperparameters": {"lr": 1e-4}, "settings": {"eval_every": every}} for every in (10, 50)]
+    assert report.budget_mismatches(runs) == []
+    assert report.budget_mismatches(runs, "best") == ["rte: runs differ in eval_every (10, 50), which the best "
+                                                      "evaluation depends on"]
