@@ -8,12 +8,14 @@ computed from the hidden states and the head's weight in chunks (``r3f_opt/linea
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
+from ._source import forward_source
 from .linear_kl import linear_r3f_loss
 from .noise import unwrap_model
 
@@ -21,11 +23,44 @@ __all__ = ["FusedLMHead", "CapturedPass"]
 
 #: model_type -> the factor a causal LM multiplies its head's output by (config attribute -> factor).
 _LOGIT_SCALES = {
-    "cohere": lambda c: c.logit_scale, "cohere2": lambda c: c.logit_scale,
-    "granite": lambda c: 1.0 / c.logits_scaling, "granitemoe": lambda c: 1.0 / c.logits_scaling,
-    "granitemoeshared": lambda c: 1.0 / c.logits_scaling, "granitemoehybrid": lambda c: 1.0 / c.logits_scaling,
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), lambda c: c.logit_scale),
+    **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "granitemoehybrid"),
+                    lambda c: 1.0 / c.logits_scaling),
 }
 _SCALE_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+#: config attributes that add to the loss or change the logits when set (non-zero): refused.
+_LOSS_ATTRS = ("z_loss_coefficient", "logits_soft_cap", "output_logit_soft_cap", "unpadded_vocab_size")
+
+
+_CASTS = r"\.float\(\)|\.contiguous\(\)|\.to\([^()]*\)"  # what may follow the head's output unchanged
+
+
+def _unexpressible(source: str, model_type: Optional[str]) -> Optional[str]:
+    """What in a causal LM's forward ``source`` the fused objective (shifted cross-entropy of ``h @ W.T + b``)
+    cannot reproduce, or None: a loss that is not ``self.loss_function(...)``, or a change to the logits after the
+    LM head other than a cast, Gemma's soft-capping or a known logit multiplier (checked on the config)."""
+    if not re.search(r"\bself\.loss_function\(", source):
+        return "computes its loss without self.loss_function (e.g. an unshifted cross-entropy)"
+    head = re.search(r"^[ \t]*(\w+)\s*=\s*self\.lm_head\(", source, re.M)
+    if head is None:
+        return None
+    line = source[head.start():source.find("\n", head.end())]
+    depth, end = 1, line.index("self.lm_head(") + len("self.lm_head(")
+    while depth and end < len(line):
+        depth += {"(": 1, ")": -1}.get(line[end], 0)
+        end += 1
+    rest = re.sub(_CASTS + r"|#.*", "", line[end:]).strip()
+    if rest and not re.fullmatch(r"[*/]\s*self\.(\w+\.)*(%s)" % "|".join(_SCALE_ATTRS), rest):
+        return f"changes its logits after the LM head ({line.strip()!r})"
+    var, after = head.group(1), source[head.end():]
+    # Gemma's soft-capping block, refused on the config where it is set
+    after = re.sub(r"^([ \t]*)if [^\n]*final_logit_softcapping[^\n]*:\n(?:\1[ \t]+[^\n]*\n)+", "", after, flags=re.M)
+    for later in re.finditer(rf"^[ \t]*{var} = (.*)$", after, re.M):  # a statement (keyword arguments: var=...)
+        text = re.sub(r"#.*", "", later.group(1)).strip()
+        if re.fullmatch(rf"{var}({_CASTS})+", text) or re.search("|".join(_SCALE_ATTRS), text):
+            continue  # a cast, or a logit multiplier (honoured, or refused on the config below)
+        return f"changes its logits after the LM head ({later.group(0).strip()!r})"
+    return None
 
 
 @dataclass
@@ -98,6 +133,20 @@ class FusedLMHead:
                              "from the hidden states, would drop; set config.output_router_logits=False (TRL: "
                              "router_aux_loss_coef=0.0), or use the logits path (fused_lm_head=False)")
         model_type = getattr(text, "model_type", None)
+        set_ = {a: getattr(text, a) for a in _LOSS_ATTRS if getattr(text, a, None) not in (None, 0, 0.0)}
+        if set_:
+            raise ValueError(f"{name} changes its logits or adds to its loss ({set_}), which the fused objective "
+                             "cannot express (its loss is the shifted cross-entropy of hidden @ W.T + b); use the "
+                             "logits path (fused_lm_head=False)")
+        source = forward_source(type(self.base))
+        reason = _unexpressible(source, model_type) if source is not None else None
+        from transformers.loss.loss_utils import LOSS_MAPPING
+
+        if reason is None and self.base.loss_function is not LOSS_MAPPING["ForCausalLM"]:
+            reason = f"computes its loss with {getattr(self.base.loss_function, '__name__', self.base.loss_function)}"
+        if reason is not None:
+            raise ValueError(f"{name} {reason}, which the fused objective (the shifted cross-entropy of hidden @ W.T "
+                             "+ b) would not reproduce; use the logits path (fused_lm_head=False)")
         if model_type in _LOGIT_SCALES:
             return float(_LOGIT_SCALES[model_type](text))
         scaled = {a: getattr(text, a) for a in _SCALE_ATTRS if getattr(text, a, None) not in (None, 1, 1.0)}

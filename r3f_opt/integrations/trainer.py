@@ -6,7 +6,6 @@ DDP ``no_sync`` and ``accelerator.backward`` apply to them unchanged; evaluation
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from ..methods.base import check_classes, check_same_shape, loss_scaled
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
 from ..r4f import r4f_state_dict
 from .._checks import check_number
+from .._source import forward_source
 
 __all__ = ["R3FTrainer", "R3FTrainerMixin", "R3FTrainingArguments", "R3FArguments"]
 
@@ -263,16 +263,9 @@ class R3FTrainerMixin:
             base = unwrap_model(getattr(base, "_orig_mod", base))
         if hasattr(base, "accepts_loss_kwargs"):  # the model says so itself (the Trainer read it)
             return
-        for cls in (c for c in type(base).__mro__ if "forward" in vars(c)):  # a subclass may defer to its parent's
-            try:
-                source = inspect.getsource(vars(cls)["forward"])
-            except (OSError, TypeError):  # no source to read: the Trainer's reading stands
-                return
-            if _passes_num_items(source):
-                return
-            if not re.search(r"super\(.*\)\.forward\(", source):
-                break
-        self.model_accepts_loss_kwargs = False
+        source = forward_source(type(base))  # a subclass may defer to its parent's
+        if source is not None and not _passes_num_items(source):  # no source to read: the Trainer's reading stands
+            self.model_accepts_loss_kwargs = False
 
     def _r3f_settings(self) -> dict:
         a = self.args

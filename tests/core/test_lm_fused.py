@@ -233,6 +233,33 @@ def test_refuses_what_it_cannot_express():
         FusedLMHead(FullyShardedDataParallel(tiny_lm()))
 
 
+def test_refuses_a_loss_or_logits_it_would_not_reproduce():
+    """Models whose loss is not transformers' shifted causal-LM cross-entropy of hidden @ W.T + b."""
+    bart = transformers.BartConfig(vocab_size=VOCAB, d_model=16, decoder_layers=1, decoder_attention_heads=2,
+                                   decoder_ffn_dim=32, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="BartForCausalLM computes its loss without self.loss_function"):
+        new_opt(transformers.BartForCausalLM(bart))  # an unshifted cross-entropy
+    for attr, value in (("z_loss_coefficient", 1e-4), ("logits_soft_cap", 30.0), ("unpadded_vocab_size", 90)):
+        with pytest.raises(ValueError, match=f"changes its logits or adds to its loss .*'{attr}'"):
+            new_opt(tiny_lm(**{attr: value}))
+    new_opt(tiny_lm(z_loss_coefficient=0.0))  # off: nothing to refuse
+    model = tiny_lm()
+    model._loss_function = lambda logits, labels, **kw: F.cross_entropy(logits.flatten(0, -2), labels.flatten())
+    with pytest.raises(ValueError, match="computes its loss with <lambda>"):
+        new_opt(model)
+
+    class LlamaForCausalLM(transformers.LlamaForCausalLM):  # a forward that changes the logits after the head
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+            logits = self.lm_head(hidden)
+            logits = 30 * torch.tanh(logits / 30)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB) if labels is not None else None
+            return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+    with pytest.raises(ValueError, match=r"changes its logits after the LM head \('logits = 30 \* torch.tanh"):
+        new_opt(LlamaForCausalLM(tiny_lm().config))
+
+
 def unchanged(model, opt, closure, error, match):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=match):
