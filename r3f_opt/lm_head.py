@@ -23,7 +23,8 @@ __all__ = ["FusedLMHead", "CapturedPass"]
 
 #: model_type -> the factor a causal LM multiplies its head's output by (config attribute -> factor).
 _LOGIT_SCALES = {
-    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), lambda c: c.logit_scale),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"),
+                    lambda c: 1.0 if c.logit_scale is None else c.logit_scale),
     **dict.fromkeys(("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "granitemoehybrid"),
                     lambda c: 1.0 / c.logits_scaling),
 }
