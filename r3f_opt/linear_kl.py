@@ -351,15 +351,18 @@ class _LinearR3F(torch.autograd.Function):
 
     The backward scales the saved gradients by the upstream gradient of ``total``. If ``ce`` or ``kl`` is
     itself backpropagated (e.g. ``(ce + 2 * kl).backward()``), it recomputes chunk by chunk with the
-    combined per-term weights instead (correct, and about 1.7x the cost).
+    combined per-term weights instead (correct, and about 1.7x the cost). So it does whenever float16 is
+    involved (GEMMs, hidden states or weight): the upstream gradient carries a GradScaler's loss scale, and
+    per-row gradients of size p / rows rounded to float16 before it is applied would underflow to 0.
     """
 
     @staticmethod
     def forward(ctx, hp, hq, weight, bias, labels, kmask, spec, lam, ce_scale, kl_scale, need, token_stats=None):
         ctx.set_materialize_grads(False)
+        ctx.defer = torch.float16 in (spec.gemm, hp.dtype, hq.dtype, weight.dtype)
         with torch.autocast(spec.device_type, enabled=False):
             ce_sum, kl_sum, grads = _run(spec, hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale * lam,
-                                         None, need, token_stats=token_stats)
+                                         None, (False,) * 4 if ctx.defer else need, token_stats=token_stats)
         ce = ce_sum * ce_scale if labels is not None else ce_sum
         kl = kl_sum * kl_scale
         total = ce + lam * kl
@@ -372,9 +375,9 @@ class _LinearR3F(torch.autograd.Function):
     def backward(ctx, g_total, g_ce, g_kl):
         hp, hq, weight, bias, labels, kmask, ce_scale, kl_scale, *grads = ctx.saved_tensors
         none = (None,) * 8
-        if g_ce is None and g_kl is None:
-            if g_total is None:
-                return (None,) * 4 + none
+        if g_ce is None and g_kl is None and g_total is None:
+            return (None,) * 4 + none
+        if g_ce is None and g_kl is None and not ctx.defer:
             return (*_scaled(grads, g_total), *none)
         zero = kl_scale.new_zeros(())
         g_total = zero if g_total is None else g_total.to(zero.dtype)

@@ -225,6 +225,35 @@ def test_16bit_inputs(dtype, reduction):
         assert err(f, r) <= 4 * rt
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fp16_with_a_loss_scale_keeps_small_gradients(autocast):
+    """fp16 with a GradScaler: the loss scale reaches the backward, so per-row gradients (p - q) / rows, far
+    below fp16's smallest number when the passes are close, must be scaled before they are rounded to fp16
+    (the materialised path's logits gradients are). Errors against float64, as a fraction of the reference."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v, scale = 512, 16, 1024, 2.0 ** 16
+    hp = torch.randn(n, h, generator=g)
+    hq, w = hp + 1e-3 * torch.randn(n, h, generator=g), 0.05 * torch.randn(v, h, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    ref = [t.double().requires_grad_() for t in (hp, hq, w)]
+    logits = [F.linear(x, ref[2]) for x in ref[:2]]
+    (F.cross_entropy(logits[0], labels) + symmetric_kl(*logits)).backward()
+    errors = {}
+    for path in ("fused", "materialised"):
+        x = [t.clone().requires_grad_() for t in (hp, hq, w)] if autocast else \
+            [t.half().requires_grad_() for t in (hp, hq, w)]
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            if path == "fused":
+                total = linear_r3f_loss(x[0], x[1], x[2], labels)[0]
+            else:
+                a, b = F.linear(x[0], x[2]), F.linear(x[1], x[2])
+                total = F.cross_entropy(a.float(), labels) + symmetric_kl(a, b)
+        (total * scale).backward()
+        errors[path] = [float((t.grad.double() / scale - r.grad).norm() / r.grad.norm()) for t, r in zip(x, ref)]
+    for f, m in zip(errors["fused"], errors["materialised"]):  # unscaled, the noisy side's gradient was all 0
+        assert f <= 2 * m + 1e-3, errors
+
+
 def test_mixed_dtypes_gradients_in_each_inputs_dtype():
     hp, hq, w, b = inputs((3, 4), 8, 50)
     x = [hp.bfloat16().requires_grad_(), hq.requires_grad_(), w.requires_grad_(), b.double().requires_grad_()]
