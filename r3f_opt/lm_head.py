@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._source import forward_source
 from .linear_kl import linear_r3f_loss
@@ -173,7 +174,9 @@ class FusedLMHead:
             raise ValueError(f"the LM head of {name} has its forward patched or hooked (accelerate's device_map "
                              "offloading?), which the fused objective would bypass; load the model on one device "
                              "without offloading, remove the hooks, or use the logits path (fused_lm_head=False)")
-        w = head.weight
+        # the stored weight: reading a spectrally normalised head's weight (R4F) would run its power iteration
+        parametrized = parametrize.is_parametrized(head, "weight")
+        w = head.parametrizations.weight.original if parametrized else head.weight
         if not w.is_floating_point() or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
             raise ValueError(f"the LM head's weight is a {type(w).__name__} of {w.dtype} (quantised or sharded); "
                              "fused_lm_head needs a plain floating-point weight: use the logits path")
@@ -261,10 +264,10 @@ class FusedLMHead:
         chunk_size = self.chunk_size if chunk_size is None else chunk_size
         if self.scale != 1.0:
             hc, hn = hc * self.scale, hn * self.scale
-        kind = self.head.weight.device.type
+        weight = self.head.weight  # read once: with R4F each read runs a power iteration (one per step here)
         enabled, dtype = clean.autocast
-        with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            return linear_r3f_loss(hc, hn, self.head.weight, labels.to(hc.device), self.head.bias, lam=lam,
+        with torch.autocast(weight.device.type, dtype=dtype, enabled=enabled):
+            return linear_r3f_loss(hc, hn, weight, labels.to(hc.device), self.head.bias, lam=lam,
                                    mask=mask, label_smoothing=label_smoothing, shift_labels=shift,
                                    reduction=reduction, num_items_in_batch=num_items_in_batch,
                                    noisy_grad=noisy_grad, chunk_size=chunk_size, token_stats=token_stats)

@@ -297,3 +297,18 @@ def test_peft_and_ddp_style_wrappers_are_unwrapped():
     logits = train(False, padded_batch, steps=2)
     fused = train(True, padded_batch, lambda: PeftLike(tiny_lm()), steps=2)
     assert_same_training(logits, (fused[0].base, fused[1]))
+
+
+def test_r4f_on_the_lm_head_runs_one_power_iteration_per_step(monkeypatch):
+    """Each read of a spectrally normalised weight in training mode runs a power iteration over V x H: the
+    fused objective reads it once per step (the logits path once per pass)."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    model = tiny_lm(dtype=torch.float32)
+    opt = new_opt(model, method="r4f", eps=1e-2, r4f_kwargs={"head": model.lm_head})
+    calls = []
+    norm = next(m for m in model.modules() if isinstance(m, _SpectralNorm))
+    monkeypatch.setattr(norm, "forward", lambda w, real=norm.forward: calls.append(1) or real(w))
+    batch = padded_batch(0)
+    result = opt.step(lambda: model(**batch))
+    assert len(calls) == 1 and torch.isfinite(result.loss)
