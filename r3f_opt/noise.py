@@ -20,16 +20,41 @@ NOISE_TYPES = ("uniform", "normal")
 NOISE_SCALES = ("absolute", "relative")
 
 
+def _inner(model: nn.Module) -> Optional[nn.Module]:
+    """The module a wrapper wraps, or None: DDP / DataParallel / FSDP1 (``.module``), ``torch.compile``
+    (``._orig_mod``), PEFT (``get_base_model()``)."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and inner is not model:
+        return inner
+    compiled = model.__dict__.get("_modules", {}).get("_orig_mod")
+    if isinstance(compiled, nn.Module):
+        return compiled
+    if callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+        return model.get_base_model()
+    return None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / FSDP1 (``.module``) and PEFT (``get_base_model()``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if isinstance(inner, nn.Module) and inner is not model:
-            model = inner
-        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
-            model = model.get_base_model()
-        else:
-            return model
+    """Strip DDP / DataParallel / FSDP1 (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT
+    (``get_base_model()``) wrappers."""
+    while (inner := _inner(model)) is not None:
+        model = inner
+    return model
+
+
+def guard_hooks_when_compiled(model: nn.Module, compiling: bool = False) -> None:
+    """When ``model`` is ``torch.compile``d (or will be: ``compiling``), make Dynamo guard on module hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards = False``). The noise hook is added for each perturbed
+    pass, after compilation; by default Dynamo does not check hooks, and a model whose embedding lookup sits
+    inside a compiled graph (GPT-2) would run the graph compiled without it: no noise."""
+    m = model
+    while not compiling and m is not None:
+        compiling = isinstance(m.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module)
+        m = _inner(m)
+    if compiling:
+        import torch._dynamo
+
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
 
 
 def find_embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:

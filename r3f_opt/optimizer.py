@@ -16,7 +16,7 @@ from ._warn import warn_user
 from .kl import REDUCTIONS, _bool_mask
 from .methods import Standard, StepResult, build_method, is_distributed_wrapper
 from .methods.base import check_classes, global_rng, loss_scaled, set_global_rng
-from .noise import EmbeddingNoise, default_seed
+from .noise import EmbeddingNoise, default_seed, guard_hooks_when_compiled
 
 __all__ = ["RegularizedOptimizer", "StepResult"]
 
@@ -260,6 +260,8 @@ class RegularizedOptimizer(Optimizer):
                                         noisy_embed_grad=noisy_embed_grad, r4f_kwargs=r4f_kwargs,
                                         method_kwargs=method_kwargs, same_dropout=same_dropout,
                                         noise_scale=noise_scale, fused_lm_head=fused_lm_head, lam=lam)
+        if method != "standard":
+            guard_hooks_when_compiled(model)  # a compiled model must see the noise hook added per pass
         self.optimizer = optimizer
         self.model, self.method, self.lam, self.noisy_grad = model, method, lam, noisy_grad
         self._warned_unmasked = False

@@ -20,7 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..kl import REDUCTIONS, symmetric_kl
 from ..methods import METHODS, RDrop, Standard, build_method, check_settings
 from ..methods.base import check_classes, check_same_shape, loss_scaled
-from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, noise_seed, unwrap_model
+from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, guard_hooks_when_compiled, noise_seed, unwrap_model
 from ..r4f import r4f_state_dict
 from .._checks import check_number
 from .._source import forward_source
@@ -243,6 +243,7 @@ class R3FTrainerMixin:
         self.r3f_regularizer = build_method(self.r3f_method, unwrap_model(self.model), seed=seed,
                                             **self._r3f_settings())
         self.r3f_noise = self.r3f_regularizer.noise
+        guard_hooks_when_compiled(self.model, compiling=bool(getattr(a, "torch_compile", False)))
         if self._r3f_proximal:
             self.add_callback(_TeacherFollows(self))
 
@@ -258,9 +259,7 @@ class R3FTrainerMixin:
         give what one batch of 8 gives. A model that declares ``accepts_loss_kwargs`` is left as it says."""
         if not getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None):
             return
-        base = self.model
-        while hasattr(base, "_orig_mod") or base is not unwrap_model(base):  # torch.compile, DDP, PEFT
-            base = unwrap_model(getattr(base, "_orig_mod", base))
+        base = unwrap_model(self.model)  # torch.compile, DDP, PEFT
         if hasattr(base, "accepts_loss_kwargs"):  # the model says so itself (the Trainer read it)
             return
         source = forward_source(type(base))  # a subclass may defer to its parent's

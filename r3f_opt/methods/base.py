@@ -91,7 +91,9 @@ def check_noise_reached(noise: EmbeddingNoise) -> None:
     if noise.calls == 0:
         raise RuntimeError(
             f"the perturbed pass never called the embedding module {type(noise.module).__name__} (did the closure "
-            "pass inputs_embeds?); pass embeddings= the module the model calls on its input ids")
+            "pass inputs_embeds?); pass embeddings= the module the model calls on its input ids. A torch.compile'd "
+            "model that the optimizer was not given (the closure calls it) needs torch._dynamo.config."
+            "skip_nnmodule_hook_guards = False before its first call, or its graph runs without the noise hook")
 
 
 class Standard:

@@ -286,25 +286,41 @@ def test_clipping_bounds_the_update():
     assert update.norm().item() == pytest.approx(1e-3, rel=1e-4)
 
 
-@pytest.mark.parametrize("method", ["r3f", "smart"])
-def test_a_compiled_model_steps_as_the_eager_one(method):
+@pytest.fixture
+def dynamo_defaults():
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # Dynamo's default, restored after
+        yield
+
+
+@pytest.mark.parametrize("method, kind, fused", [("r3f", "bert", False), ("smart", "bert", False),
+                                                 ("r3f", "gpt2-lm", False), ("r3f", "gpt2-lm", True)])
+@pytest.mark.usefixtures("dynamo_defaults")
+def test_a_compiled_model_steps_as_the_eager_one(method, kind, fused):
     """torch.compile(model): the noise hook reaches the compiled forward (a graph break at the seeded draw,
     without Dynamo's "does not know how to trace" warning), and the steps equal the eager model's. The
-    aot_eager backend traces as inductor does, without needing a C++ compiler."""
-    batch, result = toy_batch("bert"), {}
+    aot_eager backend traces as inductor does, without needing a C++ compiler. GPT-2's lookup sits inside
+    the compiled graph: Dynamo must guard on hooks (the optimizer turns that on), or it runs without noise."""
+    import torch._dynamo
+
+    batch, result = toy_batch(kind), {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = tiny_model("bert", dropout=0.0)  # no dropout: the KL is the noise's alone
+        model = tiny_model(kind, dropout=0.0)  # no dropout: the KL is the noise's alone
         run = torch.compile(model, backend="aot_eager") if compiled else model
         opt = RegularizedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), run, method=method, eps=1e-2,
-                                   seed=3)
+                                   seed=3, fused_lm_head=fused)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             kls = [opt.step(lambda: run(**batch)).sym_kl for _ in range(3) if opt.zero_grad() is None]
+        assert torch._dynamo.config.skip_nnmodule_hook_guards is not compiled
         assert not [w for w in caught if "Dynamo" in str(w.message) or "r3f_opt" in w.filename], caught
         result[compiled] = kls, [p.detach().clone() for p in model.parameters()]
     assert all(k > 0 for k in result[True][0])  # the noise reached the compiled model
-    torch.testing.assert_close(result[True], result[False], rtol=1e-5, atol=1e-7)
+    # GPT-2's attention key bias has a gradient of 0 up to rounding, which AdamW normalises: its compiled and
+    # eager updates differ by a few 1e-6
+    torch.testing.assert_close(result[True], result[False], rtol=1e-5, atol=1e-7 if kind == "bert" else 1e-5)
 
 
 def test_step_without_closure_only_steps_the_inner_optimizer():
