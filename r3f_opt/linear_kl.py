@@ -634,7 +634,9 @@ def linear_r3f_loss(
     if num_items_in_batch is None:
         ce_scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).to(math)
     else:
-        ce_scale = 1.0 / torch.as_tensor(num_items_in_batch, device=device).to(math)
+        # a tensor 0 (no label in any micro-batch: the sum is 0 too) gives ce 0, as with no counted label here
+        n_items = torch.as_tensor(num_items_in_batch, device=device).to(math)
+        ce_scale = torch.where(n_items > 0, 1.0 / n_items, torch.zeros_like(n_items))
     if reduction == "sum":
         kl_scale = torch.ones((), dtype=math, device=device)
     elif reduction == "batchmean":

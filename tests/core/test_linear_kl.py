@@ -141,6 +141,16 @@ def test_one_row_and_no_rows():
     assert torch.count_nonzero(w.grad) == 0 and hp.grad.shape == (0, 4)
 
 
+def test_no_label_in_any_micro_batch_gives_a_zero_cross_entropy():
+    """num_items_in_batch as a tensor 0 (the Trainer's count when no micro-batch has a label): ce 0, not 0/0."""
+    hp, hq, w, b = leaves(*inputs((2, 5), 4, 11, torch.float64))
+    labels = torch.full((2, 5), -100)
+    total, ce, kl = linear_r3f_loss(hp, hq, w, labels, b, num_items_in_batch=torch.tensor(0))
+    assert ce.item() == 0 and torch.isfinite(total) and total.item() == pytest.approx(kl.item())
+    total.backward()
+    assert all(torch.isfinite(t.grad).all() for t in (hp, hq, w, b))
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 def test_masks_all_none_partial_and_integer(reduction):
     hp, hq, w, b = inputs((4, 3), 5, 13, torch.float64)
