@@ -121,12 +121,14 @@ def _row_valid(mask_ptr, row, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _recentre(s, z, delta, alpha):
+def _recentre(s, c, delta, alpha):
     # S = sum exp(x - m) d' after the maxima moved: d' -> d' - delta and exp(x - m) -> alpha exp(x - m),
-    # so S -> alpha (S - delta Z). Z == 0 (nothing summed yet; m may still be the -3.4e38 sentinel, so
-    # delta may be huge or inf): S stays 0. A NaN Z or S stays NaN. (S is never +-inf in a guarded pass:
-    # entries that are -inf on one side only are kept apart, in x_a, x_b; see _lane_update.)
-    return tl.where(z == 0, s, (s - delta * z) * alpha)
+    # so S -> alpha (S - delta C), C = sum exp(x - m) over the entries S holds (Z in the fast pass; in a
+    # guarded pass Z less the entries -inf on the other side, which S leaves out). C == 0 (nothing summed
+    # yet; m may still be the -3.4e38 sentinel, so delta may be ~3.4e38): S stays. alpha is applied to C
+    # before delta: alpha = 0 (the old maximum far below the new one) then gives 0, not 3.4e38 * 2 * 0 =
+    # inf * 0 = NaN. A NaN C or S stays NaN.
+    return tl.where(c == 0, s, s * alpha - delta * (c * alpha))
 
 
 @triton.jit
@@ -138,18 +140,22 @@ def _exp(x):
 
 
 @triton.jit
-def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b, SAFE: tl.constexpr):
+def _lane_update(a, b, m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b, SAFE: tl.constexpr):
     # One tile [LANES, VEC] (float32, -inf where not read) into the per-lane statistics [LANES] of both
     # sides. Every reduction is along axis 1, which one thread holds: no communication. x_a, x_b (guarded
     # pass only; the fast pass returns them as they came): the largest logit of each side facing a -inf on
-    # the other side (see below).
+    # the other side (see below); c_a, c_b (guarded pass; the fast pass returns Z): the mass S holds.
     new_m_a = tl.maximum(m_a, tl.max(a, axis=1))
     new_m_b = tl.maximum(m_b, tl.max(b, axis=1))
     delta = (new_m_a - m_a) - (new_m_b - m_b)  # d' = (a - m_a) - (b - m_b) moves by -delta
     alpha_a = _exp(m_a - new_m_a)
     alpha_b = _exp(m_b - new_m_b)
-    s_a = _recentre(s_a, z_a, delta, alpha_a)
-    s_b = _recentre(s_b, z_b, delta, alpha_b)
+    if SAFE:
+        s_a = _recentre(s_a, c_a, delta, alpha_a)
+        s_b = _recentre(s_b, c_b, delta, alpha_b)
+    else:
+        s_a = _recentre(s_a, z_a, delta, alpha_a)
+        s_b = _recentre(s_b, z_b, delta, alpha_b)
     la = a - new_m_a[:, None]  # x - m: exact for x near m, whatever the offset of the row
     lb = b - new_m_b[:, None]
     e_a = _exp(la)
@@ -168,6 +174,8 @@ def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b, SAFE: tl.constexp
         x_b = tl.maximum(x_b, tl.max(tl.where(d == float("-inf"), b, float("-inf")), axis=1))
         d_a = tl.where((e_a == 0) | one_sided, 0.0, d)
         d_b = tl.where((e_b == 0) | one_sided, 0.0, d)
+        c_a = c_a * alpha_a + tl.sum(tl.where(one_sided, 0.0, e_a), axis=1)
+        c_b = c_b * alpha_b + tl.sum(tl.where(one_sided, 0.0, e_b), axis=1)
     else:
         # Fast pass: no guard on the probabilities, so 0 * inf (an entry -inf on one side only) makes S NaN
         # and the caller redoes the row SAFE. d' is NaN where both sides are -inf: the positions past the data
@@ -180,7 +188,10 @@ def _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b, SAFE: tl.constexp
     s_b = s_b + tl.sum(e_b * d_b, axis=1)
     z_a = z_a * alpha_a + tl.sum(e_a, axis=1)
     z_b = z_b * alpha_b + tl.sum(e_b, axis=1)
-    return new_m_a, z_a, s_a, new_m_b, z_b, s_b, x_a, x_b
+    if not SAFE:
+        c_a = z_a
+        c_b = z_b
+    return new_m_a, z_a, s_a, c_a, new_m_b, z_b, s_b, c_b, x_a, x_b
 
 
 @triton.jit
@@ -195,6 +206,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
     z_b = tl.zeros([LANES], tl.float32)
     s_a = tl.zeros([LANES], tl.float32)
     s_b = tl.zeros([LANES], tl.float32)
+    c_a = tl.zeros([LANES], tl.float32)
+    c_b = tl.zeros([LANES], tl.float32)
     x_a = tl.full([LANES], float("-inf"), tl.float32)
     x_b = tl.full([LANES], float("-inf"), tl.float32)
     if ALIGN > 1:
@@ -204,8 +217,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
             idx, ok = _edge_index(pos, start, body_hi, n_head, n_tail)
             a = tl.load(a_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
             b = tl.load(b_ptr + idx, mask=ok, other=float("-inf")).to(tl.float32)
-            m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b,
-                                                                  SAFE)
+            m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b = _lane_update(
+                a, b, m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b, SAFE)
         a_body = a_ptr + body_lo  # 16-byte aligned, provably: loads below are 128-bit
         b_body = b_ptr + body_lo
         for t in range(0, body_len, LANES * VEC):
@@ -213,8 +226,8 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
             ok = cols < read_len  # constant over each vector: read_len is a multiple of ALIGN
             a = tl.load(a_body + cols, mask=ok, other=float("-inf")).to(tl.float32)
             b = tl.load(b_body + cols, mask=ok, other=float("-inf")).to(tl.float32)
-            m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b,
-                                                                  SAFE)
+            m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b = _lane_update(
+                a, b, m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b, SAFE)
     else:
         a_row = _row_start(a_ptr, row, n1a, sa0, sa1)
         b_row = _row_start(b_ptr, row, n1b, sb0, sb1)
@@ -225,19 +238,20 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
             # Out-of-range entries read as -inf on both sides, which contribute exactly 0.
             a = tl.load(a_row + cols * sav, mask=ok, other=float("-inf")).to(tl.float32)
             b = tl.load(b_row + cols * sbv, mask=ok, other=float("-inf")).to(tl.float32)
-            m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b,
-                                                                  SAFE)
+            m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b = _lane_update(
+                a, b, m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b, SAFE)
     # The one cross-thread reduction of the program: merge the lanes.
-    m_a, z_a, s_a, m_b, z_b, s_b = _merge(m_a, z_a, s_a, m_b, z_b, s_b)
+    m_a, z_a, s_a, m_b, z_b, s_b = _merge(m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b)
     return m_a, z_a, s_a, m_b, z_b, s_b, tl.max(x_a, axis=0), tl.max(x_b, axis=0)
 
 
 @triton.jit
-def _merge(m_ai, z_ai, s_ai, m_bi, z_bi, s_bi):
+def _merge(m_ai, z_ai, s_ai, c_ai, m_bi, z_bi, s_bi, c_bi):
     # Statistics i (lanes, or parts of a row) each with their own maxima m_i, merged along axis 0 with the
     # overall maxima M = max_i m_i, w_i = exp(m_i - M), delta_i = (M_a - m_a,i) - (M_b - m_b,i):
-    #     Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
-    # (lanes that read nothing: m = sentinel, Z = S = 0, add nothing).
+    #     Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i C_i)
+    # with C_i the mass S_i holds (Z_i but in a guarded pass; see _recentre). Lanes that read nothing:
+    # m = sentinel, Z = S = C = 0, add nothing.
     m_a = tl.max(m_ai, axis=0)
     m_b = tl.max(m_bi, axis=0)
     w_a = _exp(m_ai - m_a)
@@ -245,8 +259,8 @@ def _merge(m_ai, z_ai, s_ai, m_bi, z_bi, s_bi):
     delta = (m_a - m_ai) - (m_b - m_bi)
     z_a = tl.sum(z_ai * w_a, axis=0)
     z_b = tl.sum(z_bi * w_b, axis=0)
-    s_a = tl.sum(_recentre(s_ai, z_ai, delta, w_a), axis=0)
-    s_b = tl.sum(_recentre(s_bi, z_bi, delta, w_b), axis=0)
+    s_a = tl.sum(_recentre(s_ai, c_ai, delta, w_a), axis=0)
+    s_b = tl.sum(_recentre(s_bi, c_bi, delta, w_b), axis=0)
     return m_a, z_a, s_a, m_b, z_b, s_b
 
 
@@ -348,12 +362,12 @@ def _sym_kl_merge_kernel(part_ptr, mask_ptr, out_ptr, stats_ptr, n_rows, n_parts
     p = tl.arange(0, PARTS)
     idx = row * n_parts + p
     ok = p < n_parts  # padding lanes: m = sentinel, Z = S = 0, so they add nothing
-    m_a, z_a, s_a, m_b, z_b, s_b = _merge(
-        tl.load(part_ptr + idx, mask=ok, other=_NEG_BIG), tl.load(part_ptr + plane + idx, mask=ok, other=0.0),
-        tl.load(part_ptr + 2 * plane + idx, mask=ok, other=0.0),
-        tl.load(part_ptr + 3 * plane + idx, mask=ok, other=_NEG_BIG),
-        tl.load(part_ptr + 4 * plane + idx, mask=ok, other=0.0),
-        tl.load(part_ptr + 5 * plane + idx, mask=ok, other=0.0))
+    z_ai = tl.load(part_ptr + plane + idx, mask=ok, other=0.0)
+    z_bi = tl.load(part_ptr + 4 * plane + idx, mask=ok, other=0.0)
+    m_a, z_a, s_a, m_b, z_b, s_b = _merge(  # fast-pass parts: S holds all of Z (C = Z)
+        tl.load(part_ptr + idx, mask=ok, other=_NEG_BIG), z_ai, tl.load(part_ptr + 2 * plane + idx, mask=ok, other=0.0),
+        z_ai, tl.load(part_ptr + 3 * plane + idx, mask=ok, other=_NEG_BIG), z_bi,
+        tl.load(part_ptr + 5 * plane + idx, mask=ok, other=0.0), z_bi)
     none = float("-inf")  # the fast pass has no one-sided entries to decide (x = -inf)
     _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, none, m_b, z_b, s_b, none, valid, True)
 
@@ -399,7 +413,8 @@ def _sym_kl_fwd_rows_kernel(
     m_b = tl.full([ROWS], _NEG_BIG, tl.float32)
     zero = tl.zeros([ROWS], tl.float32)
     none = tl.full([ROWS], float("-inf"), tl.float32)
-    m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _lane_update(a, b, m_a, zero, zero, m_b, zero, zero, none, none, True)
+    m_a, z_a, s_a, _, m_b, z_b, s_b, _, x_a, x_b = _lane_update(a, b, m_a, zero, zero, zero, m_b, zero, zero, zero,
+                                                                  none, none, True)
     _finish(out_ptr, stats_ptr, rows, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, x_b, valid, row_ok)
 
 

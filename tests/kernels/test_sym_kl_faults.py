@@ -277,6 +277,37 @@ def test_neg_inf_underflowing_against_the_row_but_not_its_lane(monkeypatch, back
         assert torch.count_nonzero(ga[r, ~keep]) == 0 and torch.count_nonzero(gb[r, ~keep]) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("path", ["aligned", "strided", "split"])
+def test_a_whole_lane_facing_neg_inf_on_one_side(monkeypatch, backend, path, dtype):
+    """Every column a lane (4 columns here) reads is -inf on one side and far below the row on the other
+    (a vocabulary block masked with -inf in one pass, -1e4 in the other), in its first tile or a later one;
+    and float32's lowest finite logit facing -1e9. The kernel gave NaN: the lane's maximum on the -inf side
+    stayed at the -3.4e38 sentinel, so the rescaling shift was ~3.4e38, times Z overflowed, times the zero
+    weight gave NaN; and the shift moved S by mass S did not hold. The entries contribute 0 on both paths."""
+    if backend == "triton":
+        small_tiles(monkeypatch, 16, 16 if path == "split" else 48, aligned=path == "aligned")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 40, generator=g)
+    b = a + 0.1 * torch.randn(5, 40, generator=g)
+    a[0, 0:4], b[0, 0:4] = -INF, -1e4  # lane 0 of the first tile
+    b[1, 0:4], a[1, 0:4] = -INF, -1e4  # the other side
+    a[2, 16:20], b[2, 16:20] = -INF, -1e4  # lane 0 of the second tile, after finite columns
+    b[3, 32:36], a[3, 32:36] = -INF, -1e9
+    a[4, 0:4], b[4, 0:4] = torch.finfo(torch.float32).min, -1e9  # no -inf: the sentinel's own value
+    a, b = a.to(dtype), b.to(dtype)
+    up = dev(torch.linspace(0.5, 1.5, 5))
+    got, ga, gb = value_and_grads(*dev(a, b), up)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for r in range(5):  # the reference without those columns: they contribute 0 (their probabilities are 0)
+        keep = torch.isfinite(a[r]) & torch.isfinite(b[r]) & (a[r] > -1e3) & (b[r] > -1e3)
+        want, wa, wb = reference_value_and_grads(a[r:r + 1, keep], b[r:r + 1, keep], up[r:r + 1].cpu())
+        torch.testing.assert_close(got[r:r + 1].double().cpu(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga[r:r + 1, keep].double().cpu(), wa, **tol)
+        torch.testing.assert_close(gb[r:r + 1, keep].double().cpu(), wb, **tol)
+        assert torch.count_nonzero(ga[r, ~keep]) == 0 and torch.count_nonzero(gb[r, ~keep]) == 0
+
+
 # Offsets below the row's maximum for entries facing a -inf: 20 and 80 leave a probability (> 2^-126 even after
 # log Z <= log 200), 120 and 200 underflow to 0 in float32; none falls in the windows where the paths may
 # differ (87-104 below on the GPU, about 103.6-104 in the interpreter: docs/kernels.md).
