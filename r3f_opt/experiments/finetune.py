@@ -367,8 +367,12 @@ class FineTune:
                               f"{torch.get_num_threads()}: sums are ordered differently, so the resumed run is not "
                               f"bit-identical to an uninterrupted one (OMP_NUM_THREADS={threads} to match)")
             saved = {**LATER_KEYS, **ckpt["config"]}
-            # files compare by content where the checkpoint has their fingerprints, else (older runs) by path
+            # files compare by content where the checkpoint has their fingerprints, else (older runs, which
+            # recorded paths as given) by absolute path from this folder
             skip = {k if name in saved else name for k, name in FINGERPRINTS.items()}
+            for key, name in FINGERPRINTS.items():
+                if name not in saved and isinstance(saved.get(key), str):
+                    saved[key] = os.path.abspath(saved[key])
             diff = {k: (saved.get(k), v) for k, v in self.config.items() if k not in skip and saved.get(k) != v}
             if diff:
                 raise SystemExit("r3f-finetune: --resume with different arguments than the checkpoint's run "

@@ -225,7 +225,8 @@ def _probe_data(args: argparse.Namespace, task: str) -> dict:
     texts, labels = load_examples(resolve(f"{t.folder}/{t.eval_file}", args.data_dir), task, None)
     idx = subset(len(labels), args.probe_eval_examples)  # the same subset as load_examples draws
     return {"train": train, "eval": ([texts[i] for i in idx], [labels[i] for i in idx]),
-            "eval_file": f"{t.folder}/{t.eval_file}", "official_dev": t.eval_official and len(idx) == len(labels)}
+            "eval_file": f"{t.folder}/{t.eval_file}", "official_dev": t.eval_official and len(idx) == len(labels),
+            "n_dev": len(labels)}
 
 
 class Prober:
@@ -237,7 +238,7 @@ class Prober:
         cka_task = args.cka_task or source
         cka_data = self.data[cka_task] if cka_task in self.data else _probe_data(args, cka_task)  # read once
         texts = cka_data["eval"][0]
-        if len(texts) < args.cka_examples and args.probe_eval_examples is not None and len(texts) == args.probe_eval_examples:
+        if len(texts) < min(args.cka_examples, cka_data["n_dev"]):  # --probe-eval-examples cut the dev set
             raise SystemExit(f"r3f-probe: --cka-examples {args.cka_examples} is more than the {len(texts)} {cka_task} "
                              "dev examples --probe-eval-examples keeps, which the CKA probe set is drawn from: raise "
                              "--probe-eval-examples or lower --cka-examples")

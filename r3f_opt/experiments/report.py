@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import statistics
 import textwrap
 from collections import defaultdict
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import stats
-from .data import FINGERPRINTS, LATER_KEYS, atomic_write
+from .data import FINGERPRINTS, LATER_KEYS, atomic_write, fingerprint
 from .glue import TASKS, majority_baseline
 
 __all__ = ["main", "load_runs", "unfinished", "arm", "summarize", "compare", "seed_notes", "comparison_markdown",
@@ -391,15 +392,39 @@ def budget_mismatches(runs: list[dict], which: str = "final") -> list[str]:
     out = []
     for task in sorted({r["task"] for r in runs}):
         task_runs = [r for r in runs if r["task"] == task]
-        # files compare by content where every run records its fingerprint, else (older runs) by path
-        keys = [FINGERPRINTS[k] if k in FINGERPRINTS and all(FINGERPRINTS[k] in r.get("hyperparameters", {})
-                                                              for r in task_runs) else k for k in BUDGET_KEYS]
-        out += differing(task_runs, keys, task)
-        every = {json.dumps(r.get("settings", {}).get("eval_every")) for r in task_runs}
-        if which == "best" and len(every) > 1:
-            out.append(f"{task}: runs differ in eval_every ({', '.join(sorted(every))}), which the best "
-                       "evaluation depends on")
+        for key in BUDGET_KEYS:
+            content = [_content(r, key) for r in task_runs] if key in FINGERPRINTS else [None]
+            if None not in content:  # files by content: the same data reached by other paths is the same
+                if len(set(content)) > 1:
+                    paths = sorted({json.dumps(r.get("hyperparameters", {}).get(key)) for r in task_runs})
+                    out.append(f"{task}: runs differ in {key} (its content; {', '.join(paths)})")
+            else:  # a file recorded by neither fingerprint nor an existing path: by path as recorded
+                out += differing(task_runs, [key], task)
+        schedules = {json.dumps([e.get("step") for e in r.get("evaluations", [])]) for r in task_runs}
+        if which == "best" and len(schedules) > 1:
+            out.append(f"{task}: runs evaluated at different steps, which the best evaluation depends on "
+                       "(--eval-every)")
     return out
+
+
+_FINGERPRINT_CACHE: dict = {}
+
+
+def _content(run: dict, key: str) -> Optional[str]:
+    """The SHA-256 of a run's file ``key`` (model, train_file, eval_file): as recorded, else (a run made before
+    r3f-finetune recorded it) that of the recorded path as it is now, if it exists; else None."""
+    hp = run.get("hyperparameters", {})
+    if hp.get(FINGERPRINTS[key]):
+        return hp[FINGERPRINTS[key]]
+    path = hp.get(key)
+    if not isinstance(path, str) or not os.path.exists(path):
+        return None
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = (real, stat.st_mtime_ns, stat.st_size)  # a folder's mtime moves when a file in it is replaced
+    if key not in _FINGERPRINT_CACHE:
+        _FINGERPRINT_CACHE[key] = fingerprint(real)
+    return _FINGERPRINT_CACHE[key]
 
 
 def markdown_table(rows: list[dict]) -> str:

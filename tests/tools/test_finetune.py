@@ -254,7 +254,30 @@ def test_runs_compare_their_files_by_content_not_by_path(glue_dir, tiny_model_di
     with pytest.raises(SystemExit, match="different arguments.*'train_sha256'"):
         run(Path("glue"), tmp_path / "changed", *args, "--method", "r3f", "--resume", model="model")
     other = run(Path("glue"), tmp_path / "other", *args, "--method", "r3f", model="model")
-    assert [m for m in report.budget_mismatches([standard, other]) if "train_sha256" in m]
+    assert [m for m in report.budget_mismatches([standard, other]) if "train_file (its content" in m]
+
+
+def test_a_checkpoint_from_before_fingerprints_resumes_by_its_paths(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """Checkpoints written before the SHA-256s recorded the paths as given (relative ones too): resumed from the
+    same folder with the same arguments, they match; with other data, they do not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(glue_dir / "RTE", copy / "glue" / "RTE")
+    shutil.copytree(tiny_model_dir, copy / "model")
+    monkeypatch.chdir(copy)
+    args = ["--task", "rte", "--method", "r3f", "--max-steps", "4", "--eval-every", "2"]
+    restore = crash_at(monkeypatch, ft.RegularizedOptimizer, "step", 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(Path("glue"), tmp_path / "old", *args, model="model")
+    restore()
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for key, name in (("model", "model_sha256"), ("train_file", "train_sha256"), ("eval_file", "eval_sha256")):
+        del ckpt["config"][name]
+    ckpt["config"].update(model="model", train_file="glue/RTE/train.tsv", eval_file="glue/RTE/dev.tsv")
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match="different arguments.*'eval_file'"):
+        run(Path("glue"), tmp_path / "old", *args, "--resume", "--eval-file", "RTE/train.tsv", model="model")
+    assert run(Path("glue"), tmp_path / "old", *args, "--resume", model="model")["resumed"]
 
 
 def test_the_full_official_dev_set_is_recognised_however_it_is_named(glue_dir, tiny_model_dir, tmp_path):

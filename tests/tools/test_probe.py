@@ -255,5 +255,6 @@ def test_cka_probe_set_is_never_silently_smaller_than_asked(glue_dir, tmp_path):
 
     assert len(prober(None, 500).cka_texts) == 277  # RTE's whole dev set is smaller
     assert len(prober(100, 50).cka_texts) == 50
+    assert len(prober(277, 300).cka_texts) == 277  # --probe-eval-examples as large as the dev set cuts nothing
     with pytest.raises(SystemExit, match="--cka-examples 60 is more than the 50 rte dev examples --probe-eval-examples"):
         prober(50, 60)

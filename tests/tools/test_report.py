@@ -442,8 +442,31 @@ def test_power_uses_the_pooled_sd_and_small_p_is_printed_as_such(tmp_path):
     assert "| <0.001 | <0.001 |" in report.comparison_markdown([c])
 
 
-def test_best_metrics_of_runs_that_evaluated_at_different_rates_are_not_compared():
-    runs = [{"task": "rte", "hyperparameters": {"lr": 1e-4}, "settings": {"eval_every": every}} for every in (10, 50)]
+def test_best_metrics_of_runs_that_evaluated_at_different_steps_are_not_compared():
+    def run(steps, every):
+        return {"task": "rte", "hyperparameters": {"lr": 1e-4}, "settings": {"eval_every": every},
+                "evaluations": [{"step": s} for s in steps]}
+
+    runs = [run([10, 20, 30], 10), run([30], 0)]
     assert report.budget_mismatches(runs) == []
-    assert report.budget_mismatches(runs, "best") == ["rte: runs differ in eval_every (10, 50), which the best "
-                                                      "evaluation depends on"]
+    assert report.budget_mismatches(runs, "best") == ["rte: runs evaluated at different steps, which the best "
+                                                      "evaluation depends on (--eval-every)"]
+    assert report.budget_mismatches([run([15, 30], "epoch"), run([15, 30], 15)], "best") == []  # the same steps
+
+
+def test_runs_recorded_before_fingerprints_compare_by_what_their_paths_hold_now(tmp_path, monkeypatch):
+    """An older run recorded a path as given (relative here) and no SHA-256: it compares by the content of that
+    path now, against a new run's recorded SHA-256; a path that no longer exists falls back to the paths."""
+    from r3f_opt.experiments.data import fingerprint
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.tsv").write_text("a\t1\n")
+    monkeypatch.chdir(tmp_path)
+    old = {"task": "rte", "hyperparameters": {"train_file": "d/train.tsv"}}
+    new = {"task": "rte", "hyperparameters": {"train_file": str(tmp_path / "d" / "train.tsv"),
+                                               "train_sha256": fingerprint(tmp_path / "d" / "train.tsv")}}
+    assert report.budget_mismatches([old, new]) == []
+    changed = {"task": "rte", "hyperparameters": {**new["hyperparameters"], "train_sha256": "0" * 64}}
+    assert [m for m in report.budget_mismatches([old, changed]) if "train_file (its content" in m]
+    gone = {"task": "rte", "hyperparameters": {"train_file": "elsewhere/train.tsv"}}
+    assert [m for m in report.budget_mismatches([gone, new]) if m.startswith("rte: runs differ in train_file (")]
