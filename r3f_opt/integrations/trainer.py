@@ -446,6 +446,7 @@ class R3FTrainerMixin:
         if not os.path.isfile(path):
             warnings.warn(f"{checkpoint} has no {TEACHER_NAME}: SMART's proximal teacher restarts from the resumed "
                           "parameters", stacklevel=2)
+            self.r3f_regularizer.teacher = None  # not one from an earlier train() of this trainer
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.r3f_regularizer.check_state(state)

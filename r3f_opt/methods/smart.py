@@ -10,8 +10,9 @@ Optionally (``proximal = mu > 0``; off by default) the momentum Bregman proximal
 
     L += mu * KL_S(f(x; theta) || f(x; theta_tilde)),   theta_tilde <- beta * theta_tilde + (1 - beta) * theta
 
-with the teacher ``theta_tilde`` (a copy of the trainable parameters, saved in ``state_dict``; the
-parameters' values at the first step) moved towards the parameters after every optimizer update, once per
+with the teacher ``theta_tilde`` (a copy of the trainable parameters, in float32 at least, so that the
+moving average moves for bf16 / fp16 parameters too; saved in ``state_dict``; the parameters' values at the
+first step) moved towards the parameters after every optimizer update, once per
 update however many micro-batches it accumulated, and not for a skipped step. The paper uses mu = 1,
 beta = 0.99.
 
@@ -29,6 +30,12 @@ from .base import Passes, Standard, StepResult, check_noise_reached, check_same_
 from .r3f import embedding_noise
 
 __all__ = ["SMART"]
+
+
+def _teacher_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit parameters: in their dtype, beta * t + (1 - beta) * p rounds back to t (bf16 keeps 8
+    bits), and the teacher would never move."""
+    return torch.promote_types(p.dtype, torch.float32)
 
 
 class SMART(Standard):
@@ -74,7 +81,7 @@ class SMART(Standard):
     def teacher_logits(self, passes: Passes) -> torch.Tensor:
         """One pass with the teacher's values (the parameters' own at the first step), no gradient."""
         if self.teacher is None:
-            self.teacher = [p.detach().clone() for p in self.params]
+            self.teacher = [p.detach().to(_teacher_dtype(p), copy=True) for p in self.params]
         current = [p.detach().clone() for p in self.params]
         for p, t in zip(self.params, self.teacher):
             p.copy_(t)
@@ -99,7 +106,7 @@ class SMART(Standard):
         self.noise.load_state_dict(state)
         teacher = state.get("teacher")
         self.teacher = None if teacher is None else [
-            t.detach().to(device=p.device, dtype=p.dtype).clone() for t, p in zip(teacher, self.params)]
+            t.detach().to(device=p.device, dtype=_teacher_dtype(p), copy=True) for t, p in zip(teacher, self.params)]
 
     def term(self, passes: Passes, clean: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
              noise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

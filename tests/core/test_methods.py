@@ -422,6 +422,27 @@ def test_smart_proximal_term_matches_a_hand_written_reference():
         torch.testing.assert_close(t, beta * theta0[n] + (1 - beta) * theta1[n], msg=n)
 
 
+def test_smart_teacher_of_bfloat16_parameters_is_float32_and_moves():
+    """In bf16, beta * t + (1 - beta) * p with p 1 % away rounds back to t: the teacher would never move."""
+    model = bert64().to(torch.bfloat16)
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, method="smart", lam=0.0,
+                               eps=1e-3, method_kwargs=dict(proximal=1.0, proximal_momentum=0.99))
+    opt.step(lambda: model(**toy_batch("bert")))
+    teacher = opt.regularizer.teacher
+    assert {t.dtype for t in teacher} == {torch.float32}
+    with torch.no_grad():
+        for p in opt.regularizer.params:
+            p.mul_(1.01)
+    gap = sum(float((t - p.float()).norm()) for t, p in zip(teacher, opt.regularizer.params))
+    for _ in range(100):
+        opt.regularizer.after_update()
+    after = sum(float((t - p.float()).norm()) for t, p in zip(teacher, opt.regularizer.params))
+    assert after == pytest.approx(gap * 0.99 ** 100, rel=0.05)
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    assert {t.dtype for t in opt.regularizer.teacher} == {torch.float32}
+
+
 def test_smart_teacher_moves_once_per_update_not_per_micro_batch_nor_for_a_skipped_step():
     beta = 0.5
     model = bert64()

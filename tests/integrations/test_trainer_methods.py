@@ -84,9 +84,14 @@ def test_smart_proximal_teacher_is_checkpointed_and_resumed(tmp_path):
     for t, u in zip(full.r3f_regularizer.teacher, resumed.r3f_regularizer.teacher):
         torch.testing.assert_close(t, u, rtol=1e-5, atol=1e-6)
     (tmp_path / "a" / "checkpoint-2" / "r3f_smart_teacher.pt").unlink()
-    again = _proximal_trainer(tmp_path / "a", **common)
+    start = []  # the teacher at the resumed run's first step: the resumed parameters, not the old teacher
+    real = full.r3f_regularizer.teacher_logits
+    full.r3f_regularizer.teacher_logits = lambda passes: start.append(
+        None if full.r3f_regularizer.teacher is None else [t.clone() for t in full.r3f_regularizer.teacher]) or \
+        real(passes)
     with pytest.warns(UserWarning, match="no r3f_smart_teacher.pt: SMART's proximal teacher restarts"):
-        again.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+        full.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))  # the same trainer again
+    assert start[0] is None
 
 
 def test_smart_teacher_stays_for_a_skipped_step(tmp_path, monkeypatch):
