@@ -43,18 +43,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def guard_hooks_when_compiled(model: nn.Module, compiling: bool = False) -> None:
-    """When ``model`` is ``torch.compile``d (or will be: ``compiling``), make Dynamo guard on module hooks
-    (``torch._dynamo.config.skip_nnmodule_hook_guards = False``). The noise hook is added for each perturbed
-    pass, after compilation; by default Dynamo does not check hooks, and a model whose embedding lookup sits
-    inside a compiled graph (GPT-2) would run the graph compiled without it: no noise."""
+    """When ``model`` is ``torch.compile``d (``torch.compile(model)``, or ``compile()`` on it or a submodule), or
+    will be (``compiling``), make Dynamo guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards
+    = False``). The noise hook is added for each perturbed pass, after compilation; by default Dynamo does not
+    check hooks, and a model whose embedding lookup sits inside a compiled graph (GPT-2) would run the graph
+    compiled without it: no noise. Graphs compiled before (the model already called) lack those guards, so
+    turning the setting on also clears Dynamo's caches (``torch._dynamo.reset()``: one recompilation)."""
     m = model
     while not compiling and m is not None:
         compiling = isinstance(m.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module)
         m = _inner(m)
+    compiling = compiling or any(getattr(sub, "_compiled_call_impl", None) is not None for sub in model.modules())
     if compiling:
         import torch._dynamo
 
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        if torch._dynamo.config.skip_nnmodule_hook_guards:
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            torch._dynamo.reset()
 
 
 def find_embeddings(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:

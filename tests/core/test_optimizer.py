@@ -323,6 +323,24 @@ def test_a_compiled_model_steps_as_the_eager_one(method, kind, fused):
     torch.testing.assert_close(result[True], result[False], rtol=1e-5, atol=1e-7 if kind == "bert" else 1e-5)
 
 
+@pytest.mark.parametrize("how", ["called before", "compiled in place"])
+@pytest.mark.usefixtures("dynamo_defaults")
+def test_a_compiled_gpt2_gets_its_noise_however_it_was_compiled(how):
+    """A graph compiled before the optimizer turned hook guards on has none (the model was already called),
+    and nn.Module.compile() leaves no _orig_mod to recognise: both ran the noisy pass without noise."""
+    batch = toy_batch("gpt2-lm")
+    model = tiny_model("gpt2-lm", dropout=0.0)
+    if how == "called before":
+        run = torch.compile(model, backend="aot_eager")
+    else:
+        model.compile(backend="aot_eager")
+        run = model
+    run(**batch)  # e.g. an evaluation before training
+    opt = RegularizedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), run, eps=1e-2)
+    mask = batch["attention_mask"].bool()
+    assert all(opt.step(lambda: run(**batch), mask=mask).sym_kl > 0 for _ in range(2))
+
+
 def test_step_without_closure_only_steps_the_inner_optimizer():
     model, opt = make(dropout=0.0, lr=1e-2)
     out = model(**toy_batch("bert"))
