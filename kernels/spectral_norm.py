@@ -667,3 +667,7 @@ def spectral_normalize(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n
         raise ValueError(f"max_fused_elements must be >= 0, got {max_fused_elements}")
     fused = fits_one_program(C, H, max_fused_elements)
     return _apply(weight, u, v, n_iters, eps, fused)[0]
+
+
+# How triton.jit built the kernels when this module was imported (r3f_opt._dispatch reads it).
+INTERPRETED = type(_normalize).__name__ == "InterpretedFunction"

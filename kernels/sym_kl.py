@@ -23,13 +23,16 @@ Per tile a lane takes the max of its VEC columns (no communication), and when th
 (m_a, m_b) to (m_a', m_b') rescales with alpha = exp(m - m') and re-centres: the d' of the entries already
 summed moves by -delta, delta = (m_a' - m_a) - (m_b' - m_b)::
 
-    Z  ->  alpha * Z        S  ->  alpha * (S - delta * Z)
+    Z  ->  alpha * Z        S  ->  S * alpha - delta * (C * alpha)
+
+with C the mass S holds (Z in the fast pass; in the guarded one Z less the entries facing a -inf, which S
+leaves out), and alpha applied first: delta is ~3.4e38 while a lane's maximum is still the sentinel.
 
 then adds exp(x - m') and exp(x - m') * d' of its VEC columns. There is no cross-thread reduction (no
 barrier, no shuffle) inside the loop: the lanes are merged once, after it, with the same algebra (lane i
 with maxima m_i, M = max_i m_i, w_i = exp(m_i - M), delta_i = (M_a - m_a,i) - (M_b - m_b,i))::
 
-    Z = sum_i w_i Z_i        S = sum_i w_i (S_i - delta_i Z_i)
+    Z = sum_i w_i Z_i        S = sum_i (w_i S_i - delta_i w_i C_i)
 
 Then E_p[d'] = S_a / Z_a, E_q[d'] = S_b / Z_b (d' now with the row's maxima), KL_S = E_p[d'] - E_q[d'].
 The loop adds exp(x - m') * d' unguarded: where -inf entries make it 0 * inf, S turns NaN while Z does not, so
@@ -822,3 +825,8 @@ def symmetric_kl_rows(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Ten
             raise ValueError(f"mask needs one entry per row ({a[..., 0].numel()}), got {mask.numel()}")
         mask = mask.to(device=a.device).reshape(-1).contiguous()
     return SymmetricKLRows.apply(a, b, mask)
+
+
+# How triton.jit built the kernels when this module was imported (r3f_opt._dispatch reads it): for Triton's CPU
+# interpreter (TRITON_INTERPRET=1 then) or compiled for a GPU, whatever the variable says later.
+INTERPRETED = type(_sym_kl_fwd_kernel).__name__ == "InterpretedFunction"

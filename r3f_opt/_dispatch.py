@@ -12,9 +12,11 @@ When Triton is wanted but cannot be imported, the PyTorch path runs after a one-
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 import os
+import sys
 import warnings
+from contextlib import nullcontext
+from typing import Optional
 
 import torch
 
@@ -43,8 +45,23 @@ def _warn_missing(op: str) -> None:
     )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_KERNEL_MODULES = ("r3f_opt.kernels.sym_kl", "r3f_opt.kernels.spectral_norm")
+
+
+def _interpreter_problem() -> Optional[str]:
+    """Why the kernels cannot run in Triton's interpreter now, or None. ``triton.jit`` builds them for it (or
+    for a GPU) when a kernel module is imported, reading ``TRITON_INTERPRET`` then, and Triton reads it again
+    at every launch: it must be set before the first import and stay set."""
+    now = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    built = [getattr(sys.modules[n], "INTERPRETED", now) for n in _KERNEL_MODULES if n in sys.modules]
+    if not now and not any(built):
+        return "set TRITON_INTERPRET=1 before r3f_opt's kernels are first imported (used)"
+    if not now:
+        return "TRITON_INTERPRET=1 was unset after the kernels were built for the interpreter: keep it set"
+    if not all(built):
+        return ("r3f_opt's kernels were imported before TRITON_INTERPRET=1 was set, so they were built for a GPU: "
+                "set it at the start of the process")
+    return None
 
 
 def kernel_mode() -> str:
@@ -66,12 +83,11 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     if not triton_available():
         _warn_missing(op)
         return False
-    if not on_cuda and not _interpreting():
+    problem = None if on_cuda else _interpreter_problem()
+    if problem is not None:
         devices = sorted({str(t.device) for t in tensors})
-        raise RuntimeError(
-            f"R3F_KERNELS=triton asks for the Triton {op} kernel on {devices} tensors; Triton runs on CPU "
-            "only in its interpreter: set TRITON_INTERPRET=1 before importing triton, or unset R3F_KERNELS."
-        )
+        raise RuntimeError(f"R3F_KERNELS=triton asks for the Triton {op} kernel on {devices} tensors; Triton runs on "
+                           f"CPU only in its interpreter: {problem}; or unset R3F_KERNELS.")
     return True
 
 

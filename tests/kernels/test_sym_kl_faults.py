@@ -282,7 +282,8 @@ def test_neg_inf_underflowing_against_the_row_but_not_its_lane(monkeypatch, back
 def test_a_whole_lane_facing_neg_inf_on_one_side(monkeypatch, backend, path, dtype):
     """Every column a lane (4 columns here) reads is -inf on one side and far below the row on the other
     (a vocabulary block masked with -inf in one pass, -1e4 in the other), in its first tile or a later one;
-    and float32's lowest finite logit facing -1e9. The kernel gave NaN: the lane's maximum on the -inf side
+    and float32's lowest finite logit filling a lane, facing -1e9 (mixed with other logits in a lane it still
+    overflows the kernel's float32 sums: docs/kernels.md). The kernel gave NaN: the lane's maximum on the -inf side
     stayed at the -3.4e38 sentinel, so the rescaling shift was ~3.4e38, times Z overflowed, times the zero
     weight gave NaN; and the shift moved S by mass S did not hold. The entries contribute 0 on both paths."""
     if backend == "triton":

@@ -434,3 +434,27 @@ def test_finite_rows_are_read_once_whatever_their_tiling(monkeypatch, triton_onl
         want[row] = reference_rows(a[row:row + 1, keep].double(), b[row:row + 1, keep].double())[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert spy.safe.count(True) == 1  # row 3 only
+
+
+@pytest.mark.parametrize("before, after, match", [
+    ("0", "1", "imported before TRITON_INTERPRET=1 was set, so they were built for a GPU"),
+    ("1", "0", "TRITON_INTERPRET=1 was unset after the kernels were built for the interpreter"),
+])
+def test_interpreter_set_or_unset_after_the_kernels_were_built_is_a_clear_error(before, after, match):
+    """triton.jit builds the kernels for the interpreter or a GPU when their module is imported, and Triton reads
+    TRITON_INTERPRET again at each launch: a change in between was Triton's own "0 active drivers" error."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n"
+            "import r3f_opt.kernels.sym_kl\n"
+            f"os.environ['TRITON_INTERPRET'] = {after!r}\n"
+            "from r3f_opt import symmetric_kl\n"
+            "try:\n"
+            "    symmetric_kl(torch.randn(2, 40), torch.randn(2, 40))\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    env = {**os.environ, "TRITON_INTERPRET": before, "R3F_KERNELS": "triton"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert match in out.stdout and "unset R3F_KERNELS" in out.stdout, (out.stdout, out.stderr[-2000:])
