@@ -42,7 +42,9 @@ per row that otherwise reads three floats) redoes such a row, whole, with the gu
 fast kernel's occupancy). That pass keeps entries that are -inf on one side only out of S and remembers the
 largest logit facing one (x_a, x_b: merged by max); with the row's m and log Z it decides whether that
 probability is positive (KL_S = +inf) or underflows (the entries add 0), which no lane can tell from its own
-maximum. Exponentials are tl.exp2(x log2 e): one MUFU.EX2 on the GPU, which flushes results below
+maximum. It also redoes rows that came out +-inf with finite log Z, and sums Z, S, C (and the maxima's shift)
+in float64: logits of float32's own magnitude (finfo.min as a mask in one input) overflow the fast pass's
+float32 sums. Exponentials are tl.exp2(x log2 e): one MUFU.EX2 on the GPU, which flushes results below
 2^-126 to 0 (the interpreter and the PyTorch path keep them as subnormals).
 Six floats per row are saved (m_a, m_b, log Z_a, log Z_b, E_p[d'], E_q[d']), plus the inputs: the maxima
 and log Z are kept apart, because lse = m + log Z rounded to float32 at |m| ~ 1e6 is off by up to 0.03
@@ -150,7 +152,8 @@ def _lane_update(a, b, m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b, SAFE: t
     # the other side (see below); c_a, c_b (guarded pass; the fast pass returns Z): the mass S holds.
     new_m_a = tl.maximum(m_a, tl.max(a, axis=1))
     new_m_b = tl.maximum(m_b, tl.max(b, axis=1))
-    delta = (new_m_a - m_a) - (new_m_b - m_b)  # d' = (a - m_a) - (b - m_b) moves by -delta
+    # d' = (a - m_a) - (b - m_b) moves by -delta
+    delta = (_acc(new_m_a, SAFE) - _acc(m_a, SAFE)) - (_acc(new_m_b, SAFE) - _acc(m_b, SAFE))
     alpha_a = _exp(m_a - new_m_a)
     alpha_b = _exp(m_b - new_m_b)
     if SAFE:
@@ -187,14 +190,31 @@ def _lane_update(a, b, m_a, z_a, s_a, c_a, m_b, z_b, s_b, c_b, x_a, x_b, SAFE: t
         # makes Z NaN, and the row NaN, whatever S is.)
         d_a = tl.where(d == d, d, 0.0)
         d_b = d_a
-    s_a = s_a + tl.sum(e_a * d_a, axis=1)  # a chain of FMAs in one thread
-    s_b = s_b + tl.sum(e_b * d_b, axis=1)
+    if SAFE:  # |exp(x - m) d'| <= 3.4e38, so a tile's sum is taken at 2^-64 (exact but for subnormal terms)
+        s_a = s_a + _acc(tl.sum(e_a * (d_a * 5.421010862427522e-20), axis=1), SAFE) * 1.8446744073709552e19
+        s_b = s_b + _acc(tl.sum(e_b * (d_b * 5.421010862427522e-20), axis=1), SAFE) * 1.8446744073709552e19
+    else:
+        s_a = s_a + tl.sum(e_a * d_a, axis=1)  # a chain of FMAs in one thread
+        s_b = s_b + tl.sum(e_b * d_b, axis=1)
     z_a = z_a * alpha_a + tl.sum(e_a, axis=1)
     z_b = z_b * alpha_b + tl.sum(e_b, axis=1)
     if not SAFE:
         c_a = z_a
         c_b = z_b
     return new_m_a, z_a, s_a, c_a, new_m_b, z_b, s_b, c_b, x_a, x_b
+
+
+@triton.jit
+def _acc(x, SAFE: tl.constexpr):
+    # The dtype of the sums Z, S, C and of the maxima's shift delta: float32, and float64 in the guarded pass,
+    # whose rows are rare and may hold logits of float32's own magnitude (finfo.min as a mask in one input):
+    # there exp(x - m) * d' summed over a lane, or a maximum's shift from the sentinel, overflows float32
+    # (then inf * 0 = NaN). The tiles stay float32.
+    if SAFE:
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -205,12 +225,13 @@ def _fwd_pass(a_ptr, b_ptr, row, lo, hi, valid, n1a, sa0, sa1, sav, n1b, sb0, sb
     pos = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     m_a = tl.full([LANES], _NEG_BIG, tl.float32)
     m_b = tl.full([LANES], _NEG_BIG, tl.float32)
-    z_a = tl.zeros([LANES], tl.float32)
-    z_b = tl.zeros([LANES], tl.float32)
-    s_a = tl.zeros([LANES], tl.float32)
-    s_b = tl.zeros([LANES], tl.float32)
-    c_a = tl.zeros([LANES], tl.float32)
-    c_b = tl.zeros([LANES], tl.float32)
+    zero = _acc(tl.zeros([LANES], tl.float32), SAFE)  # Z, S, C: float64 in the guarded pass
+    z_a = zero
+    z_b = zero
+    s_a = zero
+    s_b = zero
+    c_a = zero
+    c_b = zero
     x_a = tl.full([LANES], float("-inf"), tl.float32)
     x_b = tl.full([LANES], float("-inf"), tl.float32)
     if ALIGN > 1:
@@ -259,7 +280,8 @@ def _merge(m_ai, z_ai, s_ai, c_ai, m_bi, z_bi, s_bi, c_bi):
     m_b = tl.max(m_bi, axis=0)
     w_a = _exp(m_ai - m_a)
     w_b = _exp(m_bi - m_b)
-    delta = (m_a - m_ai) - (m_b - m_bi)
+    wide = s_ai.dtype  # the sums' dtype: float64 in the guarded pass (a shift from the sentinel overflows float32)
+    delta = (m_a.to(wide) - m_ai.to(wide)) - (m_b.to(wide) - m_bi.to(wide))
     z_a = tl.sum(z_ai * w_a, axis=0)
     z_b = tl.sum(z_bi * w_b, axis=0)
     s_a = tl.sum(_recentre(s_ai, c_ai, delta, w_a), axis=0)
@@ -278,8 +300,9 @@ def _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, 
     # against the row, exp((x - m) - log Z) (the PyTorch path's and the backward's expression), is positive,
     # the supports differ and KL_S = +inf: E_p[d'] = +inf (a finite, b = -inf) or E_q[d'] = -inf (the
     # reverse). Otherwise those entries underflowed and add 0.
-    s_a = tl.where(_exp((x_a - m_a) - lz_a) > 0, float("inf"), s_a)
-    s_b = tl.where(_exp((x_b - m_b) - lz_b) > 0, float("-inf"), s_b)
+    # (in float32, as the PyTorch path decides, also where the guarded pass's statistics are float64)
+    s_a = tl.where(_exp(((x_a - m_a) - lz_a).to(tl.float32)) > 0, float("inf"), s_a)
+    s_b = tl.where(_exp(((x_b - m_b) - lz_b).to(tl.float32)) > 0, float("-inf"), s_b)
     e_p = tl.where(z_a == 0, 0.0, s_a / z_a)  # E_p[d']
     e_q = tl.where(z_b == 0, 0.0, s_b / z_b)  # E_q[d']
     kl = tl.where(valid, e_p - e_q, 0.0)  # KL_S = E_p[d'] - E_q[d'] (= E_p[d] - E_q[d])
@@ -390,7 +413,7 @@ def _sym_kl_fwd_guarded_kernel(
     kl = tl.load(out_ptr + row)
     lz_a = tl.load(stats_ptr + 2 * plane + row)
     lz_b = tl.load(stats_ptr + 3 * plane + row)
-    if (kl != kl) & (lz_a == lz_a) & (lz_b == lz_b):
+    if ((kl != kl) | (tl.abs(kl) == float("inf"))) & (lz_a == lz_a) & (lz_b == lz_b):
         m_a, z_a, s_a, m_b, z_b, s_b, x_a, x_b = _fwd_pass(a_ptr, b_ptr, row, 0, V, row >= 0, n1a, sa0, sa1, sav,
                                                            n1b, sb0, sb1, sbv, V, LANES, VEC, ALIGN, True)
         _finish(out_ptr, stats_ptr, row, n_rows, m_a, z_a, s_a, x_a, m_b, z_b, s_b, x_b, True, True)
@@ -723,7 +746,8 @@ def _forward(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor]):
                     _launch(_sym_kl_merge_kernel, (n_rows,), part, mask_arg, out, stats, n_rows, n_parts,
                             HAS_MASK=has_mask, PARTS=triton.next_power_of_2(n_parts))
                 _launch(_sym_kl_fwd_guarded_kernel, (n_rows,), a, b, out, stats, n_rows, vocab, *lay_a, *lay_b,
-                        LANES=p.lanes, VEC=p.vec, ALIGN=p.align, num_warps=p.num_warps)
+                        LANES=p.lanes, VEC=p.vec, ALIGN=p.align,
+                        num_warps=min(2 * p.num_warps, 16))  # its float64 sums: half the lanes per thread
     return out, stats, (n_rows, lay_a, lay_b, p), a, b
 
 

@@ -428,10 +428,9 @@ def symmetric_kl(
     into both inputs and are returned in each input's dtype. CUDA tensors use the fused Triton kernel
     (``r3f_opt.kernels.sym_kl``), others the PyTorch path; ``R3F_KERNELS=torch|triton`` overrides this
     (float64 always takes the PyTorch path). Both paths give the same answers, edge cases included, but for
-    one window on the GPU, where a -inf on one side faces a probability below 2^-126, and logits of float32's own
-    magnitude (1e37 and beyond, e.g. ``finfo.min`` as a mask in one input only) facing ordinary ones, which
-    overflow the kernel's float32 sums (NaN or +-inf where this path is finite; mask with -inf instead;
-    docs/kernels.md).
+    one window on the GPU, where a -inf on one side faces a probability below 2^-126, and rows whose value is
+    beyond float32 (logits of its own magnitude, e.g. ``finfo.min`` as a mask in one input only), where the
+    kernel, summing such rows in float64, may return the value where this path gives +inf (docs/kernels.md).
     A constant offset between the two inputs (``q_logits = p_logits + c`` per row) costs no precision.
 
     Edge cases (per counted row; masked rows are never looked at):

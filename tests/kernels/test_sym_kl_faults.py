@@ -282,25 +282,26 @@ def test_neg_inf_underflowing_against_the_row_but_not_its_lane(monkeypatch, back
 def test_a_whole_lane_facing_neg_inf_on_one_side(monkeypatch, backend, path, dtype):
     """Every column a lane (4 columns here) reads is -inf on one side and far below the row on the other
     (a vocabulary block masked with -inf in one pass, -1e4 in the other), in its first tile or a later one;
-    and float32's lowest finite logit filling a lane, facing -1e9 (mixed with other logits in a lane it still
-    overflows the kernel's float32 sums: docs/kernels.md). The kernel gave NaN: the lane's maximum on the -inf side
+    and float32's lowest finite logit facing -1e9, filling a lane or next to another logit (whose sum overflowed
+    float32: the guarded pass sums in float64 now). The kernel gave NaN: the lane's maximum on the -inf side
     stayed at the -3.4e38 sentinel, so the rescaling shift was ~3.4e38, times Z overflowed, times the zero
     weight gave NaN; and the shift moved S by mass S did not hold. The entries contribute 0 on both paths."""
     if backend == "triton":
         small_tiles(monkeypatch, 16, 16 if path == "split" else 48, aligned=path == "aligned")
     g = torch.Generator().manual_seed(3)
-    a = torch.randn(5, 40, generator=g)
-    b = a + 0.1 * torch.randn(5, 40, generator=g)
+    a = torch.randn(6, 40, generator=g)
+    b = a + 0.1 * torch.randn(6, 40, generator=g)
     a[0, 0:4], b[0, 0:4] = -INF, -1e4  # lane 0 of the first tile
     b[1, 0:4], a[1, 0:4] = -INF, -1e4  # the other side
     a[2, 16:20], b[2, 16:20] = -INF, -1e4  # lane 0 of the second tile, after finite columns
     b[3, 32:36], a[3, 32:36] = -INF, -1e9
     a[4, 0:4], b[4, 0:4] = torch.finfo(torch.float32).min, -1e9  # no -inf: the sentinel's own value
+    a[5, 0:2], a[5, 2:4], b[5, 0:4] = -200.0, torch.finfo(torch.float32).min, -1e9  # mid-lane: S overflows
     a, b = a.to(dtype), b.to(dtype)
-    up = dev(torch.linspace(0.5, 1.5, 5))
+    up = dev(torch.linspace(0.5, 1.5, 6))
     got, ga, gb = value_and_grads(*dev(a, b), up)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
-    for r in range(5):  # the reference without those columns: they contribute 0 (their probabilities are 0)
+    for r in range(6):  # the reference without those columns: they contribute 0 (their probabilities are 0)
         keep = torch.isfinite(a[r]) & torch.isfinite(b[r]) & (a[r] > -1e3) & (b[r] > -1e3)
         want, wa, wb = reference_value_and_grads(a[r:r + 1, keep], b[r:r + 1, keep], up[r:r + 1].cpu())
         torch.testing.assert_close(got[r:r + 1].double().cpu(), want, rtol=1e-5, atol=1e-6)
