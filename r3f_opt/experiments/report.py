@@ -420,8 +420,8 @@ def _content(run: dict, key: str) -> Optional[str]:
     if not isinstance(path, str) or not os.path.exists(path):
         return None
     real = os.path.realpath(path)
-    stat = os.stat(real)
-    key = (real, stat.st_mtime_ns, stat.st_size)  # a folder's mtime moves when a file in it is replaced
+    files = [real] if os.path.isfile(real) else sorted(e.path for e in os.scandir(real) if e.is_file())
+    key = (real, *((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files))  # a file rewritten: a miss
     if key not in _FINGERPRINT_CACHE:
         _FINGERPRINT_CACHE[key] = fingerprint(real)
     return _FINGERPRINT_CACHE[key]
