@@ -49,12 +49,9 @@ def guard_hooks_when_compiled(model: nn.Module, compiling: bool = False) -> None
     check hooks, and a model whose embedding lookup sits inside a compiled graph (GPT-2) would run the graph
     compiled without it: no noise. Graphs compiled before (the model already called) lack those guards, so
     turning the setting on also clears Dynamo's caches (``torch._dynamo.reset()``: one recompilation)."""
-    m = model
-    while not compiling and m is not None:
-        compiling = isinstance(m.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module)
-        m = _inner(m)
-    compiling = compiling or any(getattr(sub, "_compiled_call_impl", None) is not None for sub in model.modules())
-    if compiling:
+    # wrappers are submodules too (DDP's .module, torch.compile's ._orig_mod, PEFT's base model)
+    if compiling or any("_orig_mod" in sub._modules or getattr(sub, "_compiled_call_impl", None) is not None
+                        for sub in model.modules()):
         import torch._dynamo
 
         if torch._dynamo.config.skip_nnmodule_hook_guards:

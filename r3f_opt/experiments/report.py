@@ -421,7 +421,7 @@ def _content(run: dict, key: str) -> Optional[str]:
         return None
     real = os.path.realpath(path)
     files = [real] if os.path.isfile(real) else sorted(e.path for e in os.scandir(real) if e.is_file())
-    key = (real, *((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files))  # a file rewritten: a miss
+    key = (real, *((f, st.st_mtime_ns, st.st_size) for f in files for st in (os.stat(f),)))  # rewritten: a miss
     if key not in _FINGERPRINT_CACHE:
         _FINGERPRINT_CACHE[key] = fingerprint(real)
     return _FINGERPRINT_CACHE[key]

@@ -17,9 +17,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ..kl import REDUCTIONS, symmetric_kl
+from ..kl import REDUCTIONS
 from ..methods import METHODS, RDrop, Standard, build_method, check_settings
-from ..methods.base import check_classes, check_same_shape, loss_scaled
+from ..methods.base import check_classes, loss_scaled
 from ..noise import NOISE_SCALES, NOISE_TYPES, EmbeddingNoise, guard_hooks_when_compiled, noise_seed, unwrap_model
 from ..r4f import r4f_state_dict
 from .._checks import check_number
@@ -373,8 +373,7 @@ class R3FTrainerMixin:
             kl = self.r3f_regularizer.term(passes, clean, mask=mask)
         term = self.r3f_lambda * kl
         if teacher is not None:  # + mu * KL_S(f(x; theta) || f(x; theta_tilde))
-            check_same_shape(clean, teacher)
-            prox = symmetric_kl(clean, teacher, mask=mask, reduction=self.r3f_regularizer.reduction)
+            prox = self.r3f_regularizer.proximal_kl(clean, teacher, mask)
             term = term + self.r3f_regularizer.proximal * prox
             self._prox_sum = prox.detach() if self._prox_sum is None else self._prox_sum + prox.detach()
         return loss + term * self._r3f_kl_factor(num_items_in_batch), kl, outputs

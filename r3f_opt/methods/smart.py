@@ -65,10 +65,15 @@ class SMART(Standard):
         adv = self.term(passes, logits, mask=mask, noise_mask=noise_mask)
         if teacher is None:
             return self.finish(passes, out, task_loss, adv, lam)
-        check_same_shape(logits, teacher)
-        prox = symmetric_kl(logits, teacher, mask=mask, reduction=self.reduction)
+        prox = self.proximal_kl(logits, teacher, mask)
         return self.finish(passes, out, task_loss, adv, lam, extra=self.proximal * prox,
                            terms={"kl_proximal": prox.detach()})
+
+    def proximal_kl(self, logits: torch.Tensor, teacher: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """KL_S(f(x; theta) || f(x; theta_tilde)), the proximal term before mu (``teacher``: teacher_logits)."""
+        check_same_shape(logits, teacher)
+        return symmetric_kl(logits, teacher, mask=mask, reduction=self.reduction)
 
     @torch.no_grad()
     def after_update(self) -> None:
